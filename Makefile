@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck unit clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "optrack needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,charts]'
+	@touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/optrack demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff format --check worker tests migrations bench
+	$(BIN)/ruff check worker tests migrations bench
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf .optrack .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,197 @@
+"""The API client over real sockets against the sandbox: answers, errors, Retry-After."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from tests.conftest import SID, TOKEN
+from worker.client import LocalGate
+from worker.clock import FakeClock
+from worker.errors import (
+    AuthError,
+    BadRequest,
+    InvalidOperationId,
+    OperationNotFound,
+    RetryLater,
+    SchemaError,
+    ServerError,
+    TransportError,
+)
+from worker.operation import Status
+from worker.retry_after import RetryPolicy
+from worker.sandbox import Fault, SandboxServer
+
+MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
+
+
+def api_requests(sandbox: SandboxServer) -> list[dict[str, object]]:
+    return [r for r in sandbox.requests_log() if str(r["path"]).startswith("/v1/")]
+
+
+def test_fetch_returns_a_typed_operation(sandbox: SandboxServer, make_client) -> None:
+    op = sandbox.add_operation(total=10, duration=3600)
+    fetched = make_client().fetch(op.id)
+    assert fetched.id == op.id
+    assert fetched.status is Status.PROCESSING
+    assert fetched.stats.total == 10
+    assert fetched.stats.queued + fetched.stats.created + fetched.stats.failed == 10
+
+
+def test_invalid_id_never_reaches_the_network(sandbox: SandboxServer, make_client) -> None:
+    with pytest.raises(InvalidOperationId):
+        make_client().fetch(MISSING + "/../../x")
+    assert api_requests(sandbox) == []
+
+
+def test_list_follows_pagination(sandbox: SandboxServer, make_client) -> None:
+    ids = {sandbox.add_operation(total=3, duration=3600).id for _ in range(7)}
+    client = make_client()
+    seen = [op.id for op in client.iter_operations(status=Status.PROCESSING, page_size=3)]
+    assert sorted(seen) == sorted(ids)
+    assert len(api_requests(sandbox)) == 3  # 3 + 3 + 1
+
+
+def test_404_is_operation_not_found(sandbox: SandboxServer, make_client) -> None:
+    with pytest.raises(OperationNotFound) as info:
+        make_client().fetch(MISSING)
+    assert info.value.status == 404
+    assert info.value.errors[0].code == 20404
+
+
+def test_400_carries_the_error_list(sandbox: SandboxServer, make_client) -> None:
+    sandbox.add_fault(Fault(kind="status", status=400))
+    with pytest.raises(BadRequest) as info:
+        make_client().fetch(MISSING)
+    assert info.value.errors
+
+
+def test_wrong_token_pauses_the_account_and_never_shows_the_token(
+    sandbox: SandboxServer, make_client, clock: FakeClock
+) -> None:
+    gate = LocalGate()
+    client = make_client(gate=gate, token="wrong-" + TOKEN)
+    with pytest.raises(AuthError) as info:
+        client.fetch(MISSING)
+    assert TOKEN not in str(info.value) and TOKEN not in repr(info.value)
+    paused = gate.paused_until(clock.now())
+    assert paused is not None and "credentials rejected" in paused[1]
+    assert SID  # the SID is not secret; only the token is
+
+
+def test_500_is_never_retried(sandbox: SandboxServer, make_client) -> None:
+    op = sandbox.add_operation(total=1, duration=60)
+    sandbox.add_fault(Fault(kind="status", status=500))
+    with pytest.raises(ServerError):
+        make_client().fetch(op.id)
+    assert [r["status"] for r in api_requests(sandbox)] == [500]
+
+
+def test_short_retry_after_pauses_then_waits_in_place(
+    sandbox: SandboxServer, make_client, clock: FakeClock
+) -> None:
+    op = sandbox.add_operation(total=1, duration=60)
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="3"))
+    gate = RecordingGate(clock)
+    fetched = make_client(gate=gate).fetch(op.id)
+    assert fetched.id == op.id
+    # The pause was recorded for the account before the client slept, and it slept 3 s.
+    assert gate.events[0][0] == "pause" and gate.events[0][1] == 3.0
+    assert clock.slept == [3.0]
+    assert [r["status"] for r in api_requests(sandbox)] == [429, 200]
+
+
+@pytest.mark.parametrize("status", [409, 503])
+def test_http_date_retry_after(
+    sandbox: SandboxServer, make_client, clock: FakeClock, status: int
+) -> None:
+    op = sandbox.add_operation(total=1, duration=60)
+    sandbox.add_fault(
+        Fault(kind="status", status=status, retry_after="30", retry_after_form="date")
+    )
+    gate = LocalGate()
+    with pytest.raises(RetryLater) as info:
+        make_client(gate=gate).fetch(op.id)
+    wait = (info.value.not_before - clock.now()).total_seconds()
+    assert 27 <= wait <= 31  # whole-second HTTP-date, a little clock skew
+    assert clock.slept == []  # no worker sleeps for a long pause
+    assert len(api_requests(sandbox)) == 1
+
+
+def test_long_retry_after_is_capped(sandbox: SandboxServer, make_client, clock: FakeClock) -> None:
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="86400"))
+    policy = RetryPolicy(max_retry_after=120, max_inplace_wait=5)
+    with pytest.raises(RetryLater) as info:
+        make_client(policy=policy).fetch(MISSING)
+    assert info.value.not_before - clock.now() == timedelta(seconds=120)
+
+
+@pytest.mark.parametrize("raw", ["soon", "-3", ""])
+def test_garbage_retry_after_falls_back_to_backoff(
+    sandbox: SandboxServer, make_client, clock: FakeClock, raw: str
+) -> None:
+    sandbox.add_fault(
+        Fault(kind="status", status=429, retry_after=raw, retry_after_form="raw", count=10)
+    )
+    policy = RetryPolicy(backoff_base=60, max_inplace_wait=5)
+    with pytest.raises(RetryLater) as info:
+        make_client(policy=policy).fetch(MISSING)
+    wait = (info.value.not_before - clock.now()).total_seconds()
+    assert 30 <= wait <= 60  # first backoff step: 60 s jittered to 30..60
+    assert len(api_requests(sandbox)) == 1
+
+
+def test_a_running_pause_stops_calls_before_they_start(
+    sandbox: SandboxServer, make_client, clock: FakeClock
+) -> None:
+    gate = LocalGate()
+    gate.pause(clock.now() + timedelta(seconds=60), "HTTP 429 elsewhere", 429)
+    with pytest.raises(RetryLater):
+        make_client(gate=gate).fetch(MISSING)
+    assert api_requests(sandbox) == []
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "not_json",
+        "wrong_content_type",
+        "missing_field",
+        "negative_count",
+        "unknown_status",
+        "bad_date",
+        "wrong_id",
+    ],
+)
+def test_malformed_200_is_a_schema_error(sandbox: SandboxServer, make_client, variant: str) -> None:
+    op = sandbox.add_operation(total=1, duration=60)
+    sandbox.add_fault(Fault(kind="malformed", variant=variant))
+    with pytest.raises(SchemaError):
+        make_client().fetch(op.id)
+
+
+def test_dropped_connection_is_a_transport_error(sandbox: SandboxServer, make_client) -> None:
+    sandbox.add_fault(Fault(kind="drop"))
+    with pytest.raises(TransportError):
+        make_client().fetch(MISSING)
+
+
+def test_slow_answer_times_out(sandbox: SandboxServer, make_client) -> None:
+    sandbox.add_fault(Fault(kind="slow", delay=3.0))
+    with pytest.raises(TransportError, match="timed out"):
+        make_client().fetch(MISSING)  # read timeout is 2 s in these tests
+
+
+class RecordingGate(LocalGate):
+    """A LocalGate that remembers pauses, to prove the pause comes before the wait."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.events: list[tuple[str, float]] = []
+
+    def pause(self, until, reason: str, status: int) -> None:  # type: ignore[no-untyped-def]
+        self.events.append(("pause", (until - self.clock.now()).total_seconds()))
+        assert self.clock.slept == [], "the client slept before recording the pause"
+        super().pause(until, reason, status)

@@ -1,0 +1,5 @@
+"""`python -m worker` is `optrack`."""
+
+from worker.cli import main
+
+main()

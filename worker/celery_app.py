@@ -1,0 +1,59 @@
+"""The Celery app. ``celery -A worker.celery_app worker|beat`` runs it in production.
+
+Settings are read when Celery first configures the app, not at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from worker.settings import Settings, load_settings
+
+TICK_TASK = "optrack.tick"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for optrack: JSON only, late acks, prefetch 1, the beat tick."""
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        # A worker killed mid-poll hands the message back instead of dropping it.
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_hijack_root_logger": True,
+        "beat_schedule": {
+            "optrack-tick": {
+                "task": TICK_TASK,
+                "schedule": settings.tick_interval,
+                # A tick older than two intervals is useless: the next one does its work.
+                "options": {"expires": max(2 * settings.tick_interval, 5.0)},
+            }
+        },
+    }
+    if settings.broker_url.startswith("sqla+sqlite:///"):
+        home = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
+        config["beat_schedule_filename"] = str(home / "celerybeat-schedule")
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Polls finish in seconds; a message unacked this long belongs to a dead worker.
+        config["broker_transport_options"] = {"visibility_timeout": 600}
+    return config
+
+
+app = Celery("optrack", include=["worker.tasks"])
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(load_settings()))

@@ -1,0 +1,152 @@
+"""Turning tracked operations and history rows into tables, JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from worker.db import AccountPause, HistoryEntry, TrackedOperation
+
+OPERATION_FIELDS = (
+    "id",
+    "status",
+    "total",
+    "queued",
+    "created",
+    "failed",
+    "remote_created_at",
+    "remote_updated_at",
+    "tracked_at",
+    "last_polled_at",
+    "next_poll_at",
+    "polls",
+    "consecutive_errors",
+    "last_error",
+    "ended_at",
+)
+HISTORY_FIELDS = (
+    "seq",
+    "observed_at",
+    "remote_updated_at",
+    "status",
+    "total",
+    "queued",
+    "created",
+    "failed",
+)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z, or None."""
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _plain(value: Any) -> Any:
+    return iso(value) if isinstance(value, datetime) else value
+
+
+def operation_record(row: TrackedOperation) -> dict[str, Any]:
+    """A tracked operation as a JSON-ready dict with the documented field names."""
+    return {name: _plain(getattr(row, name)) for name in OPERATION_FIELDS}
+
+
+def history_record(entry: HistoryEntry) -> dict[str, Any]:
+    """A history row as a JSON-ready dict."""
+    return {name: _plain(getattr(entry, name)) for name in HISTORY_FIELDS}
+
+
+def to_json(payload: Any) -> str:
+    """Stable, indented JSON."""
+    return json.dumps(payload, indent=2, sort_keys=False)
+
+
+def to_csv(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
+    """CSV with a header row."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if record.get(k) is None else record[k] for k in fields})
+    return out.getvalue()
+
+
+def _short(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def status_table(rows: Sequence[TrackedOperation]) -> Table:
+    """One line per tracked operation."""
+    table = Table(title=f"{len(rows)} tracked operation(s)", title_justify="left")
+    table.add_column("operation", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for name in ("created", "failed", "queued", "total"):
+        table.add_column(name, justify="right")
+    table.add_column("polls", justify="right")
+    table.add_column("last polled (UTC)", no_wrap=True)
+    table.add_column("next poll / ended (UTC)", no_wrap=True)
+    table.add_column("last error", overflow="fold", max_width=40)
+    for row in rows:
+        style = {"COMPLETED": "green", "CANCELED": "yellow", "NOT_FOUND": "red"}.get(row.status)
+        errors = f" ({row.consecutive_errors} in a row)" if row.consecutive_errors else ""
+        table.add_row(
+            row.id,
+            f"[{style}]{row.status}[/]" if style else row.status,
+            _count(row.created),
+            _count(row.failed),
+            _count(row.queued),
+            _count(row.total),
+            str(row.polls),
+            _short(row.last_polled_at),
+            _short(row.ended_at) + " (ended)" if row.ended else _short(row.next_poll_at),
+            (row.last_error or "") + errors,
+        )
+    return table
+
+
+def history_table(operation_id: str, entries: Sequence[HistoryEntry]) -> Table:
+    """One line per recorded change."""
+    table = Table(title=f"history of {operation_id}", title_justify="left")
+    table.add_column("observed (UTC)")
+    table.add_column("status")
+    for name in ("created", "failed", "queued", "total"):
+        table.add_column(name, justify="right")
+    for entry in entries:
+        table.add_row(
+            _short(entry.observed_at),
+            entry.status,
+            str(entry.created),
+            str(entry.failed),
+            str(entry.queued),
+            str(entry.total),
+        )
+    return table
+
+
+def pause_line(pause: AccountPause | None, now: datetime) -> str | None:
+    """A sentence about the account pause, if one is running or was an auth failure."""
+    if pause is None:
+        return None
+    if pause.paused_until > now:
+        return f"Polling paused until {_short(pause.paused_until)} UTC: {pause.reason}"
+    if pause.status_code in (401, 403):
+        return f"Last credentials error at {_short(pause.updated_at)} UTC: {pause.reason}"
+    return None
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console for tables; piped output gets a wide page so IDs are never cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 200
+    return Console(file=stream, width=width, soft_wrap=False)

@@ -1,0 +1,79 @@
+"""`optrack db`, `run`, `sandbox`, `demo`: the long-running and setup commands."""
+
+from __future__ import annotations
+
+import click
+
+from worker.cli.common import ensure_schema, get_runtime
+from worker.migrate import upgrade
+
+
+@click.group()
+def db() -> None:
+    """Database schema commands (Alembic owns the schema)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the database named by OPTRACK_DATABASE_URL."""
+    rt = get_runtime(click.get_current_context())
+    upgrade(rt.settings.database_url, revision)
+    click.echo(f"database at revision {revision}")
+
+
+@click.command()
+@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def run(concurrency: int, loglevel: str) -> None:
+    """Run a Celery worker with beat embedded: the one-machine default."""
+    from worker.celery_app import app
+
+    rt = get_runtime(click.get_current_context())
+    ensure_schema(rt)
+    rt.close()  # the worker's processes build their own connections after forking
+    app.worker_main(
+        [
+            "worker",
+            "--beat",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--hostname=optrack@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8900, show_default=True, help="Port (0 picks a free one).")
+@click.option("--seed", default=5, show_default=True, help="Operations created at start.")
+@click.option(
+    "--duration", default=30.0, show_default=True, help="Seconds a seeded operation runs."
+)
+def sandbox(host: str, port: int, seed: int, duration: float) -> None:
+    """Serve a faithful sandbox of the SenderPool Operations API (for demos and tests)."""
+    from worker.sandbox.server import serve_forever
+
+    rt = get_runtime(click.get_current_context())
+    serve_forever(
+        host=host,
+        port=port,
+        account_sid=rt.settings.account_sid or "AC" + "a" * 32,
+        auth_token=rt.settings.auth_token or "sandbox-token",
+        seed=seed,
+        duration=duration,
+    )
+
+
+@click.command()
+@click.option("--timeout", default=180.0, show_default=True, help="Give up after seconds.")
+def demo(timeout: float) -> None:
+    """Run sandbox + worker + beat, track a few operations to the end, print their history."""
+    from worker.demo import run_demo
+
+    run_demo(timeout=timeout)
+
+
+COMMANDS = (db, run, sandbox, demo)

@@ -1,0 +1,123 @@
+"""`optrack track`, `status`, `history`: enqueue IDs and read back what is known."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from worker import tracking
+from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.cli.render import (
+    HISTORY_FIELDS,
+    OPERATION_FIELDS,
+    console,
+    history_record,
+    history_table,
+    operation_record,
+    pause_line,
+    status_table,
+    to_csv,
+    to_json,
+)
+from worker.errors import InvalidOperationId
+from worker.operation import validate_operation_id
+from worker.repository import Repository
+
+
+def read_ids(args: tuple[str, ...]) -> list[str]:
+    """IDs from the arguments; `-` reads whitespace-separated IDs from stdin."""
+    ids: list[str] = []
+    for arg in args:
+        if arg == "-":
+            ids.extend(sys.stdin.read().split())
+        else:
+            ids.append(arg)
+    return ids
+
+
+@click.command()
+@click.argument("operation_ids", nargs=-1, required=True, metavar="ID... | -")
+def track(operation_ids: tuple[str, ...]) -> None:
+    """Start tracking operation IDs (`-` reads them from stdin); invalid IDs write nothing."""
+    ids = read_ids(operation_ids)
+    if not ids:
+        raise usage_error("no operation ID given (stdin was empty)")
+    problems = []
+    for op_id in ids:
+        try:
+            validate_operation_id(op_id)
+        except InvalidOperationId as exc:
+            problems.append(str(exc))
+    if problems:
+        raise usage_error("nothing was tracked, because:\n  " + "\n  ".join(problems))
+    rt = get_runtime(click.get_current_context())
+    ensure_schema(rt)
+    result = tracking.track(rt.sessions, ids, rt.clock.now())
+    for op_id in result.added:
+        click.echo(f"tracking {op_id}")
+    for op_id in result.already_tracked:
+        click.echo(f"already tracked {op_id} (nothing to do)")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (fields as in the README).")
+def status(as_json: bool) -> None:
+    """Show every tracked operation: status, stats, polling schedule, last error."""
+    rt = get_runtime(click.get_current_context())
+    ensure_schema(rt)
+    with rt.sessions() as session:
+        rows = Repository(session).all()
+    pause = rt.gate.current()
+    now = rt.clock.now()
+    if as_json:
+        payload = {
+            "account": {
+                "paused_until": None if pause is None else pause.paused_until.isoformat(),
+                "pause_reason": None if pause is None else pause.reason,
+                "pause_status_code": None if pause is None else pause.status_code,
+            },
+            "operations": [operation_record(row) for row in rows],
+        }
+        click.echo(to_json(payload))
+        return
+    line = pause_line(pause, now)
+    out = console()
+    if line:
+        out.print(f"[bold red]{line}[/]")
+    out.print(status_table(rows))
+
+
+@click.command()
+@click.argument("operation_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header row.")
+def history(operation_id: str, as_json: bool, as_csv: bool) -> None:
+    """Show the recorded stats history of one operation."""
+    if as_json and as_csv:
+        raise usage_error("choose one of --json and --csv")
+    try:
+        validate_operation_id(operation_id)
+    except InvalidOperationId as exc:
+        raise usage_error(str(exc)) from None
+    rt = get_runtime(click.get_current_context())
+    ensure_schema(rt)
+    with rt.sessions() as session:
+        repo = Repository(session)
+        row = repo.get(operation_id)
+        if row is None:
+            raise usage_error(
+                f"{operation_id} is not tracked; see `optrack status` for tracked IDs"
+            )
+        entries = repo.history(operation_id)
+    records = [history_record(e) for e in entries]
+    if as_json:
+        click.echo(to_json({"operation": operation_record(row), "history": records}))
+    elif as_csv:
+        click.echo(to_csv(records, HISTORY_FIELDS), nl=False)
+    else:
+        console().print(history_table(operation_id, entries))
+
+
+COMMANDS = (track, status, history)
+__all__ = ["COMMANDS", "OPERATION_FIELDS"]

@@ -1,0 +1,279 @@
+"""The SenderPool Operations API client: one requests.Session, typed answers, typed errors.
+
+Every 409/429/503 pauses the whole account through an ``AccountGate`` *before* anything waits,
+so no other process calls during the pause. A pause short enough is waited in place; a longer
+one is raised as ``RetryLater(not_before)``. A 500 is never retried here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import requests
+
+from worker.clock import Clock, SystemClock
+from worker.errors import (
+    ApiErrorDetail,
+    AuthError,
+    BadRequest,
+    HttpError,
+    OperationNotFound,
+    RetryLater,
+    SchemaError,
+    ServerError,
+    TransportError,
+)
+from worker.operation import (
+    Operation,
+    Page,
+    Status,
+    format_datetime,
+    parse_operation,
+    parse_page,
+    validate_operation_id,
+)
+from worker.retry_after import RetryPolicy
+
+THROTTLE_STATUSES = frozenset({409, 429, 503})
+# How long credentials rejected by the API stop all polling before one more try.
+AUTH_PAUSE_SECONDS = 60.0
+USER_AGENT = "optrack/0.1 (+requests)"
+
+
+class AccountGate(Protocol):
+    """Where the account's pause is kept, shared by every process that calls the API."""
+
+    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
+        """Return (until, reason) if the account must not call the API at ``now``."""
+        ...
+
+    def pause(self, until: datetime, reason: str, status: int) -> None:
+        """Record that nobody may call the API before ``until`` (keeps a later pause)."""
+        ...
+
+
+class LocalGate:
+    """An in-process gate, for one-off use of the client outside the tracker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: datetime | None = None
+        self._reason = ""
+
+    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
+        """Return the pause if it is still running."""
+        with self._lock:
+            if self._until is not None and self._until > now:
+                return self._until, self._reason
+            return None
+
+    def pause(self, until: datetime, reason: str, status: int) -> None:
+        """Record a pause, keeping the later of two."""
+        with self._lock:
+            if self._until is None or until > self._until:
+                self._until, self._reason = until, reason
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect and read timeouts in seconds."""
+
+    connect: float = 5.0
+    read: float = 15.0
+
+
+class ApiClient:
+    """Calls the SenderPool Operations API and returns typed objects."""
+
+    def __init__(
+        self,
+        base_url: str,
+        account_sid: str,
+        auth_token: str,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        policy: RetryPolicy = RetryPolicy(),
+        gate: AccountGate | None = None,
+        clock: Clock | None = None,
+        session: requests.Session | None = None,
+        max_inplace_retries: int = 3,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeouts = timeouts
+        self.policy = policy
+        self.gate: AccountGate = gate or LocalGate()
+        self.clock: Clock = clock or SystemClock()
+        self.max_inplace_retries = max_inplace_retries
+        self.session = session or requests.Session()
+        self.session.auth = (account_sid, auth_token)
+        self.session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
+        # Never pick up credentials from ~/.netrc or proxies from the environment silently.
+        self.session.trust_env = False
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.session.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fetch(self, operation_id: str) -> Operation:
+        """Fetch one operation; the ID is validated before it reaches the URL."""
+        op_id = validate_operation_id(operation_id)
+        data = self._get(f"/SenderPools/Operations/{op_id}", None)
+        return parse_operation(data, expected_id=op_id)
+
+    def list_page(
+        self,
+        *,
+        status: Status | None = None,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        page_size: int = 50,
+        page_token: str | None = None,
+    ) -> Page:
+        """Fetch one page of the List endpoint with the given filters."""
+        if not 1 <= page_size <= 1000:
+            raise ValueError(f"page_size must be 1..1000, got {page_size}")
+        params: dict[str, str] = {"pageSize": str(page_size)}
+        if status is not None:
+            params["status"] = Status(status).value
+        if start_date is not None:
+            params["startDate"] = format_datetime(start_date)
+        if end_date is not None:
+            params["endDate"] = format_datetime(end_date)
+        if page_token is not None:
+            params["pageToken"] = page_token
+        return parse_page(self._get("/SenderPools/Operations", params))
+
+    def iter_operations(
+        self,
+        *,
+        status: Status | None = None,
+        start_date: datetime | None = None,
+        end_date: datetime | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[Operation]:
+        """Yield every operation matching the filters, following ``pagination.next``."""
+        token: str | None = None
+        while True:
+            page = self.list_page(
+                status=status,
+                start_date=start_date,
+                end_date=end_date,
+                page_size=page_size,
+                page_token=token,
+            )
+            yield from page.operations
+            if page.next_token is None:
+                return
+            token = page.next_token
+
+    def _wait_for_gate(self, retries_left: int) -> None:
+        """Honor the account's pause: wait in place if short, else raise RetryLater."""
+        now = self.clock.now()
+        paused = self.gate.paused_until(now)
+        if paused is None:
+            return
+        until, reason = paused
+        remaining = (until - now).total_seconds()
+        if remaining <= self.policy.max_inplace_wait and retries_left > 0:
+            self.clock.sleep(remaining)
+            return
+        raise RetryLater(until, reason)
+
+    def _get(self, path: str, params: Mapping[str, str] | None) -> Any:
+        url = self.base_url + path
+        for attempt in range(1, self.max_inplace_retries + 2):
+            self._wait_for_gate(self.max_inplace_retries + 1 - attempt)
+            response = self._send(url, params)
+            if response.status_code == 200:
+                return _json_body(response)
+            errors = _error_list(response)
+            status = response.status_code
+            if status in THROTTLE_STATUSES:
+                now = self.clock.now()
+                delay = self.policy.throttle_delay(
+                    response.headers.get("Retry-After"), now, attempt
+                )
+                reason = f"HTTP {status} ({_first_message(errors)}); Retry-After honored"
+                self.gate.pause(now + timedelta(seconds=delay), reason, status)
+                continue
+            raise _http_error(status, errors, url, self.clock.now(), self.gate)
+        until = self.gate.paused_until(self.clock.now())
+        raise RetryLater(until[0] if until else self.clock.now(), "still throttled after retries")
+
+    def _send(self, url: str, params: Mapping[str, str] | None) -> requests.Response:
+        try:
+            return self.session.get(
+                url, params=params, timeout=(self.timeouts.connect, self.timeouts.read)
+            )
+        except requests.Timeout as exc:
+            raise TransportError(f"timed out calling {url}: {type(exc).__name__}") from None
+        except requests.RequestException as exc:
+            raise TransportError(f"no answer from {url}: {type(exc).__name__}") from None
+
+
+def _json_body(response: requests.Response) -> Any:
+    content_type = response.headers.get("Content-Type", "")
+    if "json" not in content_type.lower():
+        raise SchemaError(f"expected a JSON answer, got Content-Type {content_type[:60]!r}")
+    try:
+        return response.json()
+    except ValueError:
+        raise SchemaError("the answer's body is not valid JSON") from None
+
+
+def _error_list(response: requests.Response) -> tuple[ApiErrorDetail, ...]:
+    """The API's ``{"errors": [...]}`` list; tolerant, since error bodies are best effort."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ()
+    items = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return ()
+    details = []
+    for item in items[:20]:
+        if not isinstance(item, dict):
+            continue
+        code = item.get("code")
+        context = item.get("context")
+        details.append(
+            ApiErrorDetail(
+                code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+                message=str(item.get("message", ""))[:500],
+                info_url=str(item["infoUrl"]) if item.get("infoUrl") else None,
+                context=None if context in (None, "null") else str(context)[:200],
+            )
+        )
+    return tuple(details)
+
+
+def _first_message(errors: tuple[ApiErrorDetail, ...]) -> str:
+    return errors[0].message if errors else "no error body"
+
+
+def _http_error(
+    status: int,
+    errors: tuple[ApiErrorDetail, ...],
+    url: str,
+    now: datetime,
+    gate: AccountGate,
+) -> HttpError:
+    if status == 400:
+        return BadRequest(status, errors, url)
+    if status in (401, 403):
+        reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); check TWILIO_*"
+        gate.pause(now + timedelta(seconds=AUTH_PAUSE_SECONDS), reason, status)
+        return AuthError(status, errors, url)
+    if status == 404:
+        return OperationNotFound(status, errors, url)
+    return ServerError(status, errors, url)

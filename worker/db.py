@@ -1,0 +1,182 @@
+"""The database: typed declarative models and the engine. Alembic owns the schema (migrations/)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+# Local states beside the API's three: PENDING (tracked, never fetched) and NOT_FOUND (404).
+PENDING = "PENDING"
+NOT_FOUND = "NOT_FOUND"
+ACTIVE_STATES = ("PENDING", "PROCESSING")
+ENDED_STATES = ("COMPLETED", "CANCELED", "NOT_FOUND")
+ALL_STATES = ACTIVE_STATES + ENDED_STATES
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; pass an aware UTC value")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention so migrations name constraints the same way."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
+
+
+class TrackedOperation(Base):
+    """One operation optrack follows, with its latest known state and its polling schedule."""
+
+    __tablename__ = "tracked_operations"
+    __table_args__ = (
+        CheckConstraint(f"status IN {ALL_STATES!r}", name="status"),
+        CheckConstraint(
+            "total >= 0 AND queued >= 0 AND created >= 0 AND failed >= 0", name="counts"
+        ),
+        Index(None, "status", "next_poll_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    total: Mapped[int | None] = mapped_column(Integer)
+    queued: Mapped[int | None] = mapped_column(Integer)
+    created: Mapped[int | None] = mapped_column(Integer)
+    failed: Mapped[int | None] = mapped_column(Integer)
+    remote_created_at: Mapped[datetime | None]
+    remote_updated_at: Mapped[datetime | None]
+    tracked_at: Mapped[datetime]
+    last_polled_at: Mapped[datetime | None]
+    next_poll_at: Mapped[datetime]
+    # Set by the sweep that claimed the row; a poll runs only with the matching token.
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    consecutive_errors: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    ended_at: Mapped[datetime | None]
+    version: Mapped[int] = mapped_column(Integer, default=0)
+
+    # Optimistic locking: a stale or duplicated poll fails to update instead of writing twice.
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 (SQLAlchemy reads it)
+
+    @property
+    def ended(self) -> bool:
+        """True once the operation reached a final state."""
+        return self.status in ENDED_STATES
+
+
+class HistoryEntry(Base):
+    """One observed change of an operation's status or stats."""
+
+    __tablename__ = "operation_history"
+    __table_args__ = (
+        # One row per version of the operation: a redelivered poll cannot add a second one.
+        UniqueConstraint("operation_id", "seq"),
+        Index(None, "operation_id", "observed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    operation_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("tracked_operations.id", ondelete="CASCADE")
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    observed_at: Mapped[datetime]
+    remote_updated_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer)
+    queued: Mapped[int] = mapped_column(Integer)
+    created: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+
+
+class AccountPause(Base):
+    """The account-wide "no API call before" time, shared by every worker on every machine."""
+
+    __tablename__ = "account_pauses"
+
+    account_sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused_until: Mapped[datetime]
+    reason: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the one writer; the busy timeout makes writers queue.
+    # The driver's own transaction handling is turned off so that _sqlite_begin can take the
+    # write lock up front: a deferred transaction that reads, then writes after another
+    # process committed, fails with "database is locked" instead of waiting.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite"):
+        kwargs.setdefault("connect_args", {"timeout": 30})
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
+    """A session factory that keeps loaded values usable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,146 @@
+"""The demo: sandbox API + a real worker with embedded beat, a few operations tracked to the end.
+
+Everything is embedded (SQLite database, Celery's SQLAlchemy transport on SQLite), under
+``.optrack/demo``, recreated at each run. The sandbox throws a 429 with Retry-After, a 503 with
+an HTTP-date Retry-After and a 500 along the way, so the demo shows them being honored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker import tracking
+from worker.cli.render import console, history_table, status_table
+from worker.errors import OptrackError
+from worker.migrate import upgrade
+from worker.repository import Repository
+from worker.runtime import Runtime
+from worker.sandbox import Fault, SandboxServer
+from worker.settings import load_settings
+
+DEMO_HOME = Path(".optrack") / "demo"
+DEMO_TOKEN = "demo-token-not-a-secret"
+DEMO_SID = "AC" + "d" * 32
+
+
+def _demo_env(base_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(
+        {
+            "OPTRACK_HOME": str(DEMO_HOME),
+            "OPTRACK_API_BASE_URL": base_url,
+            "TWILIO_ACCOUNT_SID": DEMO_SID,
+            "TWILIO_AUTH_TOKEN": DEMO_TOKEN,
+            "OPTRACK_POLL_INTERVAL": "1",
+            "OPTRACK_TICK_INTERVAL": "1",
+        }
+    )
+    return env
+
+
+def run_demo(timeout: float = 180.0) -> None:
+    """Run the whole demo in the foreground and print status and history at the end."""
+    shutil.rmtree(DEMO_HOME, ignore_errors=True)
+    DEMO_HOME.mkdir(parents=True)
+    out = console()
+    with SandboxServer(account_sid=DEMO_SID, auth_token=DEMO_TOKEN, seed=0) as api:
+        ops = [
+            api.add_operation(total=12, duration=15.0, fail_ratio=0.0, outcome="COMPLETED"),
+            api.add_operation(total=30, duration=25.0, fail_ratio=0.1, outcome="COMPLETED"),
+            api.add_operation(total=20, duration=20.0, fail_ratio=0.0, outcome="CANCELED"),
+        ]
+        # Consumed by the first API requests, in this order.
+        api.add_fault(Fault(kind="status", status=429, retry_after="3"))
+        api.add_fault(Fault(kind="status", status=500))
+        api.add_fault(Fault(kind="status", status=503, retry_after="2", retry_after_form="date"))
+        env = _demo_env(api.base_url)
+        rt = Runtime(load_settings(env))
+        upgrade(rt.settings.database_url)
+        ids = [op.id for op in ops]
+        tracking.track(rt.sessions, ids, rt.clock.now())
+        out.print(f"sandbox API on {api.base_url}; tracking {len(ids)} operations")
+        log_path = DEMO_HOME / "worker.log"
+        with log_path.open("w") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker", "run", "--concurrency", "2"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                _wait_until_ended(rt, ids, timeout, worker)
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        requests = api.requests_log()
+    _print_results(rt, ids, requests)
+    out.print(f"worker log: {log_path}; database: {rt.settings.database_url}")
+    rt.close()
+
+
+def _wait_until_ended(
+    rt: Runtime, ids: list[str], timeout: float, worker: subprocess.Popen[bytes]
+) -> None:
+    start = time.monotonic()
+    last = ""
+    while True:
+        with rt.sessions() as session:
+            rows = [Repository(session).get(op_id) for op_id in ids]
+        line = ", ".join(
+            f"{r.id[-6:]}: {r.status} {r.created or 0}+{r.failed or 0}/{r.total or '?'}"
+            for r in rows
+            if r is not None
+        )
+        if line != last:
+            click.echo(f"[{time.monotonic() - start:5.1f}s] {line}")
+            last = line
+        if all(r is not None and r.ended for r in rows):
+            return
+        if worker.poll() is not None:
+            raise OptrackError(f"the worker exited early ({worker.returncode}); see its log")
+        if time.monotonic() - start > timeout:
+            raise OptrackError(f"the demo's operations did not end within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _print_results(rt: Runtime, ids: list[str], requests: list[dict[str, Any]]) -> None:
+    out = console()
+    with rt.sessions() as session:
+        repo = Repository(session)
+        rows = [row for op_id in ids if (row := repo.get(op_id)) is not None]
+        out.print(status_table(rows))
+        for op_id in ids:
+            out.print(history_table(op_id, repo.history(op_id)))
+    out.print(f"API requests: {len(requests)}")
+    for line in describe_faults(requests):
+        out.print("  " + line)
+
+
+def describe_faults(requests: list[dict[str, Any]]) -> list[str]:
+    """One sentence per error answer: how long the API was left alone after it."""
+    lines = []
+    for i, entry in enumerate(requests):
+        status, path, at = entry["status"], str(entry["path"]), float(entry["t"])
+        later = requests[i + 1 :]
+        if status in (409, 429, 503) and later:
+            gap = float(later[0]["t"]) - at
+            lines.append(f"HTTP {status} on {path}: no API request for {gap:.1f}s")
+        elif status == 500:
+            same = [r for r in later if r["path"] == path]
+            gap_text = (
+                f"its next poll {float(same[0]['t']) - at:.1f}s later" if same else "no retry"
+            )
+            lines.append(f"HTTP {status} on {path}: not retried in place; {gap_text}")
+    return lines

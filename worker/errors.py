@@ -1,0 +1,110 @@
+"""The optrack error tree.
+
+    OptrackError                      root: everything optrack raises on purpose
+    ├── ConfigError                   a setting in the environment is unusable
+    ├── InvalidOperationId            an operation ID does not match the API's pattern
+    ├── NotTracked                    a report or command names an ID that is not tracked
+    └── ApiError                      anything that went wrong talking to the API
+        ├── TransportError            no HTTP answer: connection refused or dropped, timeout
+        ├── SchemaError               a 200 whose body breaks the documented schema
+        └── HttpError                 an error status; carries the API's error list
+            ├── BadRequest            400: our request was wrong; do not retry
+            ├── AuthError             401/403: credentials rejected; pause the account
+            ├── OperationNotFound     404: the operation does not exist (fetch only)
+            └── ServerError           500 (and other 5xx but 503): never retried in place
+    RetryLater                        409/429/503 paused the account past what may be waited
+                                      in place: "call again not before T"
+
+``RetryLater`` is what the client raises when the account is paused for longer than it may
+wait in place; the caller turns it into a scheduled time, never a sleep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class OptrackError(Exception):
+    """Raised for every failure optrack reports on purpose."""
+
+
+class ConfigError(OptrackError):
+    """Raised when a setting read from the environment cannot be used."""
+
+
+class InvalidOperationId(OptrackError, ValueError):
+    """Raised when a string is not a whole, valid SenderPool operation ID."""
+
+    def __init__(self, value: str, reason: str) -> None:
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{value!r} is not an operation ID: {reason}")
+
+
+class NotTracked(OptrackError):
+    """Raised when an operation ID is valid but optrack does not track it."""
+
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(
+            f"{operation_id} is not tracked; start with `optrack track {operation_id}`"
+        )
+
+
+@dataclass(frozen=True)
+class ApiErrorDetail:
+    """One entry of the API's ``{"errors": [...]}`` list."""
+
+    code: int | None
+    message: str
+    info_url: str | None = None
+    context: str | None = None
+
+
+class ApiError(OptrackError):
+    """Raised when a call to the SenderPool Operations API did not give a usable answer."""
+
+
+class TransportError(ApiError):
+    """Raised when no HTTP answer arrived: connection refused or dropped, or a timeout."""
+
+
+class SchemaError(ApiError):
+    """Raised when a 200 answer's body breaks the documented schema; nothing of it is stored."""
+
+
+class HttpError(ApiError):
+    """Raised for an error status; carries the status and the API's error list."""
+
+    def __init__(self, status: int, errors: tuple[ApiErrorDetail, ...], url: str) -> None:
+        self.status = status
+        self.errors = errors
+        self.url = url
+        detail = "; ".join(f"{e.code}: {e.message}" for e in errors) or "no error body"
+        super().__init__(f"HTTP {status} from {url}: {detail}")
+
+
+class BadRequest(HttpError):
+    """Raised on 400: the request was malformed; retrying it cannot help."""
+
+
+class AuthError(HttpError):
+    """Raised on 401/403: the account SID or auth token was rejected."""
+
+
+class OperationNotFound(HttpError):
+    """Raised on 404 from a fetch: the operation does not exist."""
+
+
+class ServerError(HttpError):
+    """Raised on 500 and other unexpected 5xx: never retried in place."""
+
+
+class RetryLater(OptrackError):
+    """Raised when the account is paused longer than may be waited: retry at ``not_before``."""
+
+    def __init__(self, not_before: datetime, reason: str) -> None:
+        self.not_before = not_before
+        self.reason = reason
+        super().__init__(f"account paused until {not_before.isoformat()}: {reason}")

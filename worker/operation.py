@@ -1,0 +1,169 @@
+"""What the API says about an operation: IDs, statuses, stats, and the parser for its JSON.
+
+JSON from the API is validated here, once, into frozen objects; nothing deeper sees raw dicts.
+Unknown extra fields are ignored (the real service may add some); everything documented is
+required and checked.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from worker.errors import InvalidOperationId, SchemaError
+
+ID_PREFIX = "comms_operation_"
+# The reference's pattern has no `$`; we accept only the whole string (fullmatch) and ASCII.
+ID_PATTERN = re.compile(r"comms_operation_[0-7][a-hjkmnpqrstv-z0-9]{25,34}", re.ASCII)
+MAX_ID_LENGTH = len(ID_PREFIX) + 35
+
+
+class Status(enum.StrEnum):
+    """The operation's status as the API reports it."""
+
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    CANCELED = "CANCELED"
+
+
+def validate_operation_id(value: object) -> str:
+    """Return ``value`` if it is a whole, valid operation ID; raise InvalidOperationId if not."""
+    if not isinstance(value, str):
+        raise InvalidOperationId(repr(value), "expected a string")
+    if not value:
+        raise InvalidOperationId(value, "it is empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidOperationId(value[:60], f"longer than {MAX_ID_LENGTH} characters")
+    if not value.startswith(ID_PREFIX):
+        raise InvalidOperationId(value, f"it must start with {ID_PREFIX!r}")
+    if ID_PATTERN.fullmatch(value) is None:
+        raise InvalidOperationId(
+            value,
+            "after the prefix expect a digit 0-7 then 25-34 lower-case Crockford base32 "
+            "characters (0-9, a-z without i, l, o, u)",
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Sender counts of an operation."""
+
+    total: int
+    queued: int
+    created: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One SenderPoolOperation as fetched from the API."""
+
+    id: str
+    status: Status
+    stats: Stats
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of the List endpoint."""
+
+    operations: tuple[Operation, ...]
+    next_token: str | None
+    next_url: str | None
+
+
+def parse_datetime(value: object, field: str) -> datetime:
+    """Parse an ISO 8601 date-time with an explicit offset into an aware UTC datetime."""
+    if not isinstance(value, str):
+        raise SchemaError(f"{field}: expected an ISO 8601 string, got {type(value).__name__}")
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise SchemaError(f"{field}: {value[:40]!r} is not an ISO 8601 date-time") from None
+    if parsed.tzinfo is None:
+        raise SchemaError(f"{field}: {value[:40]!r} has no time zone")
+    return parsed.astimezone(UTC)
+
+
+def _count(stats: dict[str, Any], name: str) -> int:
+    value = stats.get(name)
+    # bool is an int in Python; the schema says integer, so reject it explicitly.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SchemaError(f"stats.{name}: expected an integer, got {value!r}"[:120])
+    if value < 0:
+        raise SchemaError(f"stats.{name}: must be >= 0, got {value}")
+    return value
+
+
+def parse_operation(data: object, expected_id: str | None = None) -> Operation:
+    """Validate one SenderPoolOperation object; raise SchemaError on any breach."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"operation: expected an object, got {type(data).__name__}")
+    try:
+        op_id = validate_operation_id(data.get("id"))
+    except InvalidOperationId as exc:
+        raise SchemaError(f"id: {exc.reason}") from None
+    if expected_id is not None and op_id != expected_id:
+        raise SchemaError(f"id: asked for {expected_id}, the answer is about {op_id}")
+    raw_status = data.get("status")
+    try:
+        status = Status(str(raw_status))
+    except ValueError:
+        raise SchemaError(f"status: unknown value {raw_status!r}"[:120]) from None
+    stats = data.get("stats")
+    if not isinstance(stats, dict):
+        raise SchemaError("stats: expected an object")
+    return Operation(
+        id=op_id,
+        status=status,
+        stats=Stats(
+            total=_count(stats, "total"),
+            queued=_count(stats, "queued"),
+            created=_count(stats, "created"),
+            failed=_count(stats, "failed"),
+        ),
+        created_at=parse_datetime(data.get("createdAt"), "createdAt"),
+        updated_at=parse_datetime(data.get("updatedAt"), "updatedAt"),
+    )
+
+
+def parse_page(data: object) -> Page:
+    """Validate a List answer: ``operations`` and ``pagination`` are required."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"page: expected an object, got {type(data).__name__}")
+    operations = data.get("operations")
+    pagination = data.get("pagination")
+    if not isinstance(operations, list):
+        raise SchemaError("operations: expected a list")
+    if not isinstance(pagination, dict) or "next" not in pagination:
+        raise SchemaError("pagination: expected an object with `next`")
+    next_url = pagination["next"]
+    if next_url is not None and not isinstance(next_url, str):
+        raise SchemaError("pagination.next: expected a string or null")
+    return Page(
+        operations=tuple(parse_operation(item) for item in operations),
+        next_token=_page_token(next_url),
+        next_url=next_url,
+    )
+
+
+def _page_token(next_url: str | None) -> str | None:
+    """Extract the opaque pageToken from ``pagination.next`` (a URL or a bare token)."""
+    if not next_url:
+        return None
+    query = parse_qs(urlsplit(next_url).query)
+    tokens = query.get("pageToken")
+    return tokens[0] if tokens else next_url
+
+
+def format_datetime(value: datetime) -> str:
+    """Format an aware datetime the way the API writes them."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,201 @@
+"""All queries on tracked operations, their history and the account pause, behind one object."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.clock import Clock
+from worker.db import (
+    ACTIVE_STATES,
+    PENDING,
+    AccountPause,
+    HistoryEntry,
+    TrackedOperation,
+)
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """What ``add`` did: which IDs it started tracking and which were tracked already."""
+
+    added: tuple[str, ...]
+    already_tracked: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Operations claimed by one sweep; a poll runs only with the matching token."""
+
+    token: str
+    operation_ids: tuple[str, ...]
+
+
+def _insert(session: Session) -> Any:
+    """The dialect's INSERT that knows ON CONFLICT."""
+    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+
+
+class Repository:
+    """Queries of one session; the caller owns the transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, operation_ids: Sequence[str], now: datetime) -> TrackResult:
+        """Start tracking the IDs not tracked yet; first poll due at once."""
+        wanted = list(dict.fromkeys(operation_ids))
+        if not wanted:
+            return TrackResult((), ())
+        stmt = (
+            _insert(self.session)(TrackedOperation)
+            .values(
+                [
+                    {
+                        "id": op_id,
+                        "status": PENDING,
+                        "tracked_at": now,
+                        "next_poll_at": now,
+                        "polls": 0,
+                        "consecutive_errors": 0,
+                        "version": 1,
+                    }
+                    for op_id in wanted
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(TrackedOperation.id)
+        )
+        added = set(self.session.scalars(stmt))
+        return TrackResult(
+            added=tuple(i for i in wanted if i in added),
+            already_tracked=tuple(i for i in wanted if i not in added),
+        )
+
+    def get(self, operation_id: str) -> TrackedOperation | None:
+        """Return one tracked operation or None."""
+        return self.session.get(TrackedOperation, operation_id)
+
+    def get_for_update(self, operation_id: str) -> TrackedOperation | None:
+        """Return one tracked operation, row-locked where the backend can (PostgreSQL)."""
+        stmt = select(TrackedOperation).where(TrackedOperation.id == operation_id)
+        return self.session.scalars(stmt.with_for_update()).one_or_none()
+
+    def all(self) -> Sequence[TrackedOperation]:
+        """Every tracked operation, the most recently tracked last."""
+        stmt = select(TrackedOperation).order_by(TrackedOperation.tracked_at, TrackedOperation.id)
+        return self.session.scalars(stmt).all()
+
+    def history(self, operation_id: str) -> Sequence[HistoryEntry]:
+        """The stats history of one operation, oldest first."""
+        stmt = (
+            select(HistoryEntry)
+            .where(HistoryEntry.operation_id == operation_id)
+            .order_by(HistoryEntry.seq)
+        )
+        return self.session.scalars(stmt).all()
+
+    def count_due(self, now: datetime) -> int:
+        """How many active operations are due for a poll at ``now``."""
+        stmt = select(func.count()).where(
+            TrackedOperation.status.in_(ACTIVE_STATES), TrackedOperation.next_poll_at <= now
+        )
+        return int(self.session.scalar(stmt) or 0)
+
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> Claim:
+        """Claim up to ``limit`` due operations for one sweep, pushing their due time by ``lease``.
+
+        One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
+        two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
+        database's single write lock, so the second sweep sees the rows no longer due.
+        A worker that dies leaves its rows due again when the lease runs out.
+        """
+        token = str(uuid.uuid4())
+        due = (
+            select(TrackedOperation.id)
+            .where(
+                TrackedOperation.status.in_(ACTIVE_STATES),
+                TrackedOperation.next_poll_at <= now,
+            )
+            .order_by(TrackedOperation.next_poll_at)
+            .limit(limit)
+        )
+        if self.session.get_bind().dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        stmt = (
+            update(TrackedOperation)
+            .where(TrackedOperation.id.in_(due.scalar_subquery()))
+            .where(TrackedOperation.next_poll_at <= now)
+            .values(next_poll_at=now + lease, claim_token=token)
+            .returning(TrackedOperation.id)
+            .execution_options(synchronize_session=False)
+        )
+        ids = tuple(self.session.scalars(stmt))
+        return Claim(token=token, operation_ids=ids)
+
+    def reschedule(self, operation_ids: Iterable[str], when: datetime, token: str | None) -> int:
+        """Set the next poll of still-claimed operations to ``when`` and release the claim."""
+        ids = list(operation_ids)
+        if not ids:
+            return 0
+        stmt = (
+            update(TrackedOperation)
+            .where(TrackedOperation.id.in_(ids), TrackedOperation.status.in_(ACTIVE_STATES))
+            .values(next_poll_at=when, claim_token=None)
+            .execution_options(synchronize_session=False)
+        )
+        if token is not None:
+            stmt = stmt.where(TrackedOperation.claim_token == token)
+        return int(self.session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+class DbGate:
+    """The account pause kept in the database, so every process on every machine honors it."""
+
+    def __init__(self, engine: Engine, account_sid: str, clock: Clock) -> None:
+        self._sessions = sessionmaker(engine)
+        self.account_sid = account_sid
+        self.clock = clock
+
+    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
+        """Return (until, reason) while the account is paused."""
+        with self._sessions() as session:
+            row = session.get(AccountPause, self.account_sid)
+            if row is not None and row.paused_until > now:
+                return row.paused_until, row.reason
+            return None
+
+    def pause(self, until: datetime, reason: str, status: int) -> None:
+        """Record the pause at once, in its own transaction, keeping a later existing one."""
+        with self._sessions.begin() as session:
+            insert = _insert(session)
+            stmt = insert(AccountPause).values(
+                account_sid=self.account_sid,
+                paused_until=until,
+                reason=reason,
+                status_code=status,
+                updated_at=self.clock.now(),
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["account_sid"],
+                set_={
+                    "paused_until": stmt.excluded.paused_until,
+                    "reason": stmt.excluded.reason,
+                    "status_code": stmt.excluded.status_code,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+                where=AccountPause.paused_until < stmt.excluded.paused_until,
+            )
+            session.execute(stmt)
+
+    def current(self) -> AccountPause | None:
+        """The last recorded pause, running or not (for `optrack status`)."""
+        with self._sessions() as session:
+            return session.get(AccountPause, self.account_sid)

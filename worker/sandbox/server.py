@@ -1,0 +1,524 @@
+"""HTTP sandbox of the SenderPool Operations API on stdlib ``http.server``.
+
+API requests are every path outside ``/_sandbox``; only they are logged, and only the
+authenticated ones consume faults (auth is checked first, then faults, then validation).
+Page tokens are urlsafe base64 (no padding) of JSON holding the filters and the sort key
+(createdAt second, id) of the last operation served: keyset pagination, so pages stay
+stable while operations progress. Connections are kept alive (HTTP/1.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+from worker.sandbox.simulation import (
+    OPERATION_ID_RE,
+    STATUSES,
+    Clock,
+    Fault,
+    SimulatedOperation,
+    Simulation,
+    SimulationError,
+    SortKey,
+    parse_instant,
+)
+
+DEFAULT_ACCOUNT_SID = "AC" + "a" * 32
+DEFAULT_AUTH_TOKEN = "sandbox-token"
+LIST_PATH = "/v1/SenderPools/Operations"
+FETCH_RE = re.compile(r"^/v1/SenderPools/Operations/([^/]*)$")
+CONTROL_PREFIX = "/_sandbox"
+MAX_BODY = 1 << 20
+EXAMPLE_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
+ERRORS: dict[int, tuple[int, str]] = {
+    400: (21614, "Invalid parameter."),
+    401: (20003, "Authenticate"),
+    403: (20403, "Forbidden"),
+    404: (20404, "The resource was not found."),
+    405: (20004, "Method not allowed."),
+    409: (77701, "Account not ready. Please retry according to the Retry-After response header."),
+    429: (20429, "Too many requests. Please retry according to the Retry-After response header."),
+    500: (20500, "Internal server error."),
+    503: (20503, "Service unavailable."),
+}
+_NUMBER = (int, float)
+_OP_FIELDS: dict[str, type | tuple[type, ...]] = {
+    **{"total": int, "count": int, "outcome": str, "id": str, "created_at": _NUMBER},
+    **{"duration": _NUMBER, "fail_ratio": _NUMBER, "cancel_at": _NUMBER},
+}
+
+
+def error_body(status: int, message: str | None = None, context: str = "null") -> dict[str, Any]:
+    """The documented error body for ``status``."""
+    code, default = ERRORS.get(status, (20000 + status, "Error."))
+    info = f"https://www.twilio.com/docs/errors/{code}"
+    msg = message or default
+    return {"errors": [{"code": code, "message": msg, "infoUrl": info, "context": context}]}
+
+
+@dataclass
+class _Reply:
+    status: int
+    payload: Any
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+    def body(self) -> bytes:
+        if isinstance(self.payload, bytes):
+            return self.payload
+        return json.dumps(self.payload, separators=(",", ":")).encode()
+
+
+def _bad(context: str, message: str) -> _Reply:
+    return _Reply(400, error_body(400, message, context))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 makes bursts of clients wait for SYN retries
+
+    def __init__(
+        self, address: tuple[str, int], sim: Simulation, sid: str, token: str, log: bool
+    ) -> None:
+        self.sim, self.sid, self.token, self.log_requests = sim, sid, token, log
+        self.stopping = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Cut idle keep-alive connections so that a stopped sandbox really stops answering."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # clients hanging up are routine
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "optrack-sandbox/1"
+    sys_version = ""
+    timeout = 300  # idle keep-alive connections end eventually
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stalls
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # one compact line is written by _handle instead
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.log_requests:
+            sys.stderr.write("sandbox: " + (format % args) + "\n")
+
+    def _handle(self, method: str) -> None:
+        sim = self.server.sim
+        arrived = sim.clock()
+        parts = urlsplit(self.path)
+        path, query = parts.path, parts.query
+        is_api = not path.startswith(CONTROL_PREFIX)
+        reply: _Reply | None
+        try:
+            body = self._read_body()
+            if body is None:
+                reply = _bad("body", "Bad Content-Length.")
+            elif not self._authorized():
+                reply = _Reply(401, error_body(401), {"WWW-Authenticate": 'Basic realm="Twilio"'})
+            elif is_api:
+                reply = self._api(method, path, query)
+            else:
+                reply = self._control(method, path, body)
+        except Exception:
+            traceback.print_exc()
+            reply = _Reply(500, error_body(500))
+        if is_api:  # logged before answering, so a client that got its answer sees the entry
+            status = 0 if reply is None else reply.status
+            entry = {"t": arrived, "method": method, "path": path, "query": query}
+            sim.record_request({**entry, "status": status})
+        if self.server.log_requests:
+            sys.stderr.write(f"sandbox: {method} {path} -> {reply.status if reply else 'drop'}\n")
+        if reply is None:
+            self.close_connection = True  # "drop": close without any answer
+        else:
+            self._send(reply)
+
+    def _read_body(self) -> bytes | None:
+        raw = self.headers.get("Content-Length", "0")
+        if not raw.strip().isdigit() or int(raw) > MAX_BODY:
+            self.close_connection = True
+            return None
+        return self.rfile.read(int(raw)) if int(raw) else b""
+
+    def _authorized(self) -> bool:
+        scheme, _, value = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, sep, password = decoded.partition(":")
+        ok_user = hmac.compare_digest(user.encode(), self.server.sid.encode())
+        ok_password = hmac.compare_digest(password.encode(), self.server.token.encode())
+        return bool(sep) and ok_user and ok_password
+
+    def _send(self, reply: _Reply) -> None:
+        data = reply.body()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    # --- the documented API -------------------------------------------------------------
+
+    def _api(self, method: str, path: str, query: str) -> _Reply | None:
+        fault = self.server.sim.take_fault(path)
+        if fault is not None:
+            if fault.kind == "drop":
+                return None
+            if fault.kind == "slow" and self.server.stopping.wait(fault.delay):
+                return None
+            if fault.kind == "status":
+                return self._fault_reply(fault)
+        reply = self._route(method, path, query)
+        if fault is not None and fault.kind == "malformed":
+            reply = _malformed(fault.variant, reply, path, self.server.sim.clock())
+        return reply
+
+    def _fault_reply(self, fault: Fault) -> _Reply:
+        headers: dict[str, str] = {}
+        retry_after = fault.effective_retry_after()
+        if retry_after is not None and fault.retry_after_form == "date":
+            when = datetime.fromtimestamp(self.server.sim.clock() + float(retry_after), UTC)
+            headers["Retry-After"] = format_datetime(when, usegmt=True)
+        elif retry_after is not None:
+            headers["Retry-After"] = retry_after
+        if fault.status == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="Twilio"'
+        return _Reply(fault.status, error_body(fault.status), headers)
+
+    def _route(self, method: str, path: str, query: str) -> _Reply:
+        match = FETCH_RE.match(path)
+        if path != LIST_PATH and match is None:
+            return _Reply(404, error_body(404))
+        if method != "GET":
+            return _Reply(405, error_body(405), {"Allow": "GET"})
+        if match is None:
+            return self._list(query)
+        op_id = unquote(match.group(1))
+        if not OPERATION_ID_RE.fullmatch(op_id):
+            return _bad("operationId", "Invalid operationId: it must match the operation pattern.")
+        op = self.server.sim.get(op_id)
+        if op is None:
+            return _Reply(404, error_body(404))
+        return _Reply(200, op.to_api(self.server.sim.clock()))
+
+    def _list(self, query: str) -> _Reply:
+        params = parse_qs(query, keep_blank_values=True)
+        raw = {name: values[-1] for name, values in params.items()}
+        filters: dict[str, Any] = {}
+        for name in ("startDate", "endDate"):
+            if name in raw:
+                try:
+                    filters[name] = parse_instant(raw[name])
+                except ValueError:
+                    return _bad(name, f"Invalid {name}: expected an ISO 8601 date-time.")
+        if "status" in raw:
+            if raw["status"] not in STATUSES:
+                return _bad("status", "Invalid status: expected PROCESSING, COMPLETED or CANCELED.")
+            filters["status"] = raw["status"]
+        size_raw = raw.get("pageSize", "50")
+        if not re.fullmatch(r"[0-9]{1,4}", size_raw) or not 1 <= int(size_raw) <= 1000:
+            return _bad("pageSize", "Invalid pageSize: expected an integer from 1 to 1000.")
+        after: SortKey | None = None
+        if "pageToken" in raw:
+            after = _decode_token(raw["pageToken"], filters)
+            if after is None:
+                return _bad("pageToken", "Invalid pageToken for these filters.")
+        ops, next_key = self.server.sim.list_page(
+            now=self.server.sim.clock(),
+            page_size=int(size_raw),
+            start=filters.get("startDate"),
+            end=filters.get("endDate"),
+            status=filters.get("status"),
+            after=after,
+        )
+        names = ("startDate", "endDate", "status")
+        base: list[tuple[str, str]] = [(n, raw[n]) for n in names if n in raw]
+        base.append(("pageSize", size_raw))
+        current = base + ([("pageToken", raw["pageToken"])] if "pageToken" in raw else [])
+        nxt = None
+        if next_key is not None:
+            nxt = f"{LIST_PATH}?{urlencode([*base, ('pageToken', _token(next_key, filters))])}"
+        pagination = {"next": nxt, "self": f"{LIST_PATH}?{urlencode(current)}"}
+        return _Reply(200, {"operations": ops, "pagination": pagination})
+
+    # --- sandbox control -----------------------------------------------------------------
+
+    def _control(self, method: str, path: str, body: bytes) -> _Reply:
+        sim = self.server.sim
+        routes = {
+            "/_sandbox/operations": ("POST",),
+            "/_sandbox/operations/bulk": ("POST",),
+            "/_sandbox/faults": ("GET", "POST", "DELETE"),
+            "/_sandbox/requests": ("GET", "DELETE"),
+        }
+        if path not in routes:
+            return _Reply(404, error_body(404))
+        if method not in routes[path]:
+            return _Reply(405, error_body(405), {"Allow": ", ".join(routes[path])})
+        if method == "DELETE":
+            (sim.clear_faults if path.endswith("faults") else sim.clear_requests)()
+            return _Reply(200, {path.rsplit("/", 1)[1]: []})
+        if path == "/_sandbox/requests":
+            return _Reply(200, {"requests": sim.requests_log()})
+        if method == "GET":
+            return _Reply(200, {"faults": [f.to_json() for f in sim.faults()]})
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            return _bad("body", "The body must be JSON.")
+        try:
+            if path == "/_sandbox/faults":
+                fault = Fault.from_json(data)
+                sim.add_fault(fault)
+                return _Reply(201, fault.to_json())
+            count, kwargs = _operation_kwargs(data, bulk=path.endswith("bulk"))
+            ops = sim.add_operations(count, **kwargs)
+        except SimulationError as exc:
+            return _bad(exc.field, exc.message)
+        if path.endswith("bulk"):
+            return _Reply(201, {"ids": [op.id for op in ops]})
+        return _Reply(201, ops[0].to_api(sim.clock()))
+
+
+def _operation_kwargs(data: Any, bulk: bool) -> tuple[int, dict[str, Any]]:
+    if not isinstance(data, dict):
+        raise SimulationError("body", "The body must be a JSON object.")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        types = _OP_FIELDS.get(name) if name != ("id" if bulk else "count") else None
+        if types is None:
+            raise SimulationError(name, f"Unknown field {name!r}.")
+        if name == "created_at" and isinstance(value, str):
+            try:
+                value = parse_instant(value)
+            except ValueError:
+                raise SimulationError(name, "created_at must be an ISO 8601 date-time.") from None
+        elif isinstance(value, bool) or not isinstance(value, types):
+            raise SimulationError(name, f"{name} has the wrong JSON type.")
+        kwargs["op_id" if name == "id" else name] = value
+    return kwargs.pop("count", 1), kwargs
+
+
+def _token(key: SortKey, filters: dict[str, Any]) -> str:
+    raw = json.dumps({"v": 1, "after": list(key), "filters": filters}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, filters: dict[str, Any]) -> SortKey | None:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except ValueError:  # binascii.Error, UnicodeDecodeError and JSONDecodeError included
+        return None
+    if not isinstance(data, dict) or data.get("v") != 1 or data.get("filters") != filters:
+        return None
+    after = data.get("after")
+    if isinstance(after, list) and len(after) == 2:
+        second, op_id = after
+        if isinstance(second, int) and not isinstance(second, bool) and isinstance(op_id, str):
+            return (second, op_id)
+    return None
+
+
+def _malformed(variant: str, reply: _Reply, path: str, now: float) -> _Reply:
+    """Spoil a would-be answer; error answers are replaced by a sample so it always shows."""
+    if variant == "not_json":
+        return _Reply(200, b"<html><body>502 Bad Gateway</body></html>")
+    payload = reply.payload if reply.status == 200 else None
+    is_list = path == LIST_PATH
+    if payload is None or (is_list and not payload["operations"]):
+        match = FETCH_RE.match(path)
+        op_id = unquote(match.group(1)) if match else EXAMPLE_ID
+        op_id = op_id if OPERATION_ID_RE.fullmatch(op_id) else EXAMPLE_ID
+        sample = SimulatedOperation(op_id, now, 1, 0.0).to_api(now)
+        pagination = {"next": None, "self": path}
+        payload = {"operations": [sample], "pagination": pagination} if is_list else sample
+    ops: list[dict[str, Any]] = payload["operations"] if is_list else [payload]
+    if variant == "wrong_content_type":
+        return _Reply(200, payload, content_type="text/html; charset=utf-8")
+    if variant == "missing_field":
+        del payload["operations" if is_list else "status"]
+    for op in ops:
+        if variant == "negative_count":
+            op["stats"]["queued"] = -1
+        elif variant == "unknown_status":
+            op["status"] = "PAUSED"
+        elif variant == "bad_date":
+            op["updatedAt"] = "not-a-date"
+        elif variant == "wrong_id":
+            other = "comms_operation_7" + "z" * 25
+            op["id"] = "not-an-operation-id" if is_list else other
+    return _Reply(200, payload)
+
+
+class SandboxServer:
+    """The sandbox served from a daemon thread; ``with SandboxServer() as sb: ...``."""
+
+    def __init__(
+        self,
+        account_sid: str = DEFAULT_ACCOUNT_SID,
+        auth_token: str = DEFAULT_AUTH_TOKEN,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int = 0,
+        duration: float = 20.0,
+        clock: Clock = time.time,
+        log_requests: bool = False,
+    ) -> None:
+        self.account_sid, self._token = account_sid, auth_token
+        self.host, self._port, self._log = host, port, log_requests
+        self.simulation = Simulation(seed=seed, duration=duration, clock=clock)
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"SandboxServer(account_sid={self.account_sid!r}, host={self.host!r})"
+
+    def start(self) -> SandboxServer:
+        """Bind and serve in a daemon thread; returns self."""
+        if self._httpd is not None:
+            raise RuntimeError("sandbox already started")
+        httpd = _Server(
+            (self.host, self._port), self.simulation, self.account_sid, self._token, self._log
+        )
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and cut open connections (idempotent)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.stopping.set()
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.close_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("sandbox not started")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def root_url(self) -> str:
+        """``http://HOST:PORT`` (control endpoints live under ``/_sandbox``)."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def add_operation(self, **kwargs: Any) -> SimulatedOperation:
+        """Keywords of ``Simulation.add_operations`` (total, duration, fail_ratio, ...)."""
+        return self.simulation.add_operation(**kwargs)
+
+    def add_fault(self, fault: Fault) -> None:
+        self.simulation.add_fault(fault)
+
+    def clear_faults(self) -> None:
+        self.simulation.clear_faults()
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        return self.simulation.requests_log()
+
+    def clear_requests(self) -> None:
+        self.simulation.clear_requests()
+
+
+def serve_forever(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    account_sid: str = DEFAULT_ACCOUNT_SID,
+    auth_token: str = DEFAULT_AUTH_TOKEN,
+    seed: int = 0,
+    duration: float = 20.0,
+    *,
+    log_requests: bool = False,
+) -> None:
+    """Serve until SIGINT/SIGTERM, after printing ``sandbox listening on <base_url>``."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    sandbox = SandboxServer(
+        account_sid, auth_token, host, port, seed, duration, log_requests=log_requests
+    )
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sandbox.start()
+        print(f"sandbox listening on {sandbox.base_url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sandbox.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,83 @@
+"""Celery tasks: thin adapters that open the process's runtime, call domain code, and return.
+
+Task names are stable: other services send ``optrack.track`` by name with a JSON list of IDs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_shutdown
+
+from worker import tracking
+from worker.celery_app import app
+from worker.runtime import Runtime
+from worker.settings import load_settings
+
+log = logging.getLogger(__name__)
+POLL_TASK = "optrack.poll"
+TRACK_TASK = "optrack.track"
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's runtime, built on first use (after the worker forked)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(load_settings())
+    return _runtime
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    global _runtime
+    if _runtime is not None:
+        _runtime.close()
+        _runtime = None
+
+
+@app.task(name="optrack.tick", ignore_result=True)
+def tick() -> dict[str, int]:
+    """Claim the operations due now and dispatch their polls in chunks."""
+    rt = runtime()
+    now = rt.clock.now()
+    paused = rt.gate.paused_until(now)
+    claim = tracking.sweep(
+        rt.sessions,
+        now,
+        limit=rt.settings.batch_size * 20,
+        policy=rt.poll_policy,
+        paused_until=paused[0] if paused else None,
+    )
+    ids = list(claim.operation_ids)
+    size = rt.settings.batch_size
+    # Sent after the claim committed: a poll never sees a claim that was rolled back.
+    for start in range(0, len(ids), size):
+        poll.delay(ids[start : start + size], claim.token)
+    if ids:
+        log.info(
+            "tick: %d operation(s) due, %d poll message(s) sent", len(ids), -(-len(ids) // size)
+        )
+    elif paused:
+        log.info("tick: account paused until %s (%s)", paused[0].isoformat(), paused[1])
+    return {"claimed": len(ids)}
+
+
+@app.task(name=POLL_TASK, ignore_result=True)
+def poll(operation_ids: list[str], claim_token: str | None = None) -> dict[str, Any]:
+    """Poll the given claimed operations once each."""
+    reports = runtime().poller.poll(operation_ids, claim_token)
+    return tracking.summarize(reports)
+
+
+@app.task(name=TRACK_TASK, ignore_result=True)
+def track(operation_ids: list[str]) -> dict[str, list[str]]:
+    """Start tracking operation IDs sent by another service; any invalid ID rejects the lot."""
+    if not isinstance(operation_ids, list):
+        raise TypeError("optrack.track takes one argument: a JSON list of operation IDs")
+    rt = runtime()
+    result = tracking.track(rt.sessions, operation_ids, rt.clock.now())
+    log.info("track: %d added, %d already tracked", len(result.added), len(result.already_tracked))
+    return {"added": list(result.added), "already_tracked": list(result.already_tracked)}
