@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,10 +99,9 @@ def assert_history_is_true(stack: Stack, op_id: str) -> None:
     entries = stack.history(op_id)
     states = [(e.status, e.total, e.queued, e.created, e.failed) for e in entries]
     assert len(states) == len(set(states)), "a change was recorded twice"
-    assert all(a.seq < b.seq for a, b in zip(entries, entries[1:], strict=False))
+    assert all(a.seq < b.seq for a, b in itertools.pairwise(entries))
     assert all(
-        a.created <= b.created and a.failed <= b.failed
-        for a, b in zip(entries, entries[1:], strict=False)
+        a.created <= b.created and a.failed <= b.failed for a, b in itertools.pairwise(entries)
     )
     assert states[-1] == (row.status, row.total, row.queued, row.created, row.failed)
     assert all(s[0] == "PROCESSING" for s in states[:-1])
