@@ -5,6 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 COPY pyproject.toml README.md alembic.ini ./
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install --no-cache-dir -e . && useradd --create-home optrack
+RUN pip install --no-cache-dir -e . && useradd --create-home --uid 1000 optrack \
+    && mkdir -p /var/lib/optrack && chown optrack /var/lib/optrack
 USER optrack
 CMD ["optrack", "--help"]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,9 +30,16 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_URL = os.environ.get(
     "OPTRACK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-REDIS_URL = os.environ.get("OPTRACK_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# A database number per test session, so that two test runs on one machine do not flush
+# each other's queues.
+REDIS_URL = os.environ.get(
+    "OPTRACK_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+)
 SID = "AC" + "0" * 32
 TOKEN = "tok-" + "s3cr3t" * 4  # recognisable, so tests can search outputs for it
+# Hypothesis under CI: the same examples on every run, no example database.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+hypothesis_settings.load_profile("ci" if IN_CI else "default")
 
 
 def service_missing(what: str) -> None:

@@ -39,6 +39,10 @@ class Sandbox:
         """Queue a fault (see the README's sandbox table)."""
         self.http.post(f"{self.root}/_sandbox/faults", json=fields, timeout=5).raise_for_status()
 
+    def clear_faults(self) -> None:
+        """Drop the faults not consumed yet."""
+        self.http.delete(f"{self.root}/_sandbox/faults", timeout=5).raise_for_status()
+
     def requests(self) -> list[dict[str, Any]]:
         """The API request log."""
         response = self.http.get(f"{self.root}/_sandbox/requests", timeout=5)
@@ -97,13 +101,13 @@ def celery_process(
         stop(process)
 
 
-def worker_args(name: str, concurrency: int = 1) -> list[str]:
+def worker_args(name: str, concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
     """Arguments of a worker process named ``name``."""
     return [
         "worker",
         f"--hostname={name}@%h",
         f"--concurrency={concurrency}",
-        "--loglevel=INFO",
+        f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

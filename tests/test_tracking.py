@@ -14,12 +14,22 @@ from worker import tracking
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, TrackedOperation
 from worker.errors import InvalidOperationId
+from worker.poller import Poller
 from worker.repository import DbGate, Repository
 from worker.sandbox import Fault, SandboxServer
-from worker.tracking import Outcome, Poller, PollPolicy
+from worker.tracking import Outcome, PollPolicy, Sweep
 
 POLICY = PollPolicy(interval=timedelta(seconds=10), lease=timedelta(seconds=60))
 MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
+
+
+def due(sessions: sessionmaker[Session], clock: FakeClock, paused=None, limit=100) -> Sweep:  # type: ignore[no-untyped-def]
+    """Claim what is due now, as beat's tick does, one GET per operation."""
+    return tracking.sweep(sessions, clock.now(), limit, POLICY, paused, configured="fetch")
+
+
+def ids(sweep: Sweep) -> tuple[str, ...]:
+    return sweep.operation_ids
 
 
 def history_count(sessions: sessionmaker[Session], op_id: str | None = None) -> int:
@@ -58,9 +68,9 @@ def test_poll_records_changes_once_and_ends(
 ) -> None:  # type: ignore[no-untyped-def]
     op = sandbox.add_operation(total=4, duration=100)
     tracking.track(sessions, [op.id], clock.now())
-    claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-    assert claim.operation_ids == (op.id,)
-    [report] = poller.poll(claim.operation_ids, claim.token)
+    claim = due(sessions, clock)
+    assert ids(claim) == (op.id,)
+    [report] = poller.poll(ids(claim), claim.token)
     assert report.outcome is Outcome.CHANGED
     assert report.next_poll_at == clock.now() + POLICY.interval
     assert history_count(sessions, op.id) == 1
@@ -69,27 +79,27 @@ def test_poll_records_changes_once_and_ends(
     sandbox_now = clock.now()
     clock.advance(10)
     sandbox.simulation.clock = lambda: sandbox_now.timestamp()
-    claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-    [report] = poller.poll(claim.operation_ids, claim.token)
+    claim = due(sessions, clock)
+    [report] = poller.poll(ids(claim), claim.token)
     assert report.outcome is Outcome.UNCHANGED
     assert history_count(sessions, op.id) == 1
 
     # The redelivered message of that sweep finds its claim gone and does nothing.
-    [again] = poller.poll(claim.operation_ids, claim.token)
+    [again] = poller.poll(ids(claim), claim.token)
     assert again.outcome is Outcome.SKIPPED
 
     # The operation finishes: one more row, tracking ends, nothing is due any more.
     sandbox.simulation.clock = lambda: clock.now().timestamp()
     clock.advance(100)
-    claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-    [report] = poller.poll(claim.operation_ids, claim.token)
+    claim = due(sessions, clock)
+    [report] = poller.poll(ids(claim), claim.token)
     assert report.outcome is Outcome.CHANGED
     final = row(sessions, op.id)
     assert final.status == "COMPLETED" and final.ended_at is not None
     assert (final.created, final.queued) == (4, 0)
     assert history_count(sessions, op.id) == 2
     clock.advance(3600)
-    assert tracking.sweep(sessions, clock.now(), 10, POLICY, None).operation_ids == ()
+    assert due(sessions, clock).chunks == ()
 
 
 def test_history_constraint_rejects_a_duplicate_row(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
@@ -135,14 +145,14 @@ def test_concurrent_polls_of_one_operation_write_one_row(
 
 
 def test_two_sweeps_never_claim_the_same_operation(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
-    ids = [f"comms_operation_0{i:025d}" for i in range(40)]
-    tracking.track(sessions, ids, clock.now())
+    tracked = [f"comms_operation_0{i:025d}" for i in range(40)]
+    tracking.track(sessions, tracked, clock.now())
     claims: list[tuple[str, ...]] = []
     barrier = threading.Barrier(4)
 
     def run() -> None:
         barrier.wait()
-        claims.append(tracking.sweep(sessions, clock.now(), 15, POLICY, None).operation_ids)
+        claims.append(ids(due(sessions, clock, limit=15)))
 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
@@ -150,7 +160,7 @@ def test_two_sweeps_never_claim_the_same_operation(sessions, clock: FakeClock) -
     for t in threads:
         t.join()
     claimed = [i for c in claims for i in c]
-    assert len(claimed) == len(set(claimed)) == 40
+    assert len(claimed) == len(set(claimed)) == 40  # 15 + 15 + 10 + 0
 
 
 def test_404_ends_tracking_as_not_found(sessions, poller: Poller, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
@@ -169,8 +179,8 @@ def test_500_backs_off_that_operation_only(
     tracking.track(sessions, [a.id, b.id], clock.now())
     sandbox.add_fault(Fault(kind="status", status=500, match=a.id, count=3))
     for errors in (1, 2, 3):
-        claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-        reports = {r.operation_id: r for r in poller.poll(claim.operation_ids, claim.token)}
+        claim = due(sessions, clock)
+        reports = {r.operation_id: r for r in poller.poll(ids(claim), claim.token)}
         if a.id in reports:
             assert reports[a.id].outcome is Outcome.ERROR
         state = row(sessions, a.id)
@@ -180,8 +190,8 @@ def test_500_backs_off_that_operation_only(
     # 500s were never retried in place: one request per scheduled poll.
     a_requests = [r for r in sandbox.requests_log() if a.id in str(r["path"])]
     assert [r["status"] for r in a_requests] == [500, 500, 500]
-    claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-    poller.poll(claim.operation_ids, claim.token)
+    claim = due(sessions, clock)
+    poller.poll(ids(claim), claim.token)
     assert row(sessions, a.id).consecutive_errors == 0
     assert row(sessions, b.id).consecutive_errors == 0
 
@@ -192,8 +202,8 @@ def test_throttle_defers_the_whole_sweep_and_stops_the_next(
     ops = [sandbox.add_operation(total=2, duration=3600) for _ in range(3)]
     tracking.track(sessions, [o.id for o in ops], clock.now())
     sandbox.add_fault(Fault(kind="status", status=429, retry_after="60"))
-    claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-    reports = poller.poll(claim.operation_ids, claim.token)
+    claim = due(sessions, clock)
+    reports = poller.poll(ids(claim), claim.token)
     assert {r.outcome for r in reports} == {Outcome.DEFERRED}
     not_before = clock.now() + timedelta(seconds=60)
     for o in ops:
@@ -203,10 +213,10 @@ def test_throttle_defers_the_whole_sweep_and_stops_the_next(
     assert paused is not None and paused[0] == not_before
     # A sweep during the pause claims nothing.
     clock.advance(30)
-    assert tracking.sweep(sessions, clock.now(), 10, POLICY, paused[0]).operation_ids == ()
+    assert due(sessions, clock, paused[0]).chunks == ()
     clock.advance(30)
-    claim = tracking.sweep(sessions, clock.now(), 10, POLICY, None)
-    assert len(claim.operation_ids) == 3
+    claim = due(sessions, clock)
+    assert len(ids(claim)) == 3
 
 
 def test_bad_credentials_pause_without_failing_operations(

@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init, worker_shutdown
 
+from worker import logs
+from worker.metrics import MetricsServer, start_worker_server
 from worker.settings import Settings, load_settings
 
 TICK_TASK = "optrack.tick"
+DISCOVER_TASK = "optrack.discover"
+DELIVER_NOTICES_TASK = "optrack.deliver_notices"
+PRUNE_TASK = "optrack.prune"
+PRUNE_INTERVAL = 86400.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -42,6 +49,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             }
         },
     }
+    schedule = config["beat_schedule"]
+    if settings.discovery_interval is not None:
+        schedule["optrack-discover"] = {
+            "task": DISCOVER_TASK,
+            "schedule": settings.discovery_interval,
+            "options": {"expires": settings.discovery_interval},
+        }
+    if settings.notices_enabled:
+        schedule["optrack-deliver-notices"] = {
+            "task": DELIVER_NOTICES_TASK,
+            "schedule": settings.tick_interval,
+            "options": {"expires": max(2 * settings.tick_interval, 5.0)},
+        }
+    if settings.prune_older_than is not None:
+        schedule["optrack-prune"] = {
+            "task": PRUNE_TASK,
+            "schedule": PRUNE_INTERVAL,
+            "options": {"expires": PRUNE_INTERVAL / 2},
+        }
     if settings.broker_url.startswith("sqla+sqlite:///"):
         home = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
         config["beat_schedule_filename"] = str(home / "celerybeat-schedule")
@@ -51,9 +77,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-app = Celery("optrack", include=["worker.tasks"])
+app = Celery("optrack", include=["worker.tasks", "worker.ops_tasks"])
+logs.connect_celery_signals()
+_metrics_server: MetricsServer | None = None
 
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(celery_config(load_settings()))
+
+
+@worker_init.connect
+def _start_metrics(**_: Any) -> None:
+    # The worker's main process serves /metrics for all its children (before they fork).
+    global _metrics_server
+    _metrics_server = start_worker_server(load_settings())
+
+
+@worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    global _metrics_server
+    if _metrics_server is not None:
+        _metrics_server.close()
+        _metrics_server = None

@@ -56,6 +56,18 @@ class AccountGate(Protocol):
         ...
 
 
+class ApiObserver(Protocol):
+    """Told about every API answer and account pause (metrics); must not raise."""
+
+    def answered(self, endpoint: str, status: int | None) -> None:
+        """One request to ``endpoint`` ("fetch" or "list") ended: its status, None if no answer."""
+        ...
+
+    def paused(self, seconds: float, status: int) -> None:
+        """A 409/429/503 paused the account for ``seconds``."""
+        ...
+
+
 class LocalGate:
     """An in-process gate, for one-off use of the client outside the tracker."""
 
@@ -101,6 +113,7 @@ class ApiClient:
         clock: Clock | None = None,
         session: requests.Session | None = None,
         max_inplace_retries: int = 3,
+        observer: ApiObserver | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
@@ -108,6 +121,8 @@ class ApiClient:
         self.gate: AccountGate = gate or LocalGate()
         self.clock: Clock = clock or SystemClock()
         self.max_inplace_retries = max_inplace_retries
+        self.requests_sent = 0  # every HTTP request made, in-place retries included
+        self.observer = observer
         self.session = session or requests.Session()
         self.session.auth = (account_sid, auth_token)
         self.session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
@@ -127,7 +142,7 @@ class ApiClient:
     def fetch(self, operation_id: str) -> Operation:
         """Fetch one operation; the ID is validated before it reaches the URL."""
         op_id = validate_operation_id(operation_id)
-        data = self._get(f"/SenderPools/Operations/{op_id}", None)
+        data = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
         return parse_operation(data, expected_id=op_id)
 
     def list_page(
@@ -151,7 +166,7 @@ class ApiClient:
             params["endDate"] = format_datetime(end_date)
         if page_token is not None:
             params["pageToken"] = page_token
-        return parse_page(self._get("/SenderPools/Operations", params))
+        return parse_page(self._get("/SenderPools/Operations", params, "list"))
 
     def iter_operations(
         self,
@@ -189,11 +204,18 @@ class ApiClient:
             return
         raise RetryLater(until, reason)
 
-    def _get(self, path: str, params: Mapping[str, str] | None) -> Any:
+    def _get(self, path: str, params: Mapping[str, str] | None, endpoint: str) -> Any:
         url = self.base_url + path
         for attempt in range(1, self.max_inplace_retries + 2):
             self._wait_for_gate(self.max_inplace_retries + 1 - attempt)
-            response = self._send(url, params)
+            try:
+                response = self._send(url, params)
+            except TransportError:
+                if self.observer is not None:
+                    self.observer.answered(endpoint, None)
+                raise
+            if self.observer is not None:
+                self.observer.answered(endpoint, response.status_code)
             if response.status_code == 200:
                 return _json_body(response)
             errors = _error_list(response)
@@ -205,12 +227,15 @@ class ApiClient:
                 )
                 reason = f"HTTP {status} ({_first_message(errors)}); Retry-After honored"
                 self.gate.pause(now + timedelta(seconds=delay), reason, status)
+                if self.observer is not None:
+                    self.observer.paused(delay, status)
                 continue
             raise _http_error(status, errors, url, self.clock.now(), self.gate)
         until = self.gate.paused_until(self.clock.now())
         raise RetryLater(until[0] if until else self.clock.now(), "still throttled after retries")
 
     def _send(self, url: str, params: Mapping[str, str] | None) -> requests.Response:
+        self.requests_sent += 1
         try:
             return self.session.get(
                 url, params=params, timeout=(self.timeouts.connect, self.timeouts.read)
@@ -227,7 +252,7 @@ def _json_body(response: requests.Response) -> Any:
         raise SchemaError(f"expected a JSON answer, got Content-Type {content_type[:60]!r}")
     try:
         return response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise SchemaError("the answer's body is not valid JSON") from None
 
 
@@ -235,7 +260,7 @@ def _error_list(response: requests.Response) -> tuple[ApiErrorDetail, ...]:
     """The API's ``{"errors": [...]}`` list; tolerant, since error bodies are best effort."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return ()
     items = body.get("errors") if isinstance(body, dict) else None
     if not isinstance(items, list):

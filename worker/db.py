@@ -77,6 +77,7 @@ class TrackedOperation(Base):
             "total >= 0 AND queued >= 0 AND created >= 0 AND failed >= 0", name="counts"
         ),
         Index(None, "status", "next_poll_at"),
+        Index(None, "tracked_at"),  # the reports' period filter (migration 0003_reports)
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -96,10 +97,8 @@ class TrackedOperation(Base):
     consecutive_errors: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     ended_at: Mapped[datetime | None]
+    # Bumped by every write of a poll result; a history row's seq is the version it created.
     version: Mapped[int] = mapped_column(Integer, default=0)
-
-    # Optimistic locking: a stale or duplicated poll fails to update instead of writing twice.
-    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012 (SQLAlchemy reads it)
 
     @property
     def ended(self) -> bool:
@@ -143,6 +142,45 @@ class AccountPause(Base):
     reason: Mapped[str] = mapped_column(Text)
     status_code: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime]
+
+
+class Notice(Base):
+    """The outbox row of one operation's end, written with the state change that ends it."""
+
+    __tablename__ = "notices"
+    __table_args__ = (
+        # One notice per operation, ever: a replayed end cannot queue a second one.
+        UniqueConstraint("operation_id"),
+        Index(None, "delivered_at", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    operation_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("tracked_operations.id", ondelete="CASCADE")
+    )
+    # The operation's final record (the fields of `optrack status --json`), as JSON text.
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    # Due time; a dispatcher's claim pushes it forward by its lease, a failure by the backoff.
+    next_attempt_at: Mapped[datetime]
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Per channel, so a retry after a partial failure does not resend what already went out.
+    task_sent_at: Mapped[datetime | None]
+    webhook_sent_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Heartbeat(Base):
+    """The last time a periodic component (beat) showed it was alive, for `optrack health`."""
+
+    __tablename__ = "heartbeats"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    beat_at: Mapped[datetime]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

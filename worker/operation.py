@@ -90,7 +90,10 @@ def parse_datetime(value: object, field: str) -> datetime:
         raise SchemaError(f"{field}: {value[:40]!r} is not an ISO 8601 date-time") from None
     if parsed.tzinfo is None:
         raise SchemaError(f"{field}: {value[:40]!r} has no time zone")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise SchemaError(f"{field}: {value[:40]!r} is out of range") from None
 
 
 def _count(stats: dict[str, Any], name: str) -> int:
@@ -159,7 +162,11 @@ def _page_token(next_url: str | None) -> str | None:
     """Extract the opaque pageToken from ``pagination.next`` (a URL or a bare token)."""
     if not next_url:
         return None
-    query = parse_qs(urlsplit(next_url).query)
+    try:
+        next_url.encode()  # it goes back into a URL: lone surrogates cannot
+        query = parse_qs(urlsplit(next_url).query)
+    except ValueError:  # a lone surrogate, or "http://[" (a broken IPv6 host)
+        raise SchemaError(f"pagination.next: {next_url[:60]!r} is not a URL or token") from None
     tokens = query.get("pageToken")
     return tokens[0] if tokens else next_url
 

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import (
+    Engine,
+    Integer,
+    Row,
+    String,
+    any_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,6 +32,7 @@ from worker.db import (
     AccountPause,
     HistoryEntry,
     TrackedOperation,
+    UTCDateTime,
 )
 
 
@@ -36,6 +50,20 @@ class Claim:
 
     token: str
     operation_ids: tuple[str, ...]
+    # createdAt of each (when it was tracked, for never-fetched ones), in the same order.
+    created: tuple[datetime, ...] = ()
+
+
+INSERT_BATCH = 1000
+
+
+def _pg_array_type(column_type: Any) -> str:
+    """The PostgreSQL array type for a column of ``tracked_operations``."""
+    if isinstance(column_type, UTCDateTime):
+        return "timestamptz[]"
+    if isinstance(column_type, Integer):
+        return "integer[]"
+    return "text[]"
 
 
 def _insert(session: Session) -> Any:
@@ -54,26 +82,29 @@ class Repository:
         wanted = list(dict.fromkeys(operation_ids))
         if not wanted:
             return TrackResult((), ())
-        stmt = (
-            _insert(self.session)(TrackedOperation)
-            .values(
-                [
-                    {
-                        "id": op_id,
-                        "status": PENDING,
-                        "tracked_at": now,
-                        "next_poll_at": now,
-                        "polls": 0,
-                        "consecutive_errors": 0,
-                        "version": 1,
-                    }
-                    for op_id in wanted
-                ]
+        added: set[str] = set()
+        # Bound parameters per statement are limited (65,535 on PostgreSQL, 32,766 on SQLite).
+        for start in range(0, len(wanted), INSERT_BATCH):
+            stmt = (
+                _insert(self.session)(TrackedOperation)
+                .values(
+                    [
+                        {
+                            "id": op_id,
+                            "status": PENDING,
+                            "tracked_at": now,
+                            "next_poll_at": now,
+                            "polls": 0,
+                            "consecutive_errors": 0,
+                            "version": 1,
+                        }
+                        for op_id in wanted[start : start + INSERT_BATCH]
+                    ]
+                )
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(TrackedOperation.id)
             )
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(TrackedOperation.id)
-        )
-        added = set(self.session.scalars(stmt))
+            added.update(self.session.scalars(stmt))
         return TrackResult(
             added=tuple(i for i in wanted if i in added),
             already_tracked=tuple(i for i in wanted if i not in added),
@@ -115,7 +146,8 @@ class Repository:
         One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
         two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
         database's single write lock, so the second sweep sees the rows no longer due.
-        A worker that dies leaves its rows due again when the lease runs out.
+        A worker that dies leaves its rows due again when the lease runs out. The IDs come back
+        in createdAt order (tracked time for never-fetched ones), for List windows.
         """
         token = str(uuid.uuid4())
         due = (
@@ -134,26 +166,73 @@ class Repository:
             .where(TrackedOperation.id.in_(due.scalar_subquery()))
             .where(TrackedOperation.next_poll_at <= now)
             .values(next_poll_at=now + lease, claim_token=token)
-            .returning(TrackedOperation.id)
+            .returning(
+                TrackedOperation.id,
+                func.coalesce(TrackedOperation.remote_created_at, TrackedOperation.tracked_at),
+            )
             .execution_options(synchronize_session=False)
         )
-        ids = tuple(self.session.scalars(stmt))
-        return Claim(token=token, operation_ids=ids)
+        claimed = sorted(self.session.execute(stmt).all(), key=lambda r: (r[1], r[0]))
+        return Claim(
+            token=token,
+            operation_ids=tuple(op_id for op_id, _ in claimed),
+            created=tuple(created for _, created in claimed),
+        )
 
-    def reschedule(self, operation_ids: Iterable[str], when: datetime, token: str | None) -> int:
-        """Set the next poll of still-claimed operations to ``when`` and release the claim."""
+    def claimed(
+        self, operation_ids: Sequence[str], token: str | None, *, lock: bool = False
+    ) -> Sequence[Row[Any]]:
+        """State of the active rows among ``operation_ids`` still claimed with ``token``
+        (None: any claim), as light Core rows with the columns of ``tracked_operations``.
+
+        With ``lock``, rows are locked for the transaction where the backend can (PostgreSQL),
+        so a duplicated message waits, then finds the claim gone.
+        """
+        table = TrackedOperation.__table__
         ids = list(operation_ids)
-        if not ids:
-            return 0
-        stmt = (
-            update(TrackedOperation)
-            .where(TrackedOperation.id.in_(ids), TrackedOperation.status.in_(ACTIVE_STATES))
-            .values(next_poll_at=when, claim_token=None)
-            .execution_options(synchronize_session=False)
-        )
+        if self.session.get_bind().dialect.name == "postgresql":
+            # One array parameter instead of thousands: = ANY(:ids) binds in microseconds.
+            wanted = table.c.id == any_(cast(ids, postgresql.ARRAY(String)))
+        else:
+            wanted = table.c.id.in_(ids)
+        stmt = select(table).where(wanted, table.c.status.in_(ACTIVE_STATES))
         if token is not None:
-            stmt = stmt.where(TrackedOperation.claim_token == token)
-        return int(self.session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            stmt = stmt.where(table.c.claim_token == token)
+        if lock:
+            stmt = stmt.with_for_update()
+        return self.session.execute(stmt.order_by(table.c.id)).all()
+
+    def update_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Bulk UPDATE by primary key; every dict holds ``id`` and the same other columns.
+
+        PostgreSQL gets one ``UPDATE ... FROM (VALUES ...)`` per batch; elsewhere executemany.
+        """
+        if not rows:
+            return
+        table = TrackedOperation.__table__.c
+        if self.session.get_bind().dialect.name != "postgresql":
+            stmt = (
+                update(TrackedOperation)
+                .where(TrackedOperation.id == bindparam("_id"))
+                .values({k: bindparam(k) for k in rows[0] if k != "id"})
+                .execution_options(synchronize_session=False)
+            )
+            self.session.connection().execute(stmt, [{**r, "_id": r["id"]} for r in rows])
+            return
+        # One statement, one array per column: no per-row statements and no huge SQL text.
+        names = [n for n in rows[0] if n != "id"]
+        arrays = ", ".join(f"CAST(:{n} AS {_pg_array_type(table[n].type)})" for n in ["id", *names])
+        sql = (
+            "UPDATE tracked_operations AS t SET "
+            + ", ".join(f"{n} = v.{n}" for n in names)
+            + f" FROM unnest({arrays}) AS v(id, {', '.join(names)}) WHERE t.id = v.id"
+        )
+        self.session.execute(text(sql), {n: [r[n] for r in rows] for n in ["id", *names]})
+
+    def insert_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Bulk INSERT of history rows (the unique (operation_id, seq) stops duplicates)."""
+        if rows:
+            self.session.execute(insert(HistoryEntry), list(rows))
 
 
 class DbGate:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import random
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 
 DEFAULT_MAX_RETRY_AFTER = 300.0
+# delta-seconds: ASCII digits only ("²".isdigit() is true, and float("²") raises).
+_SECONDS = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]+)?)", re.ASCII)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -22,9 +24,11 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     text = value.strip()
     if not text or len(text) > 64:
         return None
-    if text.lstrip("+-").isdigit() or _is_decimal(text):
-        seconds = float(text)
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    number = _SECONDS.fullmatch(text)
+    if number is not None:
+        if number.group(1) == "-" and float(number.group(2)) > 0:
+            return None
+        return float(number.group(2))
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -32,11 +36,6 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if when.tzinfo is None:  # RFC 9110 HTTP-dates are GMT; parsedate gives naive for "-0000".
         return None
     return max(0.0, (when - now).total_seconds())
-
-
-def _is_decimal(text: str) -> bool:
-    head, dot, tail = text.lstrip("+-").partition(".")
-    return bool(dot) and head.isdigit() and tail.isdigit()
 
 
 @dataclass(frozen=True)

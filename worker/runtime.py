@@ -5,18 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker import notices
 from worker.client import ApiClient, Timeouts
 from worker.clock import Clock, SystemClock
 from worker.db import make_engine, make_sessionmaker
+from worker.metrics import Metrics
+from worker.poller import Poller
 from worker.repository import DbGate
 from worker.retry_after import RetryPolicy
 from worker.settings import Settings, ensure_sqlite_dirs
-from worker.tracking import Poller, PollPolicy
+from worker.tracking import PollPolicy
 
 
 @dataclass
@@ -48,11 +52,23 @@ class Runtime:
 
     @cached_property
     def poll_policy(self) -> PollPolicy:
+        s = self.settings
         return PollPolicy(
-            interval=timedelta(seconds=self.settings.poll_interval),
+            interval=timedelta(seconds=s.poll_interval),
+            max_interval=timedelta(seconds=s.poll_max_interval),
             retry=self.retry_policy,
-            lease=timedelta(seconds=max(60.0, 4 * self.settings.read_timeout)),
+            # Long enough for a message of 1,000 operations to finish, even slowly.
+            lease=timedelta(seconds=max(120.0, 8 * s.read_timeout)),
+            fetch_chunk=s.batch_size,
+            list_threshold=s.list_threshold,
+            pending_lookback=timedelta(seconds=s.pending_lookback),
         )
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        if self.settings.metrics_dir is not None:  # multiprocess mode writes files there
+            Path(self.settings.metrics_dir).mkdir(parents=True, exist_ok=True)
+        return Metrics()
 
     @cached_property
     def client(self) -> ApiClient:
@@ -64,11 +80,14 @@ class Runtime:
             policy=self.retry_policy,
             gate=self.gate,
             clock=self.clock,
+            observer=self.metrics,
         )
 
     @cached_property
     def poller(self) -> Poller:
-        return Poller(self.sessions, self.client, self.poll_policy)
+        # Completion notices go into the outbox in the transaction that ends the operation.
+        on_end = [notices.end_hook] if self.settings.notices_enabled else []
+        return Poller(self.sessions, self.client, self.poll_policy, on_end=on_end)
 
     def close(self) -> None:
         """Release pooled connections."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +16,13 @@ from worker.retry_after import DEFAULT_MAX_RETRY_AFTER
 
 DEFAULT_API_BASE_URL = "https://comms.twilio.com/v1"
 DEFAULT_HOME = Path(".optrack")
+DEFAULT_DISCOVERY_WINDOW = timedelta(days=7)
+LOG_FORMATS = ("text", "json")
+# Not Celery's default queue: optrack's own workers consume that one and would drop the task.
+DEFAULT_NOTIFY_QUEUE = "optrack.notices"
+POLL_STRATEGIES = ("auto", "list", "fetch")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,47 @@ class Settings:
     max_inplace_wait: float = 5.0
     batch_size: int = 50
     allow_insecure_http: bool = False
+    # Polling at scale (README "Scale"): strategy, adaptive cadence, sweep size.
+    poll_strategy: str = "auto"
+    poll_max_interval: float = 120.0
+    list_threshold: int = 5
+    pending_lookback: float = 86400.0
+    max_due_per_tick: int = 20000
+    # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
+    discovery_interval: float | None = None
+    discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
+    notify_task: str | None = None
+    notify_queue: str = DEFAULT_NOTIFY_QUEUE
+    webhook_url: str | None = None
+    webhook_secret: str = field(default="", repr=False)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_dir: str | None = None
+    log_format: str = "text"
+    prune_older_than: timedelta | None = None
 
     @property
     def redacted_token(self) -> str:
         """The auth token as it may appear anywhere: never the token itself."""
         return "***" if self.auth_token else "(unset)"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in a log line."""
+        return tuple(s for s in (self.auth_token, self.webhook_secret) if s)
+
+    @property
+    def notices_enabled(self) -> bool:
+        """True when completion notices have somewhere to go."""
+        return bool(self.notify_task or self.webhook_url)
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain seconds; ValueError otherwise."""
+    match = _DURATION_RE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 90d, 12h, 30m or 45s")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
@@ -64,6 +109,59 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}={raw!r} must be between {minimum} and {maximum}")
     return value
+
+
+def _optional_float(env: Mapping[str, str], name: str, minimum: float) -> float | None:
+    if not env.get(name, "").strip():
+        return None
+    return _float(env, name, 0.0, minimum)
+
+
+def _duration(env: Mapping[str, str], name: str) -> timedelta | None:
+    raw = env.get(name, "")
+    if not raw.strip():
+        return None
+    try:
+        value = parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    if value <= timedelta(0):
+        raise ConfigError(f"{name}={raw!r} must be longer than zero")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
+def _webhook(env: Mapping[str, str]) -> tuple[str | None, str]:
+    url = env.get("OPTRACK_WEBHOOK_URL", "").strip() or None
+    secret = env.get("OPTRACK_WEBHOOK_SECRET", "")
+    if url is None:
+        return None, secret
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"OPTRACK_WEBHOOK_URL={url!r} must be an http(s) URL")
+    if not secret:
+        raise ConfigError("OPTRACK_WEBHOOK_URL is set but OPTRACK_WEBHOOK_SECRET is empty")
+    return url, secret
+
+
+def _metrics(env: Mapping[str, str]) -> tuple[int | None, str | None]:
+    # prometheus_client picks multiprocess mode from this variable when it is first imported.
+    folder = env.get("PROMETHEUS_MULTIPROC_DIR", "").strip() or None
+    if not env.get("OPTRACK_METRICS_PORT", "").strip():
+        return None, folder
+    port = _int(env, "OPTRACK_METRICS_PORT", 0, 1, 65535)
+    if folder is None:
+        raise ConfigError(
+            "OPTRACK_METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: set it to a "
+            "folder the worker can write, so the counts of every worker process add up"
+        )
+    return port, folder
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -95,6 +193,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(env.get("OPTRACK_HOME", str(DEFAULT_HOME)))
     allow_http = env.get("OPTRACK_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
+    webhook_url, webhook_secret = _webhook(env)
+    metrics_port, metrics_dir = _metrics(env)
     return Settings(
         database_url=env.get("OPTRACK_DATABASE_URL") or f"sqlite:///{home / 'optrack.sqlite'}",
         broker_url=env.get("OPTRACK_BROKER_URL") or f"sqla+sqlite:///{home / 'broker.sqlite'}",
@@ -110,7 +210,26 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0, minimum=0.1),
         max_inplace_wait=_float(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0),
         batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50, 1, 1000),
+        poll_strategy=_choice(env, "OPTRACK_POLL_STRATEGY", POLL_STRATEGIES),
+        poll_max_interval=max(
+            _float(env, "OPTRACK_POLL_MAX_INTERVAL", 120.0, minimum=0.5),
+            _float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
+        ),
+        list_threshold=_int(env, "OPTRACK_LIST_THRESHOLD", 5, 1, 1_000_000),
+        pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0, minimum=0.0),
+        max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000, 1, 1_000_000),
         allow_insecure_http=allow_http,
+        discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL", minimum=10.0),
+        discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,
+        notify_task=env.get("OPTRACK_NOTIFY_TASK", "").strip() or None,
+        notify_queue=env.get("OPTRACK_NOTIFY_QUEUE", "").strip() or DEFAULT_NOTIFY_QUEUE,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        metrics_port=metrics_port,
+        metrics_host=env.get("OPTRACK_METRICS_HOST", "").strip() or "127.0.0.1",
+        metrics_dir=metrics_dir,
+        log_format=_choice(env, "OPTRACK_LOG_FORMAT", LOG_FORMATS),
+        prune_older_than=_duration(env, "OPTRACK_PRUNE_OLDER_THAN"),
     )
 
 

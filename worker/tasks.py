@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.signals import worker_process_shutdown
 
-from worker import tracking
+from worker import health, tracking
 from worker.celery_app import app
 from worker.runtime import Runtime
 from worker.settings import load_settings
@@ -43,32 +43,42 @@ def tick() -> dict[str, int]:
     """Claim the operations due now and dispatch their polls in chunks."""
     rt = runtime()
     now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        health.beat_ticked(session, now)  # `optrack health` checks that beat keeps ticking
     paused = rt.gate.paused_until(now)
-    claim = tracking.sweep(
+    sweep = tracking.sweep(
         rt.sessions,
         now,
-        limit=rt.settings.batch_size * 20,
+        limit=rt.settings.max_due_per_tick,
         policy=rt.poll_policy,
         paused_until=paused[0] if paused else None,
+        configured=rt.settings.poll_strategy,
     )
-    ids = list(claim.operation_ids)
-    size = rt.settings.batch_size
     # Sent after the claim committed: a poll never sees a claim that was rolled back.
-    for start in range(0, len(ids), size):
-        poll.delay(ids[start : start + size], claim.token)
-    if ids:
+    for chunk in sweep.chunks:
+        poll.delay(list(chunk.operation_ids), sweep.token, chunk.strategy.value)
+    claimed = len(sweep.operation_ids)
+    if claimed:
+        strategies = sorted({chunk.strategy.value for chunk in sweep.chunks})
         log.info(
-            "tick: %d operation(s) due, %d poll message(s) sent", len(ids), -(-len(ids) // size)
+            "tick: %d operation(s) due, %d poll message(s) sent (%s)",
+            claimed,
+            len(sweep.chunks),
+            "+".join(strategies),
         )
     elif paused:
         log.info("tick: account paused until %s (%s)", paused[0].isoformat(), paused[1])
-    return {"claimed": len(ids)}
+    return {"claimed": claimed}
 
 
 @app.task(name=POLL_TASK, ignore_result=True)
-def poll(operation_ids: list[str], claim_token: str | None = None) -> dict[str, Any]:
-    """Poll the given claimed operations once each."""
-    reports = runtime().poller.poll(operation_ids, claim_token)
+def poll(
+    operation_ids: list[str], claim_token: str | None = None, strategy: str = "fetch"
+) -> dict[str, int]:
+    """Poll the given claimed operations once each, by GET or by List pages."""
+    rt = runtime()
+    reports = rt.poller.poll(operation_ids, claim_token, tracking.Strategy(strategy))
+    rt.metrics.observe_polls(reports)
     return tracking.summarize(reports)
 
 

@@ -1,34 +1,47 @@
-"""What a poll result means for a tracked operation. Knows nothing of Celery or the CLI.
+"""What a poll result means for a tracked operation. Knows nothing of Celery, HTTP or SQL.
 
-Each function takes ``now`` (or a clock): deciding *when* is never hidden behind the wall clock.
+Each decision takes ``now``: deciding *when* is never hidden behind the wall clock. The
+functions return plain dicts of column values so the caller can write many rows in bulk.
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.exc import StaleDataError
 
-from worker.client import ApiClient
-from worker.db import ENDED_STATES, NOT_FOUND, HistoryEntry, TrackedOperation
-from worker.errors import (
-    ApiError,
-    AuthError,
-    OperationNotFound,
-    RetryLater,
-)
+from worker.db import ENDED_STATES, NOT_FOUND
+from worker.errors import ApiError
 from worker.operation import Operation, validate_operation_id
 from worker.repository import Claim, Repository, TrackResult
 from worker.retry_after import RetryPolicy
 
-log = logging.getLogger(__name__)
+
+class Known(Protocol):
+    """What a poll decision reads of a tracked operation (an ORM row or a Core row)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def total(self) -> int | None: ...
+    @property
+    def queued(self) -> int | None: ...
+    @property
+    def created(self) -> int | None: ...
+    @property
+    def failed(self) -> int | None: ...
+    @property
+    def polls(self) -> int: ...
+    @property
+    def consecutive_errors(self) -> int: ...
+    @property
+    def version(self) -> int: ...
 
 
 class Outcome(enum.StrEnum):
@@ -42,13 +55,50 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"  # not ours to poll (claimed by another sweep, or already ended)
 
 
+class Strategy(enum.StrEnum):
+    """How a sweep asks the API: one GET per operation, or List pages over a createdAt window."""
+
+    FETCH = "fetch"
+    LIST = "list"
+
+
 @dataclass(frozen=True)
 class PollPolicy:
-    """How often to poll and how to back off."""
+    """How often to poll, how to back off, and how a sweep is cut into messages."""
 
     interval: timedelta = timedelta(seconds=10)
+    # Adaptive cadence: an operation whose stats stood still for T is next polled after
+    # idle_factor * T, between ``interval`` and ``max_interval``.
+    max_interval: timedelta = timedelta(seconds=120)
+    idle_factor: float = 0.5
     retry: RetryPolicy = RetryPolicy()
     lease: timedelta = timedelta(seconds=120)
+    fetch_chunk: int = 50
+    # A List chunk is cut only between two seconds of createdAt, so windows do not overlap.
+    list_chunk: int = 5000
+    list_threshold: int = 5
+    # A never-fetched operation was created at most this long before it was tracked (else it
+    # falls back to one GET).
+    pending_lookback: timedelta = timedelta(days=1)
+
+    def next_poll(self, now: datetime, last_change: datetime | None) -> datetime:
+        """When to poll an operation again, from how long its stats have stood still."""
+        idle = (now - last_change).total_seconds() if last_change else 0.0
+        wait = min(
+            max(self.interval.total_seconds(), self.idle_factor * idle),
+            self.max_interval.total_seconds(),
+        )
+        return now + timedelta(seconds=wait)
+
+    def choose(self, configured: str, due: int) -> Strategy:
+        """The strategy for a sweep of ``due`` operations (``auto``: List from a threshold)."""
+        if configured != "auto":
+            return Strategy(configured)
+        return Strategy.LIST if due >= self.list_threshold else Strategy.FETCH
+
+    def chunk_size(self, strategy: Strategy) -> int:
+        """Operation IDs per poll message."""
+        return self.list_chunk if strategy is Strategy.LIST else self.fetch_chunk
 
 
 @dataclass(frozen=True)
@@ -59,6 +109,27 @@ class PollReport:
     outcome: Outcome
     next_poll_at: datetime | None = None
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The operations of one poll message and how to ask for them."""
+
+    strategy: Strategy
+    operation_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One tick's work: claimed operations cut into messages."""
+
+    token: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def operation_ids(self) -> tuple[str, ...]:
+        """Every claimed operation."""
+        return tuple(i for chunk in self.chunks for i in chunk.operation_ids)
 
 
 def track(
@@ -76,19 +147,65 @@ def sweep(
     limit: int,
     policy: PollPolicy,
     paused_until: datetime | None,
-) -> Claim:
-    """Claim the operations due at ``now``; nothing while the account is paused."""
+    configured: str = "auto",
+) -> Sweep:
+    """Claim the operations due at ``now`` (none while the account is paused) and cut them up.
+
+    Chunks follow createdAt order, so a List window per chunk covers few untracked operations;
+    a chunk too small for List (the tail of a sweep) is fetched by GET under ``auto``.
+    """
     if paused_until is not None and paused_until > now:
-        return Claim(token="", operation_ids=())
+        return Sweep("", ())
     with sessions.begin() as session:
-        return Repository(session).claim_due(now, limit, policy.lease)
+        claim: Claim = Repository(session).claim_due(now, limit, policy.lease)
+    strategy = policy.choose(configured, len(claim.operation_ids))
+    parts = _cut(claim, policy.chunk_size(strategy), by_second=strategy is Strategy.LIST)
+    return Sweep(claim.token, tuple(Chunk(policy.choose(configured, len(p)), p) for p in parts))
 
 
-def apply_observation(
-    row: TrackedOperation, op: Operation, now: datetime, policy: PollPolicy
-) -> bool:
-    """Copy a fetched state into ``row``; return True if it differs from what was known."""
+def _cut(claim: Claim, size: int, by_second: bool) -> list[tuple[str, ...]]:
+    """Cut the claimed IDs into parts of about ``size``; with ``by_second``, never inside one
+    second of createdAt (List windows have whole-second bounds)."""
+    parts: list[tuple[str, ...]] = []
+    current: list[str] = []
+    previous: datetime | None = None
+    for op_id, created in zip(claim.operation_ids, claim.created, strict=True):
+        second = created.replace(microsecond=0)
+        if len(current) >= size and (not by_second or second != previous):
+            parts.append(tuple(current))
+            current = []
+        current.append(op_id)
+        previous = second
+    if current:
+        parts.append(tuple(current))
+    return parts
+
+
+def observation(
+    row: Known, op: Operation, now: datetime, policy: PollPolicy
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The row's new values after ``op`` was seen, and its history row if anything changed."""
     stats = op.stats
+    values: dict[str, Any] = {
+        "id": row.id,
+        "status": op.status.value,
+        "total": stats.total,
+        "queued": stats.queued,
+        "created": stats.created,
+        "failed": stats.failed,
+        "remote_created_at": op.created_at,
+        "remote_updated_at": op.updated_at,
+        "last_polled_at": now,
+        "polls": row.polls + 1,
+        "consecutive_errors": 0,
+        "last_error": None,
+        "claim_token": None,
+        "version": row.version + 1,
+    }
+    if op.status.value in ENDED_STATES:
+        values["ended_at"] = op.updated_at
+    else:
+        values["next_poll_at"] = policy.next_poll(now, op.updated_at)
     changed = (row.status, row.total, row.queued, row.created, row.failed) != (
         op.status.value,
         stats.total,
@@ -96,177 +213,55 @@ def apply_observation(
         stats.created,
         stats.failed,
     )
-    row.status = op.status.value
-    row.total, row.queued, row.created, row.failed = (
-        stats.total,
-        stats.queued,
-        stats.created,
-        stats.failed,
-    )
-    row.remote_created_at = op.created_at
-    row.remote_updated_at = op.updated_at
-    row.last_polled_at = now
-    row.polls += 1
-    row.consecutive_errors = 0
-    row.last_error = None
-    row.claim_token = None
-    if row.status in ENDED_STATES:
-        row.ended_at = op.updated_at
-    else:
-        row.next_poll_at = now + policy.interval
-    return changed
+    if not changed:
+        return values, None
+    history = {
+        "operation_id": row.id,
+        "seq": values["version"],
+        "observed_at": now,
+        "remote_updated_at": op.updated_at,
+        "status": op.status.value,
+        "total": stats.total,
+        "queued": stats.queued,
+        "created": stats.created,
+        "failed": stats.failed,
+    }
+    return values, history
 
 
-def _history_row(row: TrackedOperation, now: datetime) -> HistoryEntry:
-    assert row.remote_updated_at is not None
-    return HistoryEntry(
-        operation_id=row.id,
-        seq=row.version,
-        observed_at=now,
-        remote_updated_at=row.remote_updated_at,
-        status=row.status,
-        total=row.total or 0,
-        queued=row.queued or 0,
-        created=row.created or 0,
-        failed=row.failed or 0,
-    )
+def not_found(row: Known, now: datetime, detail: str) -> dict[str, Any]:
+    """The row's new values after a 404: tracking ends as NOT_FOUND."""
+    return {
+        "id": row.id,
+        "status": NOT_FOUND,
+        "ended_at": now,
+        "last_polled_at": now,
+        "polls": row.polls + 1,
+        "last_error": detail[:1000],
+        "claim_token": None,
+        "version": row.version + 1,
+    }
 
 
-class Poller:
-    """Polls claimed operations through the client and records what it learns."""
-
-    def __init__(
-        self, sessions: sessionmaker[Session], client: ApiClient, policy: PollPolicy
-    ) -> None:
-        self.sessions = sessions
-        self.client = client
-        self.policy = policy
-
-    def poll(self, operation_ids: Sequence[str], token: str | None) -> list[PollReport]:
-        """Poll each operation still claimed with ``token`` (None: poll regardless of claim)."""
-        reports: list[PollReport] = []
-        for index, op_id in enumerate(operation_ids):
-            if not self._still_ours(op_id, token):
-                reports.append(PollReport(op_id, Outcome.SKIPPED))
-                continue
-            try:
-                op = self.client.fetch(op_id)
-            except RetryLater as exc:
-                reports += self._defer(operation_ids[index:], exc.not_before, token, exc.reason)
-                break
-            except AuthError as exc:
-                paused = self.client.gate.paused_until(self.client.clock.now())
-                until = paused[0] if paused else self.client.clock.now() + self.policy.interval
-                log.error("credentials rejected, polling paused until %s: %s", until, exc)
-                reports += self._defer(operation_ids[index:], until, token, str(exc))
-                break
-            except OperationNotFound as exc:
-                reports.append(self._end_not_found(op_id, token, str(exc)))
-            except ApiError as exc:
-                reports.append(self._record_error(op_id, token, exc))
-            else:
-                reports.append(self._record(op, token))
-        return reports
-
-    def _still_ours(self, op_id: str, token: str | None) -> bool:
-        with self.sessions() as session:
-            row = Repository(session).get(op_id)
-            if row is None or row.status in ENDED_STATES:
-                return False
-            return token is None or row.claim_token == token
-
-    def _locked_row(
-        self, session: Session, op_id: str, token: str | None
-    ) -> TrackedOperation | None:
-        row = Repository(session).get_for_update(op_id)
-        if row is None or row.status in ENDED_STATES:
-            return None
-        if token is not None and row.claim_token != token:
-            return None
-        return row
-
-    def _record(self, op: Operation, token: str | None) -> PollReport:
-        now = self.client.clock.now()
-        try:
-            with self.sessions.begin() as session:
-                row = self._locked_row(session, op.id, token)
-                if row is None:
-                    return PollReport(op.id, Outcome.SKIPPED)
-                changed = apply_observation(row, op, now, self.policy)
-                session.flush()  # bumps row.version: the history row's seq
-                if changed:
-                    session.add(_history_row(row, now))
-                next_poll = None if row.status in ENDED_STATES else row.next_poll_at
-        except (StaleDataError, IntegrityError):
-            # Another poll of the same operation committed first; its row stands.
-            log.info("poll of %s lost a race with another poll; nothing written", op.id)
-            return PollReport(op.id, Outcome.SKIPPED)
-        log.info(
-            "polled %s: %s total=%d queued=%d created=%d failed=%d%s",
-            op.id,
-            op.status.value,
-            op.stats.total,
-            op.stats.queued,
-            op.stats.created,
-            op.stats.failed,
-            "" if changed else " (no change)",
-        )
-        return PollReport(op.id, Outcome.CHANGED if changed else Outcome.UNCHANGED, next_poll)
-
-    def _end_not_found(self, op_id: str, token: str | None, detail: str) -> PollReport:
-        now = self.client.clock.now()
-        with self.sessions.begin() as session:
-            row = self._locked_row(session, op_id, token)
-            if row is None:
-                return PollReport(op_id, Outcome.SKIPPED)
-            row.status = NOT_FOUND
-            row.ended_at = now
-            row.last_polled_at = now
-            row.polls += 1
-            row.last_error = detail[:1000]
-            row.claim_token = None
-        log.warning("%s: the API says it does not exist; tracking ended as NOT_FOUND", op_id)
-        return PollReport(op_id, Outcome.NOT_FOUND, None, detail)
-
-    def _record_error(self, op_id: str, token: str | None, exc: ApiError) -> PollReport:
-        now = self.client.clock.now()
-        with self.sessions.begin() as session:
-            row = self._locked_row(session, op_id, token)
-            if row is None:
-                return PollReport(op_id, Outcome.SKIPPED)
-            row.consecutive_errors += 1
-            row.polls += 1
-            row.last_polled_at = now
-            row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
-            wait = max(
-                self.policy.interval.total_seconds(),
-                self.policy.retry.backoff(row.consecutive_errors),
-            )
-            row.next_poll_at = now + timedelta(seconds=wait)
-            row.claim_token = None
-            errors = row.consecutive_errors
-            next_poll = row.next_poll_at
-        log.warning(
-            "%s: poll failed (%s, %d in a row); next poll at %s",
-            op_id,
-            exc,
-            errors,
-            next_poll.isoformat(),
-        )
-        return PollReport(op_id, Outcome.ERROR, next_poll, str(exc))
-
-    def _defer(
-        self, op_ids: Sequence[str], until: datetime, token: str | None, reason: str
-    ) -> list[PollReport]:
-        with self.sessions.begin() as session:
-            Repository(session).reschedule(op_ids, until, token)
-        log.info("account paused until %s (%s); %d poll(s) deferred", until, reason, len(op_ids))
-        return [PollReport(op_id, Outcome.DEFERRED, until, reason) for op_id in op_ids]
+def failure(row: Known, error: ApiError, now: datetime, policy: PollPolicy) -> dict[str, Any]:
+    """The row's new values after a failed poll: count it and back off this operation."""
+    errors = row.consecutive_errors + 1
+    wait = max(policy.interval.total_seconds(), policy.retry.backoff(errors))
+    return {
+        "id": row.id,
+        "consecutive_errors": errors,
+        "polls": row.polls + 1,
+        "last_polled_at": now,
+        "last_error": f"{type(error).__name__}: {error}"[:1000],
+        "next_poll_at": now + timedelta(seconds=wait),
+        "claim_token": None,
+        "version": row.version + 1,
+    }
 
 
-def summarize(reports: Sequence[PollReport]) -> dict[str, Any]:
+def summarize(reports: Sequence[PollReport]) -> dict[str, int]:
     """Counts per outcome, for task results and logs."""
-    counts: dict[str, Any] = {outcome.value: 0 for outcome in Outcome}
+    counts = {outcome.value: 0 for outcome in Outcome}
     for report in reports:
         counts[report.outcome.value] += 1
     return counts

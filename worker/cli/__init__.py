@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import click
 
-from worker.cli import service_cmds, tracking_cmds
+from worker.cli import ops_cmds, report_cmds, service_cmds, tracking_cmds
 from worker.cli.common import pass_runtime  # noqa: F401  (re-exported for command modules)
 from worker.errors import ConfigError, OptrackError
 
@@ -18,7 +18,12 @@ def cli() -> None:
     """Track Twilio Comms SenderPool operations to the end and keep their stats history."""
 
 
-for command in (*tracking_cmds.COMMANDS, *service_cmds.COMMANDS):
+for command in (
+    *tracking_cmds.COMMANDS,
+    *report_cmds.COMMANDS,
+    *service_cmds.COMMANDS,
+    *ops_cmds.COMMANDS,
+):
     cli.add_command(command)
 
 

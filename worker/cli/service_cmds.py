@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
+from worker import retention
 from worker.cli.common import ensure_schema, get_runtime
+from worker.cli.ops_cmds import DURATION
 from worker.migrate import upgrade
 
 
@@ -20,6 +24,28 @@ def db_upgrade(revision: str) -> None:
     rt = get_runtime(click.get_current_context())
     upgrade(rt.settings.database_url, revision)
     click.echo(f"database at revision {revision}")
+
+
+@db.command("prune")
+@click.option(
+    "--older-than",
+    type=DURATION,
+    required=True,
+    help="Drop the history of operations that ended longer ago than this (e.g. 90d).",
+)
+@click.option(
+    "--batch-size",
+    default=retention.DEFAULT_BATCH,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Rows deleted per transaction.",
+)
+def db_prune(older_than: timedelta, batch_size: int) -> None:
+    """Delete old history, keeping each operation's row and its last history row."""
+    rt = get_runtime(click.get_current_context())
+    ensure_schema(rt)
+    result = retention.prune(rt.sessions, rt.clock.now() - older_than, batch_size)
+    click.echo(result.summary())
 
 
 @click.command()

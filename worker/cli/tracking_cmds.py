@@ -1,4 +1,4 @@
-"""`optrack track`, `status`, `history`: enqueue IDs and read back what is known."""
+"""`optrack track`, `status`: enqueue IDs and read back what is known (history: report_cmds)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import click
 from worker import tracking
 from worker.cli.common import ensure_schema, get_runtime, usage_error
 from worker.cli.render import (
-    HISTORY_FIELDS,
     OPERATION_FIELDS,
     console,
-    history_record,
-    history_table,
     operation_record,
     pause_line,
     status_table,
-    to_csv,
     to_json,
 )
+from worker.cli.report_cmds import DEFAULT_WATCH_INTERVAL, follow
 from worker.errors import InvalidOperationId
 from worker.operation import validate_operation_id
 from worker.repository import Repository
@@ -38,7 +35,8 @@ def read_ids(args: tuple[str, ...]) -> list[str]:
 
 @click.command()
 @click.argument("operation_ids", nargs=-1, required=True, metavar="ID... | -")
-def track(operation_ids: tuple[str, ...]) -> None:
+@click.option("--wait", is_flag=True, help="Then show progress bars until they all end.")
+def track(operation_ids: tuple[str, ...], wait: bool) -> None:
     """Start tracking operation IDs (`-` reads them from stdin); invalid IDs write nothing."""
     ids = read_ids(operation_ids)
     if not ids:
@@ -58,6 +56,8 @@ def track(operation_ids: tuple[str, ...]) -> None:
         click.echo(f"tracking {op_id}")
     for op_id in result.already_tracked:
         click.echo(f"already tracked {op_id} (nothing to do)")
+    if wait:
+        follow(rt, list(dict.fromkeys(ids)), DEFAULT_WATCH_INTERVAL)
 
 
 @click.command()
@@ -88,36 +88,5 @@ def status(as_json: bool) -> None:
     out.print(status_table(rows))
 
 
-@click.command()
-@click.argument("operation_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header row.")
-def history(operation_id: str, as_json: bool, as_csv: bool) -> None:
-    """Show the recorded stats history of one operation."""
-    if as_json and as_csv:
-        raise usage_error("choose one of --json and --csv")
-    try:
-        validate_operation_id(operation_id)
-    except InvalidOperationId as exc:
-        raise usage_error(str(exc)) from None
-    rt = get_runtime(click.get_current_context())
-    ensure_schema(rt)
-    with rt.sessions() as session:
-        repo = Repository(session)
-        row = repo.get(operation_id)
-        if row is None:
-            raise usage_error(
-                f"{operation_id} is not tracked; see `optrack status` for tracked IDs"
-            )
-        entries = repo.history(operation_id)
-    records = [history_record(e) for e in entries]
-    if as_json:
-        click.echo(to_json({"operation": operation_record(row), "history": records}))
-    elif as_csv:
-        click.echo(to_csv(records, HISTORY_FIELDS), nl=False)
-    else:
-        console().print(history_table(operation_id, entries))
-
-
-COMMANDS = (track, status, history)
+COMMANDS = (track, status)
 __all__ = ["COMMANDS", "OPERATION_FIELDS"]

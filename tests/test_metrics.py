@@ -1,0 +1,217 @@
+"""Prometheus metrics, scraped from the real HTTP endpoint after known polls, on SQLite and
+PostgreSQL; counters added up across processes (multiprocess mode), gauges from the database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.conftest import SID, TOKEN
+from worker.client import ApiClient, Timeouts
+from worker.clock import FakeClock
+from worker.metrics import Metrics, MetricsServer, build_registry, serve
+from worker.poller import Poller
+from worker.repository import DbGate, Repository
+from worker.retry_after import RetryPolicy
+from worker.sandbox import Fault, SandboxServer
+from worker.tracking import PollPolicy
+
+MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
+POLICY = PollPolicy(interval=timedelta(seconds=10), max_interval=timedelta(seconds=10))
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    response.raise_for_status()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[MetricsServer]]:
+    started: list[MetricsServer] = []
+    yield started
+    for server in started:
+        server.close()
+
+
+def test_values_after_a_known_sequence_of_polls(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    db_gate: DbGate,
+    clock: FakeClock,
+    servers: list[MetricsServer],
+) -> None:
+    moving = sandbox.add_operation(total=10, duration=3600)
+    broken = sandbox.add_operation(total=10, duration=3600)
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="2", match=moving.id))
+    sandbox.add_fault(Fault(kind="status", status=500, match=broken.id))
+    metrics = Metrics()
+    client = ApiClient(
+        sandbox.base_url,
+        SID,
+        TOKEN,
+        timeouts=Timeouts(2, 2),
+        policy=RetryPolicy(max_inplace_wait=5),
+        gate=db_gate,
+        clock=clock,
+        observer=metrics,
+    )
+    start = clock.now()
+    with sessions.begin() as session:
+        Repository(session).add([moving.id, broken.id, MISSING], start)
+    registry = build_registry(sessions, clock, multiproc_dir=None, local=metrics)
+    servers.append(serve(registry, "127.0.0.1", 0))
+    port = servers[0].port
+
+    before = scrape(port)
+    assert value(before, "optrack_operations", status="PENDING") == 3
+    assert value(before, "optrack_poll_lag_seconds") == 0
+    assert value(before, "optrack_api_responses_total", endpoint="fetch", code="200") == 0
+
+    reports = Poller(sessions, client, POLICY).poll([moving.id, broken.id, MISSING], None)
+    metrics.observe_polls(reports)  # what the poll task does with the reports
+    client.close()
+    assert clock.now() == start + timedelta(seconds=2)  # the 429's pause, waited in place
+    clock.advance(100)  # both active operations were due at start + 12 s: 90 s overdue
+
+    after = scrape(port)
+    for code, count in (("200", 1), ("429", 1), ("500", 1), ("404", 1)):
+        assert value(after, "optrack_api_responses_total", endpoint="fetch", code=code) == count
+    assert value(after, "optrack_account_pauses_total", code="429") == 1
+    assert value(after, "optrack_account_pause_seconds_count") == 1
+    assert value(after, "optrack_account_pause_seconds_sum") == 2.0
+    assert value(after, "optrack_account_pause_seconds_bucket", le="1.0") == 0
+    assert value(after, "optrack_account_pause_seconds_bucket", le="2.0") == 1
+    assert value(after, "optrack_polls_total", outcome="changed") == 1
+    assert value(after, "optrack_polls_total", outcome="error") == 1
+    assert value(after, "optrack_polls_total", outcome="not_found") == 1
+    assert value(after, "optrack_polls_total", outcome="unchanged") == 0
+    assert value(after, "optrack_history_rows_written_total") == 1
+    assert value(after, "optrack_operations", status="PROCESSING") == 1
+    assert value(after, "optrack_operations", status="PENDING") == 1
+    assert value(after, "optrack_operations", status="NOT_FOUND") == 1
+    assert value(after, "optrack_operations", status="COMPLETED") == 0
+    assert value(after, "optrack_poll_lag_seconds") == 90.0
+    assert value(after, "optrack_notices_pending") == 0
+    assert value(after, "optrack_database_up") == 1
+
+
+COUNTING_PROCESS = """
+from worker.metrics import Metrics
+m = Metrics()
+for _ in range(5):
+    m.answered("fetch", 200)
+m.answered("list", None)
+m.paused(30.0, 503)
+"""
+
+
+def test_counters_add_up_across_processes(
+    sessions: sessionmaker[Session],
+    clock: FakeClock,
+    tmp_path: Path,
+    servers: list[MetricsServer],
+) -> None:
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    for _ in range(3):  # three worker processes, one after the other
+        subprocess.run([sys.executable, "-c", COUNTING_PROCESS], env=env, check=True, timeout=60)
+    registry = build_registry(sessions, clock, multiproc_dir=str(folder))
+    servers.append(serve(registry, "127.0.0.1", 0))
+
+    samples = scrape(servers[0].port)
+    assert value(samples, "optrack_api_responses_total", endpoint="fetch", code="200") == 15
+    assert value(samples, "optrack_api_responses_total", endpoint="list", code="none") == 3
+    assert value(samples, "optrack_account_pauses_total", code="503") == 3
+    assert value(samples, "optrack_account_pause_seconds_sum") == 90.0
+    assert value(samples, "optrack_operations", status="PENDING") == 0  # still from the DB
+
+
+def test_a_database_that_does_not_answer_is_reported(
+    clock: FakeClock, tmp_path: Path, servers: list[MetricsServer]
+) -> None:
+    from worker.db import make_engine, make_sessionmaker
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'missing' / 'no.sqlite'}")
+    registry = build_registry(make_sessionmaker(engine), clock, multiproc_dir=None)
+    servers.append(serve(registry, "127.0.0.1", 0))
+    samples = scrape(servers[0].port)
+    assert value(samples, "optrack_database_up") == 0
+    engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_real_worker_with_two_processes_serves_them(
+    sqlite_url: str, sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    ops = [sandbox.add_operation(total=5, duration=3600).id for _ in range(4)]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(
+        OPTRACK_HOME=str(tmp_path / "home"),
+        OPTRACK_DATABASE_URL=sqlite_url,
+        OPTRACK_API_BASE_URL=sandbox.base_url,
+        OPTRACK_TICK_INTERVAL="0.5",
+        OPTRACK_POLL_INTERVAL="0.5",
+        OPTRACK_BATCH_SIZE="1",
+        OPTRACK_METRICS_PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
+        TWILIO_ACCOUNT_SID=SID,
+        TWILIO_AUTH_TOKEN=TOKEN,
+    )
+    track = [sys.executable, "-m", "worker", "track", *ops]
+    subprocess.run(track, env=env, check=True, timeout=60, capture_output=True)
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--concurrency", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        samples: Samples = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # waits for start-up, asserts nothing on time
+            try:
+                samples = scrape(port)
+            except requests.ConnectionError:
+                samples = {}
+            fetched = value(samples, "optrack_api_responses_total", endpoint="fetch", code="200")
+            if fetched >= 8 and value(samples, "optrack_operations", status="PROCESSING") == 4:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no polls counted; see {tmp_path / 'worker.log'}: {samples}")
+        pids = {p.name.split("_")[-1] for p in (tmp_path / "prom").glob("counter_*.db")}
+        assert len(pids) >= 2, "both pool processes counted"
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        log.close()

@@ -1,0 +1,127 @@
+"""`optrack discover` and `optrack health`: the operations commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker import discovery, health
+from worker.cli.common import ensure_schema, get_runtime
+from worker.runtime import Runtime
+from worker.settings import parse_duration
+
+DEFAULT_WINDOW = "7d"
+DEFAULT_MAX_LAG = "5m"
+DEFAULT_MAX_BEAT_AGE = "1m"
+EXIT_UNHEALTHY = 1
+
+
+class Duration(click.ParamType[timedelta]):
+    """A duration such as 90d, 12h, 30m, 45s or plain seconds."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+@click.command()
+@click.option(
+    "--window",
+    type=DURATION,
+    default=DEFAULT_WINDOW,
+    show_default=True,
+    help="Look at operations created this long ago or later.",
+)
+@click.option("--page-size", default=1000, show_default=True, type=click.IntRange(1, 1000))
+def discover(window: timedelta, page_size: int) -> None:
+    """Track every PROCESSING operation of the account (one run; exit 1 if it stopped early)."""
+    rt = get_runtime(click.get_current_context())
+    ensure_schema(rt)
+    result = discovery.discover(rt.sessions, rt.client, rt.clock.now(), window, page_size=page_size)
+    for op_id in result.added:
+        click.echo(f"tracking {op_id}")
+    if result.complete:
+        click.echo(result.summary())
+        return
+    click.echo(result.summary(), err=True)
+    sys.exit(1)
+
+
+def _db_problem(rt: Runtime) -> str | None:
+    try:
+        if not inspect(rt.engine).has_table("heartbeats"):
+            return "the database is not migrated to this version; run `optrack db upgrade`"
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0]
+        return f"the database does not answer: {reason}"
+    return None
+
+
+@click.command("health")
+@click.option(
+    "--max-lag",
+    type=DURATION,
+    default=DEFAULT_MAX_LAG,
+    show_default=True,
+    help="Unhealthy if a due poll is later than this.",
+)
+@click.option(
+    "--max-beat-age",
+    type=DURATION,
+    default=DEFAULT_MAX_BEAT_AGE,
+    show_default=True,
+    help="Unhealthy if beat's tick last ran longer ago than this.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def health_cmd(max_lag: timedelta, max_beat_age: timedelta, as_json: bool) -> None:
+    """Exit 0 if beat ticks, polls are on time and the credentials work; else 1 and why."""
+    rt = get_runtime(click.get_current_context())
+    problem = _db_problem(rt)
+    if problem is not None:
+        click.echo(f"unhealthy: {problem}", err=True)
+        sys.exit(EXIT_UNHEALTHY)
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        report = health.check(
+            session,
+            now,
+            account_sid=rt.settings.account_sid,
+            max_beat_age=max_beat_age,
+            max_lag=max_lag,
+        )
+    if as_json:
+        facts = {
+            "ok": report.ok,
+            "beat_at": None if report.beat_at is None else report.beat_at.isoformat(),
+            "lag_seconds": report.lag,
+            "problems": list(report.problems),
+        }
+        click.echo(json.dumps(facts, indent=2))
+    if not report.ok:
+        for line in report.problems:
+            click.echo(f"unhealthy: {line}", err=True)
+        sys.exit(EXIT_UNHEALTHY)
+    if not as_json:
+        assert report.beat_at is not None
+        age = (now - report.beat_at).total_seconds()
+        click.echo(f"ok: beat ticked {age:.0f}s ago, polling lag {report.lag:.0f}s")
+
+
+COMMANDS = (discover, health_cmd)

@@ -1,0 +1,91 @@
+"""Discovery: list the account's PROCESSING operations and start tracking the new ones.
+
+Knows nothing of Celery or the CLI. A pause of the account (409/429/503 past what may be waited
+in place) or another API failure stops the listing, but what was found before it is kept: the
+result says "stopped early", and when the pause ends (``not_before``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.client import ApiClient
+from worker.errors import ApiError, RetryLater
+from worker.operation import Status
+from worker.repository import Repository
+
+log = logging.getLogger(__name__)
+# Rows per INSERT: keeps SQLite under its limit of bound parameters per statement.
+INSERT_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class DiscoveryResult:
+    """What one discovery run found and started tracking."""
+
+    seen: int  # PROCESSING operations listed (before a stop, if any)
+    added: tuple[str, ...]  # IDs tracked by this run
+    already_tracked: int
+    stopped_early: str | None = None  # why the listing stopped before its last page
+    not_before: datetime | None = None  # set when a pause of the account stopped it
+
+    @property
+    def complete(self) -> bool:
+        """True if every page was read."""
+        return self.stopped_early is None
+
+    def summary(self) -> str:
+        """One line for humans and logs."""
+        line = (
+            f"{self.seen} PROCESSING operation(s) listed: {len(self.added)} newly tracked, "
+            f"{self.already_tracked} already tracked"
+        )
+        if self.not_before is not None:
+            return f"{line}; stopped early, not before {self.not_before.isoformat()}"
+        if self.stopped_early is not None:
+            return f"{line}; stopped early: {self.stopped_early}"
+        return line
+
+
+def discover(
+    sessions: sessionmaker[Session],
+    client: ApiClient,
+    now: datetime,
+    window: timedelta,
+    *,
+    page_size: int = 1000,
+) -> DiscoveryResult:
+    """Track every PROCESSING operation created in the last ``window``; idempotent."""
+    found: list[str] = []
+    stopped: str | None = None
+    not_before: datetime | None = None
+    try:
+        for op in client.iter_operations(
+            status=Status.PROCESSING, start_date=now - window, page_size=page_size
+        ):
+            found.append(op.id)
+    except RetryLater as exc:
+        stopped, not_before = exc.reason, exc.not_before
+    except ApiError as exc:
+        stopped = str(exc)
+    ids = list(dict.fromkeys(found))
+    added: list[str] = []
+    with sessions.begin() as session:
+        repo = Repository(session)
+        for start in range(0, len(ids), INSERT_CHUNK):
+            added.extend(repo.add(ids[start : start + INSERT_CHUNK], now).added)
+    result = DiscoveryResult(
+        seen=len(ids),
+        added=tuple(added),
+        already_tracked=len(ids) - len(added),
+        stopped_early=stopped,
+        not_before=not_before,
+    )
+    for op_id in result.added:
+        log.info("discovered %s; tracking it", op_id, extra={"operation_id": op_id})
+    (log.info if result.complete else log.warning)("discovery: %s", result.summary())
+    return result

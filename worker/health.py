@@ -1,0 +1,111 @@
+"""Is optrack working? Beat's heartbeat, the polling lag and rejected credentials, from the DB.
+
+``beat_ticked`` is called by the tick task; ``check`` is what `optrack health` and the metrics
+read. Every function takes ``now``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, TrackedOperation
+
+BEAT = "beat"
+AUTH_STATUSES = (401, 403)
+
+
+def beat_ticked(session: Session, now: datetime) -> None:
+    """Record that beat's tick ran at ``now`` (in the caller's transaction)."""
+    insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+    stmt = insert(Heartbeat).values(name=BEAT, beat_at=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"],
+        set_={"beat_at": stmt.excluded.beat_at},
+        # A late, redelivered tick never moves the heartbeat back.
+        where=Heartbeat.beat_at < stmt.excluded.beat_at,
+    )
+    session.execute(stmt)
+
+
+def last_beat(session: Session) -> datetime | None:
+    """When beat's tick last ran, or None if it never did."""
+    row = session.get(Heartbeat, BEAT)
+    return None if row is None else row.beat_at
+
+
+def poll_lag(session: Session, now: datetime) -> float:
+    """Seconds the most overdue poll of an active operation is late at ``now`` (0 if none)."""
+    oldest = session.scalar(
+        select(func.min(TrackedOperation.next_poll_at)).where(
+            TrackedOperation.status.in_(ACTIVE_STATES)
+        )
+    )
+    if oldest is None:
+        return 0.0
+    return max(0.0, (now - oldest).total_seconds())
+
+
+def operation_counts(session: Session) -> dict[str, int]:
+    """How many tracked operations are in each status."""
+    stmt = select(TrackedOperation.status, func.count()).group_by(TrackedOperation.status)
+    return {status: int(count) for status, count in session.execute(stmt)}
+
+
+def credentials_rejected(session: Session, account_sid: str, now: datetime) -> AccountPause | None:
+    """The account pause caused by a 401/403, while it still runs."""
+    row = session.get(AccountPause, account_sid)
+    if row is not None and row.status_code in AUTH_STATUSES and row.paused_until > now:
+        return row
+    return None
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """The facts `optrack health` judged, and what is wrong (empty when healthy)."""
+
+    beat_at: datetime | None
+    lag: float
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return not self.problems
+
+
+def check(
+    session: Session,
+    now: datetime,
+    *,
+    account_sid: str,
+    max_beat_age: timedelta,
+    max_lag: timedelta,
+) -> HealthReport:
+    """Judge beat's last tick, the polling lag and the credentials at ``now``."""
+    problems: list[str] = []
+    beat_at = last_beat(session)
+    if beat_at is None:
+        problems.append("beat has never ticked (is `celery beat` running, and a worker?)")
+    elif now - beat_at > max_beat_age:
+        age = (now - beat_at).total_seconds()
+        problems.append(
+            f"beat last ticked {age:.0f}s ago at {beat_at.isoformat()} "
+            f"(more than {max_beat_age.total_seconds():.0f}s)"
+        )
+    lag = poll_lag(session, now)
+    if lag > max_lag.total_seconds():
+        problems.append(
+            f"polling lags {lag:.0f}s behind schedule (more than {max_lag.total_seconds():.0f}s)"
+        )
+    rejected = credentials_rejected(session, account_sid, now)
+    if rejected is not None:
+        problems.append(
+            f"credentials rejected (HTTP {rejected.status_code}) at "
+            f"{rejected.updated_at.isoformat()}: {rejected.reason}"
+        )
+    return HealthReport(beat_at, lag, tuple(problems))

@@ -1,0 +1,219 @@
+"""Prometheus metrics: counters counted where things happen, gauges read from the database.
+
+Counters (API answers, pauses, polls, history rows, notices) live in a ``Metrics`` object, one
+per process, injected where they are counted (the API client takes it as its observer). With
+several worker processes, prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
+keeps each process's counts in a file of that folder and the scrape adds them up. Gauges
+(operations by status, polling lag, pending notices, beat's last tick) are read from the
+database at scrape time, so every process and every machine reports the same truth.
+The worker's main process serves both on ``OPTRACK_METRICS_HOST:OPTRACK_METRICS_PORT``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from worker import health
+from worker.clock import Clock, SystemClock
+from worker.db import ALL_STATES, Notice, make_engine, make_sessionmaker
+from worker.settings import Settings
+from worker.tracking import Outcome, PollReport
+
+log = logging.getLogger(__name__)
+PAUSE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+class Metrics:
+    """The counters of one process; also the ``ApiObserver`` of its API client."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.api_responses = Counter(
+            "optrack_api_responses",
+            "API requests by endpoint (fetch, list) and HTTP status code (none: no answer)",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.pauses = Counter(
+            "optrack_account_pauses",
+            "Account pauses after a 409/429/503, by status code",
+            ["code"],
+            registry=r,
+        )
+        self.pause_seconds = Histogram(
+            "optrack_account_pause_seconds",
+            "Length of each account pause (Retry-After, or backoff without one)",
+            buckets=PAUSE_BUCKETS,
+            registry=r,
+        )
+        self.polls = Counter(
+            "optrack_polls", "Polls of one operation, by outcome", ["outcome"], registry=r
+        )
+        self.history_rows = Counter(
+            "optrack_history_rows_written", "Operation history rows written", registry=r
+        )
+        self.discovered = Counter(
+            "optrack_discovered_operations",
+            "Operations that discovery started tracking",
+            registry=r,
+        )
+        self.notices = Counter(
+            "optrack_notice_deliveries",
+            "Completion notice delivery attempts, by result (delivered, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.pruned = Counter(
+            "optrack_history_rows_pruned", "History rows deleted by retention", registry=r
+        )
+        for outcome in Outcome:  # every outcome shows up, at 0 until it happens
+            self.polls.labels(outcome.value)
+
+    def answered(self, endpoint: str, status: int | None) -> None:
+        """Count one API request and its status (the client's observer hook)."""
+        self.api_responses.labels(endpoint, "none" if status is None else str(status)).inc()
+
+    def paused(self, seconds: float, status: int) -> None:
+        """Count one account pause and its length (the client's observer hook)."""
+        self.pauses.labels(str(status)).inc()
+        self.pause_seconds.observe(seconds)
+
+    def observe_polls(self, reports: Iterable[PollReport]) -> None:
+        """Count polls by outcome; a CHANGED poll wrote one history row."""
+        for report in reports:
+            self.polls.labels(report.outcome.value).inc()
+            if report.outcome is Outcome.CHANGED:
+                self.history_rows.inc()
+
+    def observe_history_rows(self, count: int) -> None:
+        """Count history rows written outside ``observe_polls``."""
+        self.history_rows.inc(count)
+
+
+class DatabaseCollector:
+    """Gauges read from the database at scrape time."""
+
+    def __init__(self, sessions: sessionmaker[Session], clock: Clock) -> None:
+        self.sessions = sessions
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauges; only ``optrack_database_up 0`` if the database does not answer."""
+        up = GaugeMetricFamily("optrack_database_up", "1 if the database answered this scrape")
+        now = self.clock.now()
+        try:
+            with self.sessions() as session:
+                counts = health.operation_counts(session)
+                lag = health.poll_lag(session, now)
+                beat_at = health.last_beat(session)
+                pending = session.scalar(
+                    select(func.count()).select_from(Notice).where(Notice.delivered_at.is_(None))
+                )
+        except SQLAlchemyError as exc:
+            log.warning("metrics: the database did not answer: %s", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        operations = GaugeMetricFamily(
+            "optrack_operations", "Tracked operations by status", labels=["status"]
+        )
+        for status in ALL_STATES:
+            operations.add_metric([status], counts.get(status, 0))
+        yield operations
+        yield GaugeMetricFamily(
+            "optrack_poll_lag_seconds",
+            "How late the most overdue poll of an active operation is (0: none overdue)",
+            value=lag,
+        )
+        yield GaugeMetricFamily(
+            "optrack_notices_pending", "Completion notices not delivered yet", value=pending or 0
+        )
+        if beat_at is not None:
+            yield GaugeMetricFamily(
+                "optrack_beat_last_tick_timestamp_seconds",
+                "When beat's tick last ran (Unix time)",
+                value=beat_at.timestamp(),
+            )
+        up.add_metric([], 1)
+        yield up
+
+
+def build_registry(
+    sessions: sessionmaker[Session],
+    clock: Clock,
+    *,
+    multiproc_dir: str | None,
+    local: Metrics | None = None,
+) -> CollectorRegistry:
+    """What a scrape shows: every process's counters (or ``local``'s), and the DB gauges."""
+    registry = CollectorRegistry()
+    if multiproc_dir is not None:
+        # prometheus_client leaves this constructor unannotated.
+        MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    elif local is not None:
+        registry.register(local.registry)
+    registry.register(DatabaseCollector(sessions, clock))
+    return registry
+
+
+@dataclass
+class MetricsServer:
+    """The HTTP server of ``/metrics``, on a daemon thread."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when 0 was asked)."""
+        return int(self.httpd.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    """Serve ``registry`` on ``host:port`` (0 picks a free port)."""
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(httpd, thread)
+
+
+def prepare_multiproc_dir(folder: str) -> None:
+    """Create the folder and drop the previous run's files (prometheus_client's rule)."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+def start_worker_server(settings: Settings, clock: Clock | None = None) -> MetricsServer | None:
+    """Serve the metrics from a worker's main process, before it forks; None if turned off."""
+    if settings.metrics_port is None:
+        return None
+    if settings.metrics_dir is not None:
+        prepare_multiproc_dir(settings.metrics_dir)
+    # No pooled connection: forked children must not inherit a socket this thread uses.
+    engine = make_engine(settings.database_url, poolclass=NullPool)
+    registry = build_registry(
+        make_sessionmaker(engine), clock or SystemClock(), multiproc_dir=settings.metrics_dir
+    )
+    server = serve(registry, settings.metrics_host, settings.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)
+    return server

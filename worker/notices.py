@@ -1,0 +1,365 @@
+"""Completion notices: an outbox row per ended operation, and the dispatcher that sends it.
+
+``record_end`` inserts the row in the caller's transaction, the one that moves the operation to
+COMPLETED, CANCELED or NOT_FOUND: the end and its notice commit together or not at all, and the
+unique constraint on ``operation_id`` makes it one notice per operation, ever.
+
+``deliver_pending`` claims due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; one conditional
+UPDATE under SQLite's write lock), sends each through every configured channel not yet done,
+and records the result: ``delivered_at``, or ``attempts``, ``last_error`` and a backed-off
+``next_attempt_at``. It never sleeps. A dispatcher killed after a send but before recording it
+leaves the claim to expire and the notice is sent again: delivery is at least once per channel,
+so every message carries a stable id (the Celery task id ``optrack-notice-<id>``, the webhook's
+``X-Optrack-Notice-Id`` header and ``notice_id`` field) for receivers to drop a repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+import requests
+from kombu.exceptions import KombuError
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.db import ENDED_STATES, Notice, TrackedOperation
+
+log = logging.getLogger(__name__)
+
+RECORD_FIELDS = (
+    "id",
+    "status",
+    "total",
+    "queued",
+    "created",
+    "failed",
+    "remote_created_at",
+    "remote_updated_at",
+    "tracked_at",
+    "last_polled_at",
+    "polls",
+    "consecutive_errors",
+    "last_error",
+    "ended_at",
+)
+EVENT = "operation.ended"
+SIGNATURE_HEADER = "X-Optrack-Signature"
+TIMESTAMP_HEADER = "X-Optrack-Timestamp"
+NOTICE_ID_HEADER = "X-Optrack-Notice-Id"
+
+ChannelName = Literal["task", "webhook"]
+
+
+class DeliveryError(Exception):
+    """Raised by a channel when a notice could not be handed over; it is retried later."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def final_record(row: TrackedOperation) -> dict[str, Any]:
+    """The operation as JSON-ready fields, named as in `optrack status --json`."""
+    record: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        value = getattr(row, name)
+        record[name] = _iso(value) if isinstance(value, datetime) else value
+    return record
+
+
+def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
+    """Queue the notice of ``row``'s end in the caller's transaction; False if one exists."""
+    if row.status not in ENDED_STATES:
+        raise ValueError(f"{row.id} is {row.status}, not ended: no notice to record")
+    insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+    stmt = (
+        insert(Notice)
+        .values(
+            operation_id=row.id,
+            payload=json.dumps(final_record(row), sort_keys=True),
+            created_at=now,
+            next_attempt_at=now,
+            attempts=0,
+        )
+        .on_conflict_do_nothing(index_elements=["operation_id"])
+        .returning(Notice.id)
+    )
+    return session.scalar(stmt) is not None
+
+
+def end_hook(session: Session, values: dict[str, Any], now: datetime) -> None:
+    """``record_end`` for the Poller's ``on_end`` hooks, which get the written column values.
+
+    The row is re-read inside the same transaction, after the bulk UPDATE, so the notice
+    carries the whole final record (a 404's values name only the columns it changed).
+    """
+    row = session.get(TrackedOperation, values["id"], populate_existing=True)
+    if row is not None:
+        record_end(session, row, now)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One notice as a channel sends it."""
+
+    notice_id: int
+    operation_id: str
+    record: dict[str, Any]
+    sent_at: datetime
+
+    def body(self) -> bytes:
+        """The webhook body: compact, key-sorted JSON (the signature covers these bytes)."""
+        payload = {
+            "event": EVENT,
+            "notice_id": self.notice_id,
+            "sent_at": _iso(self.sent_at),
+            "operation": self.record,
+        }
+        return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+
+class Channel(Protocol):
+    """Somewhere a notice goes; ``send`` raises DeliveryError when it did not get there."""
+
+    @property
+    def name(self) -> ChannelName:
+        """Which ``*_sent_at`` column records a send: "task" or "webhook"."""
+        ...
+
+    def send(self, message: Message) -> None:
+        """Hand one notice over."""
+        ...
+
+
+class TaskSender(Protocol):
+    """The part of a Celery app a TaskChannel uses (``Celery.send_task``)."""
+
+    def send_task(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Publish a task message by name."""
+        ...
+
+
+@dataclass(frozen=True)
+class TaskChannel:
+    """Sends the Celery task ``task_name`` with the final record as its one argument."""
+
+    app: TaskSender
+    task_name: str
+    queue: str
+    name: ChannelName = field(default="task", init=False)
+
+    def send(self, message: Message) -> None:
+        """Publish once, no publisher retries (they would sleep): a failure is retried later."""
+        try:
+            self.app.send_task(
+                self.task_name,
+                args=[message.record],
+                task_id=f"optrack-notice-{message.notice_id}",
+                queue=self.queue,
+                retry=False,
+            )
+        except (KombuError, OSError) as exc:
+            raise DeliveryError(f"could not publish {self.task_name}: {exc}") from None
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value: ``sha256=`` and the hex HMAC-SHA256 of the raw body."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class WebhookChannel:
+    """POSTs the notice as JSON, signed with HMAC-SHA256; any 2xx is a delivery."""
+
+    url: str
+    secret: str = field(repr=False)
+    timeout: float = 10.0
+    session: requests.Session = field(default_factory=requests.Session, repr=False)
+    name: ChannelName = field(default="webhook", init=False)
+
+    def send(self, message: Message) -> None:
+        """One POST, no redirects followed; raise DeliveryError unless the answer is 2xx."""
+        body = message.body()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "optrack/0.1 (+notices)",
+            SIGNATURE_HEADER: sign(self.secret, body),
+            TIMESTAMP_HEADER: str(int(message.sent_at.timestamp())),
+            NOTICE_ID_HEADER: str(message.notice_id),
+        }
+        try:
+            response = self.session.post(
+                self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            raise DeliveryError(f"no answer from the webhook: {type(exc).__name__}") from None
+        if not 200 <= response.status_code < 300:
+            raise DeliveryError(f"the webhook answered HTTP {response.status_code}")
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.session.close()
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How many notices one run claims, how long a claim holds, how failures back off."""
+
+    # A claim must outlast its whole batch: 20 notices x 2 channels x a 10 s timeout < lease.
+    batch: int = 20
+    lease: timedelta = timedelta(minutes=10)
+    backoff_base: float = 10.0
+    backoff_max: float = 3600.0
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Wait after the ``attempts``-th failed attempt (1-based): doubling, capped."""
+        exponent = max(0, min(attempts, 32) - 1)
+        return timedelta(seconds=min(self.backoff_max, self.backoff_base * 2.0**exponent))
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What one dispatcher run did."""
+
+    delivered: tuple[str, ...] = ()  # operation IDs whose notice is now fully delivered
+    failed: tuple[tuple[str, str], ...] = ()  # (operation ID, error), retried later
+    lost_claims: int = 0  # results not recorded because another run took the claim over
+
+
+@dataclass
+class _Claimed:
+    id: int
+    operation_id: str
+    payload: str
+    attempts: int
+    sent: dict[ChannelName, datetime | None]
+
+
+_SENT_COLUMN: dict[ChannelName, str] = {"task": "task_sent_at", "webhook": "webhook_sent_at"}
+
+
+def _claim(session: Session, now: datetime, policy: DeliveryPolicy) -> tuple[str, list[_Claimed]]:
+    token = str(uuid.uuid4())
+    due = (
+        select(Notice.id)
+        .where(Notice.delivered_at.is_(None), Notice.next_attempt_at <= now)
+        .order_by(Notice.next_attempt_at, Notice.id)
+        .limit(policy.batch)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    stmt = (
+        update(Notice)
+        .where(Notice.id.in_(due.scalar_subquery()))
+        # Re-checked here: on SQLite this UPDATE is the claim, under the single write lock.
+        .where(Notice.delivered_at.is_(None), Notice.next_attempt_at <= now)
+        .values(next_attempt_at=now + policy.lease, claim_token=token)
+        .returning(
+            Notice.id,
+            Notice.operation_id,
+            Notice.payload,
+            Notice.attempts,
+            Notice.task_sent_at,
+            Notice.webhook_sent_at,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    claimed = [
+        _Claimed(row[0], row[1], row[2], row[3], {"task": row[4], "webhook": row[5]})
+        for row in session.execute(stmt)
+    ]
+    claimed.sort(key=lambda c: c.id)
+    return token, claimed
+
+
+def _send_all(
+    notice: _Claimed, channels: Sequence[Channel], now: datetime
+) -> tuple[dict[ChannelName, datetime], list[str]]:
+    message = Message(notice.id, notice.operation_id, json.loads(notice.payload), now)
+    sent: dict[ChannelName, datetime] = {}
+    errors: list[str] = []
+    for channel in channels:
+        if notice.sent[channel.name] is not None:
+            continue  # went out on an earlier attempt
+        try:
+            channel.send(message)
+        except DeliveryError as exc:
+            errors.append(f"{channel.name}: {exc}")
+        else:
+            sent[channel.name] = now
+    return sent, errors
+
+
+def _record(
+    session: Session,
+    notice: _Claimed,
+    token: str,
+    sent: dict[ChannelName, datetime],
+    errors: list[str],
+    now: datetime,
+    policy: DeliveryPolicy,
+) -> bool:
+    values: dict[str, Any] = {_SENT_COLUMN[name]: when for name, when in sent.items()}
+    values.update(claim_token=None, attempts=notice.attempts + 1)
+    if errors:
+        values.update(
+            last_error="; ".join(errors)[:1000],
+            next_attempt_at=now + policy.backoff(notice.attempts + 1),
+        )
+    else:
+        values.update(delivered_at=now, last_error=None)
+    stmt = (
+        update(Notice)
+        .where(Notice.id == notice.id, Notice.claim_token == token)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def deliver_pending(
+    sessions: sessionmaker[Session],
+    now: datetime,
+    channels: Sequence[Channel],
+    policy: DeliveryPolicy = DeliveryPolicy(),
+) -> DeliveryReport:
+    """Send the notices due at ``now`` through ``channels``; never waits between attempts."""
+    if not channels:
+        return DeliveryReport()
+    with sessions.begin() as session:
+        token, claimed = _claim(session, now, policy)
+    delivered: list[str] = []
+    failed: list[tuple[str, str]] = []
+    lost = 0
+    for notice in claimed:
+        sent, errors = _send_all(notice, channels, now)
+        with sessions.begin() as session:
+            recorded = _record(session, notice, token, sent, errors, now, policy)
+        extra = {"operation_id": notice.operation_id}
+        if not recorded:
+            lost += 1
+            log.warning("notice %d: claim lost before its result was recorded", notice.id)
+        elif errors:
+            failed.append((notice.operation_id, "; ".join(errors)))
+            log.warning(
+                "notice %d for %s not delivered (attempt %d): %s; retried at %s",
+                notice.id,
+                notice.operation_id,
+                notice.attempts + 1,
+                "; ".join(errors),
+                (now + policy.backoff(notice.attempts + 1)).isoformat(),
+                extra=extra,
+            )
+        else:
+            delivered.append(notice.operation_id)
+            log.info("notice %d for %s delivered", notice.id, notice.operation_id, extra=extra)
+    return DeliveryReport(tuple(delivered), tuple(failed), lost)

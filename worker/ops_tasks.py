@@ -1,0 +1,83 @@
+"""Celery tasks of the operations features: discovery, notice delivery, retention.
+
+Thin adapters like ``worker.tasks``: they take this process's runtime, call the domain, return
+a small JSON summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from worker import discovery, notices, retention
+from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
+from worker.runtime import Runtime
+from worker.tasks import runtime
+
+log = logging.getLogger(__name__)
+MAX_BATCHES_PER_RUN = 10
+
+
+def notice_channels(rt: Runtime) -> list[notices.Channel]:
+    """The channels configured by OPTRACK_NOTIFY_TASK and OPTRACK_WEBHOOK_URL."""
+    settings = rt.settings
+    channels: list[notices.Channel] = []
+    if settings.notify_task:
+        channels.append(notices.TaskChannel(app, settings.notify_task, settings.notify_queue))
+    if settings.webhook_url:
+        channels.append(notices.WebhookChannel(settings.webhook_url, settings.webhook_secret))
+    return channels
+
+
+@app.task(name=DISCOVER_TASK, ignore_result=True)
+def discover() -> dict[str, Any]:
+    """List the account's PROCESSING operations and track the new ones."""
+    rt = runtime()
+    result = discovery.discover(
+        rt.sessions, rt.client, rt.clock.now(), rt.settings.discovery_window
+    )
+    rt.metrics.discovered.inc(len(result.added))
+    return {
+        "seen": result.seen,
+        "added": len(result.added),
+        "not_before": None if result.not_before is None else result.not_before.isoformat(),
+        "stopped_early": result.stopped_early,
+    }
+
+
+@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True)
+def deliver_notices() -> dict[str, int]:
+    """Send the completion notices that are due."""
+    rt = runtime()
+    channels = notice_channels(rt)
+    policy = notices.DeliveryPolicy()
+    delivered = failed = 0
+    try:
+        # A backlog drains a few batches per run; the next beat entry takes the rest.
+        for _ in range(MAX_BATCHES_PER_RUN):
+            report = notices.deliver_pending(rt.sessions, rt.clock.now(), channels, policy)
+            delivered += len(report.delivered)
+            failed += len(report.failed)
+            handled = len(report.delivered) + len(report.failed) + report.lost_claims
+            if handled < policy.batch:
+                break
+    finally:
+        for channel in channels:
+            if isinstance(channel, notices.WebhookChannel):
+                channel.close()
+    rt.metrics.notices.labels("delivered").inc(delivered)
+    rt.metrics.notices.labels("failed").inc(failed)
+    return {"delivered": delivered, "failed": failed}
+
+
+@app.task(name=PRUNE_TASK, ignore_result=True)
+def prune() -> dict[str, int]:
+    """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""
+    rt = runtime()
+    older_than = rt.settings.prune_older_than
+    if older_than is None:
+        log.info("prune: OPTRACK_PRUNE_OLDER_THAN is not set; nothing to do")
+        return {"history_rows": 0, "notices": 0}
+    result = retention.prune(rt.sessions, rt.clock.now() - older_than)
+    rt.metrics.pruned.inc(result.history_rows)
+    return {"history_rows": result.history_rows, "notices": result.notices}

@@ -1,0 +1,471 @@
+"""The reports' SQL: aggregates and window functions; Python only combines what comes back.
+
+Nothing here reads the wall clock: callers pass ``now``. docs/reports.md defines each figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Float, Select, func, literal, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+from worker.db import ALL_STATES, NOT_FOUND, HistoryEntry, TrackedOperation, UTCDateTime
+from worker.errors import NotTracked
+from worker.reports.model import (
+    PROCESSING,
+    Estimate,
+    Flagged,
+    Flags,
+    HistoryReport,
+    HistoryRow,
+    OperationState,
+    Progress,
+    Senders,
+    Summary,
+    Throughput,
+    TimeToFinish,
+)
+from worker.reports.period import BadPeriod, Period
+
+FINISHED_STATES = ("COMPLETED", "CANCELED")  # ended by the API; NOT_FOUND's end is ours
+DEFAULT_STUCK_AFTER = timedelta(minutes=30)
+ESTIMATE_WINDOW = 5  # recorded changes the completion estimate looks back over
+
+
+# --- SQL helpers --------------------------------------------------------------------------
+
+
+class seconds_between(FunctionElement[float]):
+    """SQL: seconds from the first datetime argument to the second, as a float."""
+
+    type = Float()
+    name = "seconds_between"
+    inherit_cache = True
+
+
+@compiles(seconds_between, "postgresql")
+def _seconds_pg(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+def _ms(value: float | None) -> float | None:
+    """Durations to the millisecond: SQLite's julianday arithmetic leaves float dust."""
+    return None if value is None else round(float(value), 3)
+
+
+def _scope(period: Period, statuses: Sequence[str]) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if period.since is not None:
+        conditions.append(TrackedOperation.tracked_at >= period.since)
+    if period.until is not None:
+        conditions.append(TrackedOperation.tracked_at < period.until)
+    if statuses:
+        conditions.append(TrackedOperation.status.in_(statuses))
+    return conditions
+
+
+# The operation's columns in OperationState's field order: reports read rows, not ORM objects.
+_STATE_COLUMNS = tuple(getattr(TrackedOperation, f.name) for f in fields(OperationState))
+
+
+def _states(session: Session, stmt: Select[Any]) -> tuple[OperationState, ...]:
+    return tuple(OperationState(*row) for row in session.execute(stmt))
+
+
+def _last_change() -> Any:
+    """Correlated subquery: observed_at of the operation's latest history row (index-backed)."""
+    return (
+        select(func.max(HistoryEntry.observed_at))
+        .where(HistoryEntry.operation_id == TrackedOperation.id)
+        .scalar_subquery()
+    )
+
+
+# --- summary ------------------------------------------------------------------------------
+
+
+def summarize(
+    session: Session,
+    period: Period,
+    stuck_after: timedelta,
+    now: datetime,
+    statuses: Sequence[str] = (),
+    list_limit: int | None = None,
+) -> Summary:
+    """The figures of `optrack report` for operations tracked in ``period``.
+
+    ``list_limit`` caps each list of flagged operations (stuck, NOT_FOUND, in error); their
+    counts are always complete. It runs several queries: on PostgreSQL, give it a session in
+    a REPEATABLE READ transaction for figures from one snapshot (the CLI does).
+    """
+    unknown = sorted(set(statuses) - set(ALL_STATES))
+    if unknown:
+        raise BadPeriod(f"unknown status {', '.join(unknown)}; use one of {', '.join(ALL_STATES)}")
+    scope = _scope(period, statuses)
+    by_status = dict.fromkeys(ALL_STATES, 0)
+    total = created = failed = queued = 0
+    starts: list[datetime] = []
+    ends: list[datetime] = []
+    grouped = (
+        select(
+            TrackedOperation.status,
+            func.count(),
+            func.coalesce(func.sum(TrackedOperation.total), 0),
+            func.coalesce(func.sum(TrackedOperation.created), 0),
+            func.coalesce(func.sum(TrackedOperation.failed), 0),
+            func.coalesce(func.sum(TrackedOperation.queued), 0),
+            func.min(TrackedOperation.remote_created_at),
+            func.max(TrackedOperation.remote_updated_at),
+        )
+        .where(*scope)
+        .group_by(TrackedOperation.status)
+    )
+    for status, count, s_total, s_created, s_failed, s_queued, start, end in session.execute(
+        grouped
+    ):
+        by_status[status] = int(count)
+        total += int(s_total or 0)
+        created += int(s_created or 0)
+        failed += int(s_failed or 0)
+        queued += int(s_queued or 0)
+        starts += [start] if start is not None else []
+        ends += [end] if end is not None else []
+    processed = created + failed
+    start, end = (min(starts), max(ends)) if starts and ends else (None, None)
+    minutes = (end - start).total_seconds() / 60 if start and end else 0.0
+    return Summary(
+        now=now,
+        period=period,
+        statuses=tuple(statuses),
+        stuck_after=stuck_after,
+        operations=sum(by_status.values()),
+        by_status=by_status,
+        senders=Senders(
+            total=total,
+            created=created,
+            failed=failed,
+            queued=queued,
+            failure_rate=round(failed / processed, 6) if processed else None,
+        ),
+        time_to_finish=_time_to_finish(session, scope),
+        throughput=Throughput(
+            created=created,
+            start=start,
+            end=end,
+            per_minute=round(created / minutes, 3) if minutes > 0 else None,
+        ),
+        stuck=_stuck(session, scope, now - stuck_after, now, list_limit),
+        not_found=_flagged(
+            session,
+            [*scope, TrackedOperation.status == NOT_FOUND],
+            "ended_at",
+            now,
+            list_limit,
+        ),
+        in_error=_flagged(
+            session,
+            [*scope, TrackedOperation.consecutive_errors > 0],
+            "consecutive_errors",
+            now,
+            list_limit,
+        ),
+    )
+
+
+def _time_to_finish(session: Session, scope: list[ColumnElement[bool]]) -> TimeToFinish:
+    """p50/p95 by linear interpolation between ranks (PostgreSQL's percentile_cont)."""
+    seconds = seconds_between(TrackedOperation.remote_created_at, TrackedOperation.ended_at)
+    finished = [
+        *scope,
+        TrackedOperation.status.in_(FINISHED_STATES),
+        TrackedOperation.remote_created_at.is_not(None),
+        TrackedOperation.ended_at.is_not(None),
+    ]
+    if session.get_bind().dialect.name == "postgresql":
+        count, p50, p95, longest = session.execute(
+            select(
+                func.count(),
+                func.percentile_cont(0.5).within_group(seconds),
+                func.percentile_cont(0.95).within_group(seconds),
+                func.max(seconds),
+            ).where(*finished)
+        ).one()
+        return TimeToFinish(int(count), _ms(p50), _ms(p95), _ms(longest))
+    count, longest = session.execute(select(func.count(), func.max(seconds)).where(*finished)).one()
+    count = int(count)
+    if count == 0:
+        return TimeToFinish(0, None, None, None)
+    # SQLite has no percentile_cont: rank the durations once (one sort), read the two values
+    # around rank k = (n-1)·p for each p, and interpolate between them as percentile_cont does.
+    ranks = {p: (count - 1) * p for p in (0.5, 0.95)}
+    wanted = {n for k in ranks.values() for n in (math.floor(k), min(math.floor(k) + 1, count - 1))}
+    ranked = (
+        select(
+            seconds.label("seconds"),
+            (func.row_number().over(order_by=seconds) - 1).label("rank"),
+        )
+        .where(*finished)
+        .subquery()
+    )
+    stmt = select(ranked.c.rank, ranked.c.seconds).where(ranked.c.rank.in_(sorted(wanted)))
+    value = {int(rank): float(sec) for rank, sec in session.execute(stmt)}
+
+    def percentile(p: float) -> float | None:
+        low = math.floor(ranks[p])
+        high = min(low + 1, count - 1)
+        return _ms(value[low] + (ranks[p] - low) * (value[high] - value[low]))
+
+    return TimeToFinish(count, percentile(0.5), percentile(0.95), _ms(longest))
+
+
+def _stuck(
+    session: Session,
+    scope: list[ColumnElement[bool]],
+    cutoff: datetime,
+    now: datetime,
+    limit: int | None,
+) -> Flags:
+    """PROCESSING operations whose latest recorded change was observed before ``cutoff``."""
+    last_change = func.coalesce(_last_change(), TrackedOperation.tracked_at).label("last_change")
+    # MATERIALIZED: look the last change up once per operation, not again for the output.
+    inner = (
+        select(*_STATE_COLUMNS, last_change)
+        .where(*scope, TrackedOperation.status == PROCESSING)
+        .cte("processing")
+        .prefix_with("MATERIALIZED")
+    )
+    return _flags(
+        session,
+        inner,
+        inner.c.last_change < literal(cutoff, UTCDateTime()),
+        (inner.c.last_change, inner.c.id),
+        now,
+        limit,
+    )
+
+
+def _flagged(
+    session: Session,
+    where: list[ColumnElement[bool]],
+    largest_first: str,
+    now: datetime,
+    limit: int | None,
+) -> Flags:
+    """Operations matching ``where``, the largest ``largest_first`` column first."""
+    source = select(*_STATE_COLUMNS, _last_change().label("last_change")).where(*where).subquery()
+    order = (source.c[largest_first].desc(), source.c.id)
+    return _flags(session, source, None, order, now, limit)
+
+
+def _flags(
+    session: Session,
+    source: Any,
+    where: ColumnElement[bool] | None,
+    order: tuple[Any, ...],
+    now: datetime,
+    limit: int | None,
+) -> Flags:
+    """Count and list in one pass: the count is a window over every match, before the LIMIT."""
+    conditions = [] if where is None else [where]
+    if limit == 0:
+        count = session.scalar(select(func.count()).select_from(source).where(*conditions))
+        return Flags(int(count or 0), ())
+    stmt = (
+        select(source, func.count().over().label("matches"))
+        .where(*conditions)
+        .order_by(*order)
+        .limit(limit)
+    )
+    rows = session.execute(stmt).all()
+    flagged = []
+    for *state, last_change, _matches in rows:
+        unchanged = None if last_change is None else (now - last_change).total_seconds()
+        flagged.append(Flagged(OperationState(*state), last_change, unchanged))
+    # No row: nothing matched (the limit is at least 1 here).
+    return Flags(int(rows[0][-1]) if rows else 0, tuple(flagged))
+
+
+# --- one operation ------------------------------------------------------------------------
+
+
+def get_operation(session: Session, operation_id: str) -> OperationState:
+    """One tracked operation; NotTracked if optrack does not follow it."""
+    found = _states(session, select(*_STATE_COLUMNS).where(TrackedOperation.id == operation_id))
+    if not found:
+        raise NotTracked(operation_id)
+    return found[0]
+
+
+def operations(
+    session: Session, period: Period, statuses: Sequence[str] = (), limit: int | None = None
+) -> tuple[OperationState, ...]:
+    """Operations tracked in ``period``, the most recently tracked first."""
+    stmt = (
+        select(*_STATE_COLUMNS)
+        .where(*_scope(period, statuses))
+        .order_by(TrackedOperation.tracked_at.desc(), TrackedOperation.id)
+        .limit(limit)
+    )
+    return _states(session, stmt)
+
+
+def operation_history(session: Session, operation_id: str, now: datetime) -> HistoryReport:
+    """Every recorded change of one operation with deltas and rates, and its estimate."""
+    op = get_operation(session, operation_id)
+    h = HistoryEntry
+
+    def previous(column: Any) -> Any:
+        return func.lag(column).over(order_by=h.seq)
+
+    # Before the first row the operation stood at its creation: nothing done, all queued.
+    prev_created = func.coalesce(previous(h.created), 0)
+    prev_failed = func.coalesce(previous(h.failed), 0)
+    prev_queued = func.coalesce(previous(h.queued), h.total)
+    prev_time = func.coalesce(
+        previous(h.remote_updated_at),
+        literal(op.remote_created_at, UTCDateTime()),
+    )
+    stmt = (
+        select(
+            h.seq,
+            h.observed_at,
+            h.remote_updated_at,
+            h.status,
+            h.total,
+            h.queued,
+            h.created,
+            h.failed,
+            (h.created - prev_created).label("created_delta"),
+            (h.failed - prev_failed).label("failed_delta"),
+            (h.queued - prev_queued).label("queued_delta"),
+            seconds_between(prev_time, h.remote_updated_at).label("elapsed"),
+        )
+        .where(h.operation_id == operation_id)
+        .order_by(h.seq)
+    )
+    rows = []
+    for r in session.execute(stmt):
+        elapsed = _ms(r.elapsed)
+        moved = r.created_delta + r.failed_delta
+        rows.append(
+            HistoryRow(
+                seq=r.seq,
+                observed_at=r.observed_at,
+                remote_updated_at=r.remote_updated_at,
+                status=r.status,
+                total=r.total,
+                queued=r.queued,
+                created=r.created,
+                failed=r.failed,
+                created_delta=r.created_delta,
+                failed_delta=r.failed_delta,
+                queued_delta=r.queued_delta,
+                elapsed_seconds=elapsed,
+                rate_per_minute=round(moved * 60 / elapsed, 3) if elapsed else None,
+            )
+        )
+    estimate = estimates(session, [op])[op.id]
+    return HistoryReport(now=now, operation=op, rows=tuple(rows), estimate=estimate)
+
+
+def estimates(session: Session, ops: Sequence[OperationState]) -> dict[str, Estimate]:
+    """Completion estimates, from each operation's last ``ESTIMATE_WINDOW`` changes.
+
+    rate = (done at the latest row - done at the row ESTIMATE_WINDOW changes before it) over
+    the API time between them; with fewer rows the basis is the creation (nothing done, at
+    createdAt). ETA = latest row's time + remaining / rate.
+    """
+    ids = [op.id for op in ops if op.status == PROCESSING]
+    recent: dict[str, list[Any]] = {}
+    if ids:
+        rank = (
+            func.row_number()
+            .over(partition_by=HistoryEntry.operation_id, order_by=HistoryEntry.seq.desc())
+            .label("rank")
+        )
+        inner = (
+            select(
+                HistoryEntry.operation_id,
+                HistoryEntry.remote_updated_at,
+                HistoryEntry.total,
+                (HistoryEntry.created + HistoryEntry.failed).label("done"),
+                rank,
+            )
+            .where(HistoryEntry.operation_id.in_(ids))
+            .subquery()
+        )
+        stmt = (
+            select(inner)
+            .where(inner.c.rank <= ESTIMATE_WINDOW + 1)
+            .order_by(inner.c.operation_id, inner.c.rank)
+        )
+        for row in session.execute(stmt):
+            recent.setdefault(row.operation_id, []).append(row)
+    return {op.id: _estimate(op, recent.get(op.id, [])) for op in ops}
+
+
+def _estimate(op: OperationState, recent: list[Any]) -> Estimate:
+    none = Estimate(None, None, None, None, None, "")
+    if op.status != PROCESSING:
+        ended = op.status != "PENDING"
+        return replace(none, note="ended" if ended else "not fetched yet")
+    if not recent:
+        return replace(none, note="no recorded change yet")
+    latest = recent[0]
+    remaining = max(latest.total - latest.done, 0)
+    if len(recent) > ESTIMATE_WINDOW or op.remote_created_at is None:
+        basis_time, basis_done = recent[-1].remote_updated_at, recent[-1].done
+        note = f"rate over the last {len(recent) - 1} change(s)"
+    else:
+        basis_time, basis_done = op.remote_created_at, 0
+        note = f"rate since creation ({len(recent)} change(s))"
+    seconds = (latest.remote_updated_at - basis_time).total_seconds()
+    moved = latest.done - basis_done
+    if seconds <= 0 or moved <= 0:
+        return Estimate(remaining, None, basis_time, latest.remote_updated_at, None, "no progress")
+    per_second = moved / seconds
+    return Estimate(
+        remaining=remaining,
+        rate_per_minute=round(per_second * 60, 3),
+        basis_start=basis_time,
+        basis_end=latest.remote_updated_at,
+        eta=latest.remote_updated_at + timedelta(seconds=round(remaining / per_second)),
+        note=note,
+    )
+
+
+def progress(session: Session, operation_ids: Sequence[str]) -> tuple[Progress, ...]:
+    """Current state and estimate of the given operations (in the given order)."""
+    stmt = select(*_STATE_COLUMNS).where(TrackedOperation.id.in_(list(operation_ids)))
+    found = {op.id: op for op in _states(session, stmt)}
+    missing = [op_id for op_id in operation_ids if op_id not in found]
+    if missing:
+        raise NotTracked(missing[0])
+    ordered = [found[op_id] for op_id in operation_ids]
+    guesses = estimates(session, ordered)
+    return tuple(Progress(op, guesses[op.id]) for op in ordered)
+
+
+def active_ids(session: Session) -> tuple[str, ...]:
+    """IDs of the operations still PENDING or PROCESSING, the oldest tracked first."""
+    stmt = (
+        select(TrackedOperation.id)
+        .where(TrackedOperation.status.in_(("PENDING", PROCESSING)))
+        .order_by(TrackedOperation.tracked_at, TrackedOperation.id)
+    )
+    return tuple(session.scalars(stmt))
