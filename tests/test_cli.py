@@ -136,3 +136,22 @@ def test_plain_http_to_a_remote_host_is_refused(env: dict[str, str]) -> None:
     result = optrack(env, "status")
     assert result.returncode == 2
     assert "OPTRACK_ALLOW_INSECURE_HTTP" in result.stderr
+
+
+def test_status_shows_rejected_credentials(
+    env: dict[str, str], db_url: str, sandbox: SandboxServer
+) -> None:
+    op = sandbox.add_operation(total=5, duration=3600)
+    env["OPTRACK_API_BASE_URL"] = sandbox.base_url
+    env["TWILIO_AUTH_TOKEN"] = "not-the-token"
+    assert optrack(env, "track", op.id).returncode == 0
+    rt = Runtime(load_settings(env))
+    rt.poller.poll([op.id], None)
+    rt.close()
+    table = optrack(env, "status")
+    assert "Polling paused until" in table.stdout
+    assert "credentials rejected" in table.stdout and "check TWILIO_*" in table.stdout
+    assert "not-the-token" not in table.stdout
+    record = json.loads(optrack(env, "status", "--json").stdout)
+    assert record["account"]["pause_status_code"] == 401
+    assert record["operations"][0]["status"] == "PENDING"  # no operation marked failed

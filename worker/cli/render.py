@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -14,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.db import AccountPause, HistoryEntry, TrackedOperation
+from worker.reports.formats import iso
 
 OPERATION_FIELDS = (
     "id",
@@ -32,21 +30,6 @@ OPERATION_FIELDS = (
     "last_error",
     "ended_at",
 )
-HISTORY_FIELDS = (
-    "seq",
-    "observed_at",
-    "remote_updated_at",
-    "status",
-    "total",
-    "queued",
-    "created",
-    "failed",
-)
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a Z, or None."""
-    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _plain(value: Any) -> Any:
@@ -56,26 +39,6 @@ def _plain(value: Any) -> Any:
 def operation_record(row: TrackedOperation) -> dict[str, Any]:
     """A tracked operation as a JSON-ready dict with the documented field names."""
     return {name: _plain(getattr(row, name)) for name in OPERATION_FIELDS}
-
-
-def history_record(entry: HistoryEntry) -> dict[str, Any]:
-    """A history row as a JSON-ready dict."""
-    return {name: _plain(getattr(entry, name)) for name in HISTORY_FIELDS}
-
-
-def to_json(payload: Any) -> str:
-    """Stable, indented JSON."""
-    return json.dumps(payload, indent=2, sort_keys=False)
-
-
-def to_csv(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
-    """CSV with a header row."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(fields), lineterminator="\n")
-    writer.writeheader()
-    for record in records:
-        writer.writerow({k: "" if record.get(k) is None else record[k] for k in fields})
-    return out.getvalue()
 
 
 def _short(value: datetime | None) -> str:

@@ -14,11 +14,11 @@ from worker.cli.render import (
     operation_record,
     pause_line,
     status_table,
-    to_json,
 )
 from worker.cli.report_cmds import DEFAULT_WATCH_INTERVAL, follow
 from worker.errors import InvalidOperationId
 from worker.operation import validate_operation_id
+from worker.reports.formats import to_json
 from worker.repository import Repository
 
 
