@@ -172,3 +172,42 @@ def test_auto_strategy_switches_at_the_threshold() -> None:
     assert POLICY.choose("auto", 4) is Strategy.FETCH
     assert POLICY.choose("auto", 5) is Strategy.LIST
     assert POLICY.choose("fetch", 10_000) is Strategy.FETCH
+
+
+def test_bad_items_on_a_page_are_skipped_and_their_operations_fetched(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    ops = sandbox.simulation.add_operations(6, total=4, duration=100)
+    tracking.track(sessions, [o.id for o in ops], clock.now())
+    # Every item of the page breaks the schema (a status the API might add one day).
+    sandbox.add_fault(Fault(kind="malformed", variant="unknown_status"))
+    _, reports = sweep_and_poll(sessions, poller, clock)
+    assert {r.outcome for r in reports} == {Outcome.CHANGED}  # each fetched by GET instead
+    assert sorted(api_calls(sandbox)) == ["fetch"] * 6 + ["list"]
+
+
+def test_a_404_on_a_list_page_ends_nothing(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    ops = sandbox.simulation.add_operations(6, total=4, duration=100)
+    tracking.track(sessions, [o.id for o in ops], clock.now())
+    sandbox.add_fault(Fault(kind="status", status=404))
+    _, reports = sweep_and_poll(sessions, poller, clock)
+    assert {r.outcome for r in reports} == {Outcome.ERROR}
+    assert {r.status for r in rows(sessions).values()} == {"PENDING"}
+
+
+def test_a_message_stops_calling_before_its_claim_expires(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    ops = [sandbox.add_operation(total=4, duration=100) for _ in range(3)]
+    tracking.track(sessions, [o.id for o in ops], clock.now())
+    sweep = tracking.sweep(sessions, clock.now(), 100, POLICY, None, "fetch")
+    clock.advance(50)  # the lease is 60 s: past its last quarter, nothing more is asked
+    reports = poller.poll(sweep.operation_ids, sweep.token, Strategy.FETCH)
+    assert {r.outcome for r in reports} == {Outcome.DEFERRED}
+    assert api_calls(sandbox) == []
+    # Due again at once, for the next tick, with nothing counted against them.
+    again = tracking.sweep(sessions, clock.now(), 100, POLICY, None, "fetch")
+    assert sorted(again.operation_ids) == sorted(o.id for o in ops)
+    assert {r.consecutive_errors for r in rows(sessions).values()} == {0}

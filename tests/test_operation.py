@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from worker.errors import InvalidOperationId, SchemaError
+from worker.client import LocalGate, _http_error, next_page_token
+from worker.errors import (
+    ApiErrorDetail,
+    InvalidOperationId,
+    OperationNotFound,
+    SchemaError,
+    ServerError,
+)
 from worker.operation import Status, parse_operation, parse_page, validate_operation_id
 
 GOOD_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
@@ -69,7 +76,7 @@ def test_parse_operation_gives_typed_utc_values() -> None:
         ([], "expected an object"),
         (op_json(status="DONE"), "status: unknown value"),
         (op_json(stats={"total": 1, "queued": 0, "created": 1}), "stats.failed"),
-        (op_json(stats={"total": 1, "queued": -1, "created": 1, "failed": 0}), ">= 0"),
+        (op_json(stats={"total": 1, "queued": -1, "created": 1, "failed": 0}), "must be 0.."),
         (op_json(stats={"total": 1, "queued": 0, "created": True, "failed": 0}), "integer"),
         (op_json(stats={"total": "1", "queued": 0, "created": 1, "failed": 0}), "integer"),
         (op_json(createdAt="yesterday"), "createdAt"),
@@ -104,3 +111,45 @@ def test_page_extracts_next_token() -> None:
     assert len(page.operations) == 1
     with pytest.raises(SchemaError, match="pagination"):
         parse_page({"operations": []})
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (op_json(stats={"total": 2**31, "queued": 0, "created": 0, "failed": 0}), "0..2147483647"),
+        (op_json(createdAt="0001-01-01T00:00:00Z"), "outside 2000..2999"),
+        (op_json(updatedAt="9999-12-31T23:59:59Z"), "outside 2000..2999"),
+    ],
+)
+def test_values_the_database_or_date_arithmetic_cannot_hold_are_rejected(
+    body: Any, message: str
+) -> None:
+    with pytest.raises(SchemaError, match=message):
+        parse_operation(body)
+
+
+def test_a_bad_item_does_not_fail_its_page() -> None:
+    page = parse_page(
+        {
+            "operations": [op_json(), op_json(status="PAUSED"), "junk"],
+            "pagination": {"next": None, "self": "/v1/SenderPools/Operations"},
+        }
+    )
+    assert [op.id for op in page.operations] == [GOOD_ID]
+    assert len(page.rejected) == 2 and "operations[1]: status" in page.rejected[0]
+
+
+def test_pagination_that_never_ends_is_a_schema_error() -> None:
+    page = parse_page({"operations": [], "pagination": {"next": "?pageToken=a", "self": "x"}})
+    seen: set[str] = set()
+    assert next_page_token(page, seen) == "a"
+    with pytest.raises(SchemaError, match="repeats"):
+        next_page_token(page, seen)
+
+
+def test_only_the_apis_not_found_code_ends_an_operation() -> None:
+    gate = LocalGate()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    twilio = (ApiErrorDetail(code=20404, message="The resource was not found."),)
+    assert isinstance(_http_error(404, twilio, "u", now, gate), OperationNotFound)
+    assert isinstance(_http_error(404, (), "u", now, gate), ServerError)

@@ -247,3 +247,32 @@ def test_malformed_answers_are_not_stored(
     assert state.status == "PENDING" and state.total is None
     assert "SchemaError" in (state.last_error or "")
     assert history_count(sessions) == 0
+
+
+def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClock) -> None:
+    from types import SimpleNamespace
+
+    from worker.operation import Operation, Stats, Status
+
+    recorded = SimpleNamespace(
+        id=MISSING,
+        status="PROCESSING",
+        total=10,
+        queued=2,
+        created=8,
+        failed=0,
+        polls=3,
+        consecutive_errors=0,
+        version=4,
+        remote_updated_at=clock.now(),
+    )
+    stale = Operation(
+        MISSING,
+        Status.PROCESSING,
+        Stats(total=10, queued=6, created=4, failed=0),
+        clock.now() - timedelta(hours=1),
+        clock.now() - timedelta(seconds=30),
+    )
+    values, history = tracking.observation(recorded, stale, clock.now(), POLICY)
+    assert history is None
+    assert "created" not in values and values["polls"] == 4

@@ -39,6 +39,8 @@ from worker.operation import (
 from worker.retry_after import RetryPolicy
 
 THROTTLE_STATUSES = frozenset({409, 429, 503})
+NOT_FOUND_CODE = 20404  # the API's "resource not found": only this ends an operation
+MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never ends is a bug
 # How long credentials rejected by the API stop all polling before one more try.
 AUTH_PAUSE_SECONDS = 60.0
 USER_AGENT = "optrack/0.1 (+requests)"
@@ -66,6 +68,16 @@ class ApiObserver(Protocol):
     def paused(self, seconds: float, status: int) -> None:
         """A 409/429/503 paused the account for ``seconds``."""
         ...
+
+
+def next_page_token(page: Page, seen: set[str]) -> str:
+    """The token of the page after ``page``; SchemaError if pagination would never end."""
+    token = page.next_token
+    assert token is not None
+    if token in seen or len(seen) >= MAX_PAGES:
+        raise SchemaError(f"pagination.next repeats or never ends (after {len(seen)} pages)")
+    seen.add(token)
+    return token
 
 
 class LocalGate:
@@ -178,6 +190,7 @@ class ApiClient:
     ) -> Iterator[Operation]:
         """Yield every operation matching the filters, following ``pagination.next``."""
         token: str | None = None
+        seen: set[str] = set()
         while True:
             page = self.list_page(
                 status=status,
@@ -189,7 +202,7 @@ class ApiClient:
             yield from page.operations
             if page.next_token is None:
                 return
-            token = page.next_token
+            token = next_page_token(page, seen)
 
     def _wait_for_gate(self, retries_left: int) -> None:
         """Honor the account's pause: wait in place if short, else raise RetryLater."""
@@ -299,6 +312,7 @@ def _http_error(
         reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); check TWILIO_*"
         gate.pause(now + timedelta(seconds=AUTH_PAUSE_SECONDS), reason, status)
         return AuthError(status, errors, url)
-    if status == 404:
+    if status == 404 and any(e.code == NOT_FOUND_CODE for e in errors):
         return OperationNotFound(status, errors, url)
+    # Any other 404 (a proxy, a wrong OPTRACK_API_BASE_URL) says nothing about the operation.
     return ServerError(status, errors, url)

@@ -20,6 +20,8 @@ ID_PREFIX = "comms_operation_"
 # The reference's pattern has no `$`; we accept only the whole string (fullmatch) and ASCII.
 ID_PATTERN = re.compile(r"comms_operation_[0-7][a-hjkmnpqrstv-z0-9]{25,34}", re.ASCII)
 MAX_ID_LENGTH = len(ID_PREFIX) + 35
+MAX_COUNT = 2**31 - 1  # the database's integer
+MIN_YEAR, MAX_YEAR = 2000, 2999
 
 
 class Status(enum.StrEnum):
@@ -77,6 +79,9 @@ class Page:
     operations: tuple[Operation, ...]
     next_token: str | None
     next_url: str | None
+    # Items that broke the schema, as messages: skipped, so one bad item (perhaps of an
+    # operation nobody tracks) does not fail the page; a tracked one falls back to a GET.
+    rejected: tuple[str, ...] = ()
 
 
 def parse_datetime(value: object, field: str) -> datetime:
@@ -91,9 +96,13 @@ def parse_datetime(value: object, field: str) -> datetime:
     if parsed.tzinfo is None:
         raise SchemaError(f"{field}: {value[:40]!r} has no time zone")
     try:
-        return parsed.astimezone(UTC)
+        parsed = parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
         raise SchemaError(f"{field}: {value[:40]!r} is out of range") from None
+    # Far-off years are not real operations, and break date arithmetic (List windows) later.
+    if not MIN_YEAR <= parsed.year <= MAX_YEAR:
+        raise SchemaError(f"{field}: {value[:40]!r} is outside {MIN_YEAR}..{MAX_YEAR}")
+    return parsed
 
 
 def _count(stats: dict[str, Any], name: str) -> int:
@@ -101,8 +110,8 @@ def _count(stats: dict[str, Any], name: str) -> int:
     # bool is an int in Python; the schema says integer, so reject it explicitly.
     if not isinstance(value, int) or isinstance(value, bool):
         raise SchemaError(f"stats.{name}: expected an integer, got {value!r}"[:120])
-    if value < 0:
-        raise SchemaError(f"stats.{name}: must be >= 0, got {value}")
+    if not 0 <= value <= MAX_COUNT:
+        raise SchemaError(f"stats.{name}: must be 0..{MAX_COUNT}, got {value}"[:120])
     return value
 
 
@@ -151,10 +160,18 @@ def parse_page(data: object) -> Page:
     next_url = pagination["next"]
     if next_url is not None and not isinstance(next_url, str):
         raise SchemaError("pagination.next: expected a string or null")
+    parsed: list[Operation] = []
+    rejected: list[str] = []
+    for index, item in enumerate(operations):
+        try:
+            parsed.append(parse_operation(item))
+        except SchemaError as exc:
+            rejected.append(f"operations[{index}]: {exc}")
     return Page(
-        operations=tuple(parse_operation(item) for item in operations),
+        operations=tuple(parsed),
         next_token=_page_token(next_url),
         next_url=next_url,
+        rejected=tuple(rejected),
     )
 
 

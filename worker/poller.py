@@ -18,9 +18,9 @@ from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.client import ApiClient
+from worker.client import ApiClient, next_page_token
 from worker.db import ENDED_STATES
-from worker.errors import ApiError, AuthError, OperationNotFound, RetryLater
+from worker.errors import ApiError, AuthError, OperationNotFound, RetryLater, ServerError
 from worker.operation import Operation
 from worker.repository import Repository
 from worker.tracking import (
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 Result = Operation | ApiError
 # Called inside the write transaction for every operation that reached an end.
 EndHook = Callable[[Session, dict[str, Any], datetime], None]
+
+
+class _OutOfTime(Exception):
+    """The message's claim is about to expire: stop calling, write what was learned."""
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Poller:
         self.policy = policy
         self.on_end = list(on_end)
         self.last_stats = PollStats(0, 0, 0)
+        self._deadline: datetime | None = None
 
     def poll(
         self,
@@ -82,12 +87,26 @@ class Poller:
         results: dict[str, Result] = {}
         deferral: _Deferral | None = None
         sent_before = self.client.requests_sent
+        # The claim's lease ends at the rows' next_poll_at: write before another sweep takes
+        # them back, and leave what is left for the next tick.
+        self._deadline = (
+            min(row.next_poll_at for row in rows) - self.policy.lease / 4
+            if token is not None and rows
+            else None
+        )
         try:
             if strategy is Strategy.LIST and rows:
                 self._list(rows, results)
             for row in rows:
                 if row.id not in results:
+                    self._check_deadline()
                     results[row.id] = self._fetch(row.id)
+        except _OutOfTime:
+            now = self.client.clock.now()
+            deferral = _Deferral(now, "the claim's lease was running out")
+            log.warning(
+                "message out of time after %d result(s); the rest is due again", len(results)
+            )
         except RetryLater as exc:
             deferral = _Deferral(exc.not_before, exc.reason)
         except AuthError as exc:
@@ -105,6 +124,10 @@ class Poller:
         reports += [PollReport(i, Outcome.SKIPPED) for i in operation_ids if i not in seen]
         return reports
 
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and self.client.clock.now() >= self._deadline:
+            raise _OutOfTime
+
     def _fetch(self, op_id: str) -> Result:
         try:
             return self.client.fetch(op_id)
@@ -121,9 +144,11 @@ class Poller:
         ends = [r.remote_created_at or r.tracked_at for r in rows]
         wanted = {r.id for r in rows}
         pad = timedelta(seconds=1)  # startDate/endDate are exclusive, at whole seconds
+        seen: set[str] = set()
         try:
             token: str | None = None
             while True:
+                self._check_deadline()
                 page = self.client.list_page(
                     start_date=min(starts) - pad,
                     end_date=max(ends) + pad,
@@ -133,12 +158,21 @@ class Poller:
                 for op in page.operations:
                     if op.id in wanted:
                         results[op.id] = op
+                if page.rejected:
+                    log.warning(
+                        "List page: %d item(s) broke the schema and were skipped: %s",
+                        len(page.rejected),
+                        "; ".join(page.rejected[:3]),
+                    )
                 if page.next_token is None:
                     return
-                token = page.next_token
+                token = next_page_token(page, seen)
         except (AuthError, RetryLater):
             raise
         except ApiError as exc:
+            if isinstance(exc, OperationNotFound):
+                # The List endpoint has no 404: this one says nothing about our operations.
+                exc = ServerError(exc.status, exc.errors, exc.url)
             # A failed page is a failed poll for every operation it should have covered.
             for row in rows:
                 results.setdefault(row.id, exc)

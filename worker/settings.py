@@ -98,6 +98,15 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+def _bounded(
+    env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float
+) -> float:
+    value = _float(env, name, default, minimum)
+    if value > maximum:
+        raise ConfigError(f"{name}={value:g} must be at most {maximum:g} seconds")
+    return value
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -208,7 +217,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0, minimum=0.2),
         connect_timeout=_float(env, "OPTRACK_CONNECT_TIMEOUT", 5.0, minimum=0.1),
         read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0, minimum=0.1),
-        max_inplace_wait=_float(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0),
+        max_inplace_wait=_bounded(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0, 0.0, 30.0),
         batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50, 1, 1000),
         poll_strategy=_choice(env, "OPTRACK_POLL_STRATEGY", POLL_STRATEGIES),
         poll_max_interval=max(

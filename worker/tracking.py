@@ -42,6 +42,8 @@ class Known(Protocol):
     def consecutive_errors(self) -> int: ...
     @property
     def version(self) -> int: ...
+    @property
+    def remote_updated_at(self) -> datetime | None: ...
 
 
 class Outcome(enum.StrEnum):
@@ -184,7 +186,20 @@ def _cut(claim: Claim, size: int, by_second: bool) -> list[tuple[str, ...]]:
 def observation(
     row: Known, op: Operation, now: datetime, policy: PollPolicy
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The row's new values after ``op`` was seen, and its history row if anything changed."""
+    """The row's new values after ``op`` was seen, and its history row if anything changed.
+
+    An answer older than what is already recorded (a lagging replica behind a List page) only
+    moves the schedule: stats never go backwards in the history.
+    """
+    if row.remote_updated_at is not None and op.updated_at < row.remote_updated_at:
+        return {
+            "id": row.id,
+            "last_polled_at": now,
+            "polls": row.polls + 1,
+            "claim_token": None,
+            "next_poll_at": policy.next_poll(now, row.remote_updated_at),
+            "version": row.version + 1,
+        }, None
     stats = op.stats
     values: dict[str, Any] = {
         "id": row.id,
