@@ -1,0 +1,322 @@
+"""Benchmark of the operations features: prune, notice dispatcher, /metrics scrape.
+
+    .venv/bin/python -m bench.operations                  # PostgreSQL and SQLite
+    .venv/bin/python -m bench.operations --backend sqlite
+
+For each backend, on a fresh, migrated database (PostgreSQL: optrack_bench_ops, created for
+the run and dropped at the end; SQLite: a file in a temporary folder), it measures:
+
+* prune: 1,000 operations that ended 100 days ago with 200 history rows each (200,000 rows);
+  ``worker.retention.prune`` with a 90-day cutoff deletes all but each one's last row
+  (199,000 rows) in batches of 5,000, as ``optrack db prune --older-than 90d`` does;
+* dispatcher: a notice for each of those 1,000 operations (``worker.notices.record_end``),
+  then ``worker.notices.deliver_pending`` with the production policy, run by run until none
+  is left, POSTing each to a webhook server on 127.0.0.1 (an ephemeral port) that answers 204;
+* scrape: 10,000 active operations added (11,000 in all), then GET /metrics of
+  ``worker.metrics.serve(build_registry(...))`` 20 times: median and max.
+
+It prints a markdown table and the command; the figures are recorded in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.clock import FakeClock
+from worker.db import HistoryEntry, TrackedOperation, make_engine, make_sessionmaker
+from worker.metrics import build_registry, serve
+from worker.migrate import upgrade
+from worker.notices import DeliveryPolicy, WebhookChannel, deliver_pending, record_end
+from worker.retention import prune
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PG_DATABASE = "optrack_bench_ops"
+
+ENDED_OPERATIONS = 1_000
+HISTORY_PER_OPERATION = 200
+ACTIVE_OPERATIONS = 10_000
+PRUNE_BATCH = 5_000
+SCRAPES = 20
+INSERT_CHUNK = 100  # operations whose history goes in one transaction
+DISPATCH = DeliveryPolicy()  # what the beat task deliver_notices uses
+HTTP_TIMEOUT = 10.0
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+ENDED_AT = NOW - timedelta(days=100)
+CUTOFF = NOW - timedelta(days=90)
+
+
+# --- the data ------------------------------------------------------------------------------
+
+
+def _op_id(prefix: str, i: int) -> str:
+    return f"comms_operation_01h9krwprkeee8fzqspv{prefix}{i:06d}"
+
+
+def _ended_row(op: str) -> dict[str, Any]:
+    steps = HISTORY_PER_OPERATION
+    return dict(
+        id=op,
+        status="COMPLETED",
+        tracked_at=ENDED_AT,
+        next_poll_at=ENDED_AT,
+        ended_at=ENDED_AT,
+        polls=steps,
+        consecutive_errors=0,
+        version=steps,
+        total=1,
+        queued=0,
+        created=1,
+        failed=0,
+    )
+
+
+def _history_row(op: str, seq: int) -> dict[str, Any]:
+    return dict(
+        operation_id=op,
+        seq=seq,
+        observed_at=ENDED_AT,
+        remote_updated_at=ENDED_AT,
+        status="PROCESSING",
+        total=1,
+        queued=1,
+        created=0,
+        failed=0,
+    )
+
+
+def _active_row(i: int) -> dict[str, Any]:
+    return dict(
+        id=_op_id("x", i),
+        status="PROCESSING",
+        tracked_at=NOW,
+        next_poll_at=NOW + timedelta(seconds=i % 60),
+        polls=0,
+        consecutive_errors=0,
+        version=1,
+    )
+
+
+def load_ended(sessions: sessionmaker[Session]) -> None:
+    """ENDED_OPERATIONS completed operations with HISTORY_PER_OPERATION history rows each."""
+    ids = [_op_id("w", i) for i in range(ENDED_OPERATIONS)]
+    with sessions.begin() as session:
+        session.execute(insert(TrackedOperation), [_ended_row(op) for op in ids])
+    steps = range(1, HISTORY_PER_OPERATION + 1)
+    for start in range(0, len(ids), INSERT_CHUNK):
+        chunk = ids[start : start + INSERT_CHUNK]
+        with sessions.begin() as session:
+            rows = [_history_row(op, seq) for op in chunk for seq in steps]
+            session.execute(insert(HistoryEntry), rows)
+
+
+def load_active(sessions: sessionmaker[Session]) -> None:
+    """ACTIVE_OPERATIONS processing operations, due over the next minute."""
+    with sessions.begin() as session:
+        rows = [_active_row(i) for i in range(ACTIVE_OPERATIONS)]
+        session.execute(insert(TrackedOperation), rows)
+
+
+def queue_notices(sessions: sessionmaker[Session]) -> int:
+    """A notice for every ended operation, as the transaction that ends it would write."""
+    with sessions.begin() as session:
+        ended = session.scalars(
+            select(TrackedOperation).where(TrackedOperation.ended_at.is_not(None))
+        )
+        return sum(record_end(session, row, NOW) for row in ended)
+
+
+# --- the webhook receiver ------------------------------------------------------------------
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like any real receiver
+    received = 0
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with _Receiver.lock:
+            _Receiver.received += 1
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def webhook_server() -> Iterator[str]:
+    """A webhook receiver on 127.0.0.1 (a free port) answering 204; yields its URL."""
+    _Receiver.received = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- the measurements ----------------------------------------------------------------------
+
+
+def measure_prune(sessions: sessionmaker[Session]) -> str:
+    start = time.perf_counter()
+    result = prune(sessions, CUTOFF, PRUNE_BATCH)
+    seconds = time.perf_counter() - start
+    expected = ENDED_OPERATIONS * (HISTORY_PER_OPERATION - 1)
+    if result.history_rows != expected:
+        raise RuntimeError(f"prune deleted {result.history_rows} rows, expected {expected}")
+    per_batch = seconds / result.batches * 1000
+    return (
+        f"{result.history_rows:,} rows in {result.batches} batches: {seconds:.2f} s "
+        f"({per_batch:.0f} ms/batch)"
+    )
+
+
+def measure_dispatcher(sessions: sessionmaker[Session]) -> str:
+    queued = queue_notices(sessions)
+    max_runs = queued // DISPATCH.batch + 2
+    delivered = 0
+    with webhook_server() as url:
+        channel = WebhookChannel(url, "bench-secret", timeout=HTTP_TIMEOUT)
+        try:
+            start = time.perf_counter()
+            for _ in range(max_runs):
+                report = deliver_pending(sessions, NOW, [channel], DISPATCH)
+                if report.failed:
+                    raise RuntimeError(f"delivery failed: {report.failed[0]}")
+                if not report.delivered:
+                    break
+                delivered += len(report.delivered)
+            seconds = time.perf_counter() - start
+        finally:
+            channel.close()
+    if delivered != queued or _Receiver.received != queued:
+        raise RuntimeError(f"{queued} queued, {delivered} delivered, {_Receiver.received} got")
+    return (
+        f"{delivered:,} notices in runs of {DISPATCH.batch}: {seconds:.2f} s "
+        f"({delivered / seconds:.0f}/s)"
+    )
+
+
+def measure_scrape(sessions: sessionmaker[Session]) -> str:
+    load_active(sessions)
+    server = serve(build_registry(sessions, FakeClock(NOW), multiproc_dir=None), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    timings = []
+    try:
+        with requests.Session() as http:
+            for _ in range(SCRAPES):
+                start = time.perf_counter()
+                http.get(url, timeout=HTTP_TIMEOUT).raise_for_status()
+                timings.append((time.perf_counter() - start) * 1000)
+    finally:
+        server.close()
+    total = ENDED_OPERATIONS + ACTIVE_OPERATIONS
+    return (
+        f"{total:,} operations, {SCRAPES} scrapes: median {statistics.median(timings):.1f} ms, "
+        f"max {max(timings):.1f} ms"
+    )
+
+
+def bench_backend(url: str) -> list[tuple[str, str]]:
+    """Migrate, load, measure in order (each step uses the data the previous one left)."""
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        sessions = make_sessionmaker(engine)
+        load_ended(sessions)
+        return [
+            ("prune", measure_prune(sessions)),
+            ("dispatcher (webhook)", measure_dispatcher(sessions)),
+            ("/metrics scrape", measure_scrape(sessions)),
+        ]
+    finally:
+        engine.dispose()
+
+
+# --- the databases -------------------------------------------------------------------------
+
+
+def _drop_and_create(admin_url: str, create: bool) -> None:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
+            if create:
+                conn.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """Create optrack_bench_ops, yield its URL, drop it whatever happens."""
+    _drop_and_create(admin_url, create=True)
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + PG_DATABASE
+    finally:
+        _drop_and_create(admin_url, create=False)
+
+
+@contextmanager
+def sqlite_database() -> Iterator[str]:
+    """A SQLite file in a temporary folder, removed at the end."""
+    with tempfile.TemporaryDirectory() as folder:
+        yield f"sqlite:///{Path(folder) / 'bench.sqlite'}"
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def _command() -> str:
+    python = os.path.relpath(sys.executable)
+    python = sys.executable if python.startswith("..") else python
+    return " ".join([python, "-m", "bench.operations", *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["pg", "sqlite"], help="one backend (default both)")
+    parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
+    args = parser.parse_args(argv)
+    databases = {
+        "postgresql": lambda: postgres_database(args.pg_admin_url),
+        "sqlite": sqlite_database,
+    }
+    if args.backend is not None:
+        databases = {k: v for k, v in databases.items() if k.startswith(args.backend)}
+    lines = ["| backend | measurement | figure |", "|---|---|---|"]
+    for backend, database in databases.items():
+        with database() as url:
+            for measurement, figure in bench_backend(url):
+                lines.append(f"| {backend} | {measurement} | {figure} |")
+                print(lines[-1], file=sys.stderr, flush=True)  # progress
+    print("\n".join(lines))
+    print(f"\ncommand: `{_command()}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
