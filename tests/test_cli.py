@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import SID, TOKEN
+from tests.conftest import TOKEN
+from tests.processes import base_env
 from worker.db import HistoryEntry, TrackedOperation, make_engine, make_sessionmaker
 from worker.runtime import Runtime
 from worker.sandbox import SandboxServer
@@ -25,16 +25,7 @@ OTHER = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
 
 @pytest.fixture
 def env(tmp_path: Path, db_url: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
-    base.update(
-        {
-            "OPTRACK_HOME": str(tmp_path / "home"),
-            "OPTRACK_DATABASE_URL": db_url,
-            "TWILIO_ACCOUNT_SID": SID,
-            "TWILIO_AUTH_TOKEN": TOKEN,
-        }
-    )
-    return base
+    return base_env(tmp_path, OPTRACK_DATABASE_URL=db_url)
 
 
 def optrack(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

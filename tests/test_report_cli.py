@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import report_data as data
-from tests.conftest import SID, TOKEN
+from tests.processes import base_env
 from tests.report_data import op_id, shown_figures
 from worker.db import make_engine, make_sessionmaker
 from worker.reports.formats import number_text, percent_text, rate_text, span_text
@@ -30,16 +29,7 @@ UNTRACKED = "comms_operation_01h9krwprkeee8fzqspvwy6zzz"
 
 def make_env(tmp_path: Path, db_url: str) -> dict[str, str]:
     """The environment of an optrack subprocess on ``db_url``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
-    base.update(
-        {
-            "OPTRACK_HOME": str(tmp_path / "home"),
-            "OPTRACK_DATABASE_URL": db_url,
-            "TWILIO_ACCOUNT_SID": SID,
-            "TWILIO_AUTH_TOKEN": TOKEN,
-        }
-    )
-    return base
+    return base_env(tmp_path, OPTRACK_DATABASE_URL=db_url)
 
 
 @pytest.fixture
