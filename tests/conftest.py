@@ -179,3 +179,11 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault tests' figures (docs/reliability.md)."""
+    from tests.fault_stack import summary_lines
+
+    for line in summary_lines():
+        terminalreporter.write_line(line)

@@ -179,6 +179,19 @@ class Repository:
             created=tuple(created for _, created in claimed),
         )
 
+    def release(self, operation_ids: Sequence[str], token: str, now: datetime) -> None:
+        """Give claimed operations back, due at ``now`` (their poll message was never sent)."""
+        stmt = (
+            update(TrackedOperation)
+            .where(
+                TrackedOperation.id.in_(list(operation_ids)),
+                TrackedOperation.claim_token == token,
+            )
+            .values(next_poll_at=now, claim_token=None)
+            .execution_options(synchronize_session=False)
+        )
+        self.session.execute(stmt)
+
     def claimed(
         self, operation_ids: Sequence[str], token: str | None, *, lock: bool = False
     ) -> Sequence[Row[Any]]:

@@ -9,9 +9,12 @@ import logging
 from typing import Any
 
 from celery.signals import worker_process_shutdown
+from kombu.exceptions import OperationalError
+from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
 from worker import health, tracking
 from worker.celery_app import app
+from worker.repository import Repository
 from worker.runtime import Runtime
 from worker.settings import load_settings
 
@@ -55,8 +58,15 @@ def tick() -> dict[str, int]:
         configured=rt.settings.poll_strategy,
     )
     # Sent after the claim committed: a poll never sees a claim that was rolled back.
-    for chunk in sweep.chunks:
-        poll.delay(list(chunk.operation_ids), sweep.token, chunk.strategy.value)
+    for index, chunk in enumerate(sweep.chunks):
+        try:
+            poll.delay(list(chunk.operation_ids), sweep.token, chunk.strategy.value)
+        except OperationalError:  # kombu's: the broker went away mid-tick
+            unsent = [i for c in sweep.chunks[index:] for i in c.operation_ids]
+            with rt.sessions.begin() as session:
+                Repository(session).release(unsent, sweep.token, now)
+            log.warning("tick: broker unreachable; %d claim(s) given back", len(unsent))
+            raise
     claimed = len(sweep.operation_ids)
     if claimed:
         strategies = sorted({chunk.strategy.value for chunk in sweep.chunks})
@@ -71,7 +81,17 @@ def tick() -> dict[str, int]:
     return {"claimed": claimed}
 
 
-@app.task(name=POLL_TASK, ignore_result=True)
+@app.task(
+    name=POLL_TASK,
+    ignore_result=True,
+    # A database that went away mid-write: try again soon with the same claim token (still
+    # valid for the lease) instead of leaving the operations for the lease to run out.
+    autoretry_for=(DatabaseOperationalError,),
+    retry_backoff=2,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=6,
+)
 def poll(
     operation_ids: list[str], claim_token: str | None = None, strategy: str = "fetch"
 ) -> dict[str, int]:

@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 from worker.errors import OptrackError
 from worker.migrate import upgrade
 from worker.runtime import Runtime
-from worker.settings import load_settings
+from worker.settings import ensure_sqlite_dirs, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +39,7 @@ def pass_runtime(func: F) -> F:
 def ensure_schema(rt: Runtime) -> None:
     """Migrate an embedded SQLite database; on a server, ask for `optrack db upgrade`."""
     if rt.settings.database_url.startswith("sqlite"):
+        ensure_sqlite_dirs(rt.settings)  # a fresh OPTRACK_HOME does not exist yet
         upgrade(rt.settings.database_url)
         return
     if not inspect(rt.engine).has_table("tracked_operations"):
