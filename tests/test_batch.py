@@ -211,3 +211,15 @@ def test_a_message_stops_calling_before_its_claim_expires(
     again = tracking.sweep(sessions, clock.now(), 100, POLICY, None, "fetch")
     assert sorted(again.operation_ids) == sorted(o.id for o in ops)
     assert {r.consecutive_errors for r in rows(sessions).values()} == {0}
+
+
+def test_the_claim_lease_is_a_setting() -> None:
+    from worker.errors import ConfigError
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    settings = load_settings({"OPTRACK_CLAIM_LEASE": "15"})
+    assert Runtime(settings).poll_policy.lease == timedelta(seconds=15)
+    assert Runtime(load_settings({})).poll_policy.lease == timedelta(seconds=120)
+    with pytest.raises(ConfigError, match="OPTRACK_CLAIM_LEASE"):
+        load_settings({"OPTRACK_CLAIM_LEASE": "1"})

@@ -26,8 +26,11 @@ HOLD = 60.0  # a "slow" answer longer than the test needs: the poll is still ope
 
 @pytest.fixture
 def one_worker(tmp_path: Path, pg_url: str) -> Iterator[FaultStack]:
-    """Sandbox, beat and a single worker ``w1``: the one holding the slow poll is known."""
-    with fault_stack(tmp_path, db_url=pg_url, workers=("w1",)) as stack:
+    """Sandbox, beat and a single worker ``w1``: the one holding the slow poll is known.
+
+    A 20 s claim lease (OPTRACK_CLAIM_LEASE), so a killed worker's operations come back soon.
+    """
+    with fault_stack(tmp_path, db_url=pg_url, workers=("w1",), OPTRACK_CLAIM_LEASE="20") as stack:
         yield stack
 
 

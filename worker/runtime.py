@@ -57,8 +57,8 @@ class Runtime:
             interval=timedelta(seconds=s.poll_interval),
             max_interval=timedelta(seconds=s.poll_max_interval),
             retry=self.retry_policy,
-            # Long enough for a message of 1,000 operations to finish, even slowly.
-            lease=timedelta(seconds=max(120.0, 8 * s.read_timeout)),
+            # A message stops calling in the lease's last quarter and writes what it has.
+            lease=timedelta(seconds=s.claim_lease),
             fetch_chunk=s.batch_size,
             list_threshold=s.list_threshold,
             pending_lookback=timedelta(seconds=s.pending_lookback),
