@@ -215,7 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
     # --- the documented API -------------------------------------------------------------
 
     def _api(self, method: str, path: str, query: str) -> _Reply | None:
-        fault = self.server.sim.take_fault(path)
+        # A fault may match the query too (one List window by its startDate, say).
+        fault = self.server.sim.take_fault(f"{path}?{query}" if query else path)
         if fault is not None:
             if fault.kind == "drop":
                 return None

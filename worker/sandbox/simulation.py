@@ -301,14 +301,17 @@ class Simulation:
     def _insert(self, ops: list[SimulatedOperation]) -> None:
         for op in ops:
             self._by_id[op.id] = op
-        if len(ops) == 1:
-            pos = bisect.bisect_left(self._keys, ops[0].sort_key)
-            self._keys.insert(pos, ops[0].sort_key)
-            self._ordered.insert(pos, ops[0])
-        elif ops:
+        if len(ops) > len(self._ordered):  # a big batch: one sort of everything
             self._ordered.extend(ops)
             self._ordered.sort(key=lambda o: o.sort_key)
             self._keys = [o.sort_key for o in self._ordered]
+            return
+        # A small batch into a big list: insert each in place (re-sorting all would cost
+        # a key per operation already there, for every batch).
+        for op in ops:
+            pos = bisect.bisect_left(self._keys, op.sort_key)
+            self._keys.insert(pos, op.sort_key)
+            self._ordered.insert(pos, op)
 
     def add_operations(
         self,
