@@ -43,7 +43,7 @@ PG_DATABASE = "optrack_bench_reports"
 
 OP_COLUMNS = (
     "id, status, total, queued, created, failed, remote_created_at, remote_updated_at, "
-    "tracked_at, last_polled_at, next_poll_at, claim_token, polls, consecutive_errors, "
+    "tracked_at, last_polled_at, polls, consecutive_errors, "
     "last_error, ended_at, version"
 )
 HISTORY_COLUMNS = (
@@ -142,8 +142,6 @@ def generate(n_ops: int, n_history: int, seed: int = 7) -> Dataset:
                 last[3] if last else None,
                 tracked,
                 last[2] if last else None,
-                NOW,
-                None,
                 n_rows,
                 errors,
                 "ServerError: HTTP 500" if errors else None,

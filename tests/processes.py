@@ -43,6 +43,12 @@ class Sandbox:
         """Drop the faults not consumed yet."""
         self.http.delete(f"{self.root}/_sandbox/faults", timeout=5).raise_for_status()
 
+    def pending_faults(self) -> list[dict[str, Any]]:
+        """The faults not consumed yet."""
+        response = self.http.get(f"{self.root}/_sandbox/faults", timeout=5)
+        response.raise_for_status()
+        return list(response.json()["faults"])
+
     def requests(self) -> list[dict[str, Any]]:
         """The API request log."""
         response = self.http.get(f"{self.root}/_sandbox/requests", timeout=5)

@@ -144,7 +144,6 @@ def load(sessions: sessionmaker[Session], now: datetime = NOW) -> None:
                     remote_updated_at=last[0] if last else None,
                     tracked_at=tracked,
                     last_polled_at=ended or (last[0] if last else None),
-                    next_poll_at=tracked,
                     polls=len(rows) + errors,
                     consecutive_errors=errors,
                     last_error=last_error,

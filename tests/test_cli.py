@@ -73,7 +73,7 @@ def test_status_and_history_outputs(
     env["OPTRACK_API_BASE_URL"] = sandbox.base_url
     assert optrack(env, "track", op.id).returncode == 0
     rt = Runtime(load_settings(env))
-    rt.poller.poll([op.id], None)
+    rt.poller.refresh([op.id])
     rt.close()
 
     status = optrack(env, "status", "--json")
@@ -137,7 +137,7 @@ def test_status_shows_rejected_credentials(
     env["TWILIO_AUTH_TOKEN"] = "not-the-token"
     assert optrack(env, "track", op.id).returncode == 0
     rt = Runtime(load_settings(env))
-    rt.poller.poll([op.id], None)
+    rt.poller.refresh([op.id])
     rt.close()
     table = optrack(env, "status")
     assert "Polling paused until" in table.stdout

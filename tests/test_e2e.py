@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, quote
 
 import pytest
 from sqlalchemy import select
@@ -19,6 +21,7 @@ from tests.processes import (
     beat_args,
     celery_process,
     sandbox_process,
+    stop,
     wait_for,
     worker_args,
 )
@@ -82,10 +85,14 @@ class Stack:
 def stack(
     request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, pg_url: str
 ) -> Iterator[Stack]:
-    """Sandbox + beat + two worker processes, polling every second (strategy: the param)."""
+    """Sandbox + beat + two worker processes, polling every second.
+
+    The param is the strategy, then options: ``+2beats`` (a second beat).
+    """
+    param = getattr(request, "param", "auto")
     env = base_env(
         tmp_path,
-        OPTRACK_POLL_STRATEGY=getattr(request, "param", "auto").split("+")[0],
+        OPTRACK_POLL_STRATEGY=param.split("+")[0],
         OPTRACK_DATABASE_URL=pg_url,
         OPTRACK_BROKER_URL=redis_url,
         OPTRACK_POLL_INTERVAL="1",
@@ -96,7 +103,7 @@ def stack(
         env["OPTRACK_API_BASE_URL"] = api.base_url
         stack.enter_context(celery_process(worker_args("w1"), env, tmp_path / "w1.log"))
         stack.enter_context(celery_process(worker_args("w2"), env, tmp_path / "w2.log"))
-        beats = 2 if getattr(request, "param", "").endswith("+2beats") else 1
+        beats = 2 if "+2beats" in param else 1
         for n in range(1, beats + 1):  # a second beat is a mistake optrack must survive
             schedule = tmp_path / f"schedule{n}"
             stack.enter_context(celery_process(beat_args(schedule), env, tmp_path / f"beat{n}.log"))
@@ -157,8 +164,9 @@ def test_tracks_to_the_end_through_429s_and_500s(stack: Stack) -> None:
     for i, entry in enumerate(log):
         later = log[i + 1 :]
         if entry["status"] == 500:
-            # Not retried in place: the next request for it waits for its next poll (>= 1 s).
-            same = [r for r in later if r["path"] == entry["path"]]
+            # Not retried in place: the next request for it (the same operation, or the same
+            # List window) waits for its next poll (>= 1 s).
+            same = [r for r in later if (r["path"], r["query"]) == (entry["path"], entry["query"])]
             assert same and same[0]["t"] - entry["t"] >= 1.0
         if entry["status"] in (429, 503):
             # "2" seconds; the HTTP-date form has whole seconds, so at least 1 s is promised.
@@ -212,3 +220,79 @@ def test_two_workers_and_two_beats_never_poll_one_operation_twice_in_a_sweep(
         assert min(gaps) >= 0.95, f"{op_id} polled twice within {min(gaps):.2f}s"
     beat_logs = [(stack.logs / f"beat{n}.log").read_text() for n in (1, 2)]
     assert all("Sending due task optrack-tick" in text for text in beat_logs)
+
+
+@pytest.mark.parametrize("stack", ["list+2beats"], indirect=True)
+def test_two_workers_and_two_beats_never_double_a_change_in_list_windows(stack: Stack) -> None:
+    api = stack.sandbox
+    ids = [api.create(total=40, duration=8) for _ in range(12)]
+    stack.track(ids)
+    wait_for(stack.all_ended, 120, "every operation to end")
+    log = api.requests()
+    for op_id in ids:
+        assert_history_is_true(stack, op_id)  # no change recorded twice, none lost
+    windows: dict[str, list[float]] = {}
+    for entry in log:
+        windows.setdefault(entry["query"], []).append(entry["t"])
+    for query, times in windows.items():
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert not gaps or min(gaps) >= 0.95, f"window {query} listed twice within a sweep"
+
+
+@pytest.mark.parametrize("stack", ["list"], indirect=True)
+def test_one_slow_answer_delays_only_its_own_window(stack: Stack) -> None:
+    api = stack.sandbox
+    now = time.time()
+    old = [api.create(total=100, duration=7200, created_at=now - 3600) for _ in range(6)]
+    new = [api.create(total=100, duration=7200) for _ in range(6)]
+    stack.track(old + new)
+
+    def windows() -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {}
+        for entry in api.requests():
+            start = parse_qs(entry["query"]).get("startDate", [""])[0]
+            found.setdefault(start, []).append(entry["t"])
+        return found
+
+    # The first listing sees all twelve; then each half is a window of its own.
+    wait_for(lambda: sum(len(t) >= 3 for t in windows().values()) >= 2, 60, "two windows")
+    old_start = min(s for s, t in windows().items() if len(t) >= 3)
+    api.fault(kind="slow", delay=12, match=f"startDate={quote(old_start)}")
+    wait_for(lambda: api.pending_faults() == [], 30, "the slow answer to begin")
+    slow_at = max(windows()[old_start])
+    wait_for(lambda: time.time() > slow_at + 8, 20, "eight seconds of the slow answer")
+    new_start = max(s for s, t in windows().items() if len(t) >= 3)
+    during = [t for t in windows()[new_start] if slow_at < t < slow_at + 8]
+    # The other window kept its one-second cadence while the slow answer held a worker.
+    assert len(during) >= 5, f"the other window was listed {len(during)} times in 8 s"
+
+
+def test_track_wait_on_the_embedded_default_returns_within_an_interval_of_the_ends(
+    tmp_path: Path,
+) -> None:
+    # As `make demo` runs it: SQLite, Celery's SQLAlchemy transport, `optrack run`.
+    env = base_env(tmp_path, OPTRACK_POLL_INTERVAL="1", OPTRACK_TICK_INTERVAL="1")
+    with ExitStack() as stack, sandbox_process(env, tmp_path / "sandbox.log") as api:
+        env["OPTRACK_API_BASE_URL"] = api.base_url
+        log = (tmp_path / "run.log").open("wb")
+        stack.callback(log.close)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"], env=env, stdout=log, stderr=log
+        )
+        stack.callback(stop, run)
+        started = time.time()
+        durations = (6, 9, 12)
+        ids = [api.create(total=6, duration=d) for d in durations]
+        waited = subprocess.run(
+            [sys.executable, "-m", "worker", "track", *ids, "--wait"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        returned = time.time()
+    assert waited.returncode == 0, waited.stderr
+    assert "all 3 operation(s) ended" in waited.stdout
+    # The last true end is at most `started + 12 s`; the wait ends within one interval
+    # (1 s) plus one tick (1 s) of it, plus the embedded broker's ~1 s polling.
+    assert returned - (started + max(durations)) <= 3.5

@@ -18,11 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import SID, TOKEN
+from worker import sweep
 from worker.client import ApiClient, Timeouts
 from worker.clock import FakeClock
 from worker.metrics import Metrics, MetricsServer, build_registry, serve
 from worker.poller import Poller
-from worker.repository import DbGate, Repository
+from worker.recorder import Recorder
+from worker.repository import DbGate, GroupClaim, Repository
 from worker.retry_after import RetryPolicy
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import PollPolicy
@@ -88,11 +90,18 @@ def test_values_after_a_known_sequence_of_polls(
     assert value(before, "optrack_poll_lag_seconds") == 0
     assert value(before, "optrack_api_responses_total", endpoint="fetch", code="200") == 0
 
-    reports = Poller(sessions, client, POLICY).poll([moving.id, broken.id, MISSING], None)
-    metrics.observe_polls(reports)  # what the poll task does with the reports
+    poller = Poller(sessions, client, POLICY, clock, Recorder(sessions, POLICY))
+    claims: list[GroupClaim] = []
+    sweep.sweep(sessions, start, POLICY, limit=10, paused_until=None, send=claims.append)
+    [claim] = claims  # three new operations: one GET group
+    counts = poller.poll(claim.group_id, claim.token)
+    metrics.observe_polls(counts)  # what the poll task does with the counts
     client.close()
     assert clock.now() == start + timedelta(seconds=2)  # the 429's pause, waited in place
-    clock.advance(100)  # both active operations were due at start + 12 s: 90 s overdue
+    sweep.place(sessions, clock.now(), POLICY)  # the seen operation joins a group of its own
+    # The group of the operation in error was due one interval after its poll started
+    # (start + 10 s), the seen one's one interval after it was seen (start + 12 s).
+    clock.advance(100)
 
     after = scrape(port)
     for code, count in (("200", 1), ("429", 1), ("500", 1), ("404", 1)):
@@ -111,7 +120,7 @@ def test_values_after_a_known_sequence_of_polls(
     assert value(after, "optrack_operations", status="PENDING") == 1
     assert value(after, "optrack_operations", status="NOT_FOUND") == 1
     assert value(after, "optrack_operations", status="COMPLETED") == 0
-    assert value(after, "optrack_poll_lag_seconds") == 90.0
+    assert value(after, "optrack_poll_lag_seconds") == 92.0
     assert value(after, "optrack_notices_pending") == 0
     assert value(after, "optrack_database_up") == 1
 

@@ -37,6 +37,7 @@ from worker.notices import (
     record_end,
 )
 from worker.poller import Poller
+from worker.recorder import Recorder
 from worker.repository import Repository
 from worker.sandbox import SandboxServer
 from worker.settings import DEFAULT_NOTIFY_QUEUE, load_settings
@@ -189,9 +190,11 @@ def test_the_pollers_end_hook_records_the_whole_final_record(
     missing = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
     with sessions.begin() as session:
         Repository(session).add([done.id, missing], clock.now())
-    poller = Poller(sessions, make_client(), PollPolicy(), on_end=[end_hook])
-    poller.poll([done.id, missing], None)
-    poller.poll([done.id, missing], None)  # already ended: no second notice
+    client = make_client()
+    recorder = Recorder(sessions, PollPolicy(), on_end=[end_hook])
+    poller = Poller(sessions, client, PollPolicy(), client.clock, recorder)
+    poller.refresh([done.id, missing])
+    poller.refresh([done.id, missing])  # already ended: no second notice
     by_id = {n.operation_id: json.loads(n.payload) for n in notices(sessions)}
     assert set(by_id) == {done.id, missing}
     assert by_id[done.id]["status"] == "CANCELED" and by_id[done.id]["total"] == 3
@@ -204,9 +207,10 @@ KILLED_POLLER = """
 import os, signal, sys
 from worker.runtime import Runtime
 from worker.settings import load_settings
+from worker.tracking import Outcome
 rt = Runtime(load_settings())
-reports = rt.poller.poll([sys.argv[1]], None)
-assert reports[0].outcome.value == "changed", reports
+counts = rt.poller.refresh([sys.argv[1]])
+assert counts.outcomes[Outcome.CHANGED] == 1, counts
 print("state change committed", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # the worker dies before any notice is sent
 """

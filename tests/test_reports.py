@@ -135,7 +135,6 @@ def test_percentiles_interpolate_like_percentile_cont(
                     remote_created_at=created,
                     ended_at=created + timedelta(seconds=seconds),
                     tracked_at=created,
-                    next_poll_at=created,
                 )
             )
     ordered = sorted(durations)
@@ -204,7 +203,6 @@ def test_estimate_looks_back_five_changes(sessions: sessionmaker[Session]) -> No
                 remote_created_at=start,
                 remote_updated_at=start + timedelta(minutes=35),
                 tracked_at=start,
-                next_poll_at=NOW,
             )
         )
         session.flush()

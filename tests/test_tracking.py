@@ -1,35 +1,52 @@
-"""The domain on SQLite and PostgreSQL: tracking, claiming, polling, history, errors."""
+"""The domain on SQLite and PostgreSQL: tracking, placing, claiming, polling, history, errors."""
 
 from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from itertools import pairwise
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import tracking
+from worker import intake, sweep
 from worker.clock import FakeClock
-from worker.db import HistoryEntry, TrackedOperation
+from worker.db import HistoryEntry, PollGroup, TrackedOperation
 from worker.errors import InvalidOperationId
+from worker.operation import Operation, Stats, Status
 from worker.poller import Poller
-from worker.repository import DbGate, Repository
+from worker.recorder import Recorder
+from worker.repository import DbGate, GroupClaim, Repository
 from worker.sandbox import Fault, SandboxServer
-from worker.tracking import Outcome, PollPolicy, Sweep
+from worker.tracking import Outcome, PollCounts, PollPolicy, observe
 
-POLICY = PollPolicy(interval=timedelta(seconds=10), lease=timedelta(seconds=60))
+# GETs only: these tests are about one operation at a time (List windows: test_batch.py).
+POLICY = PollPolicy(interval=timedelta(seconds=10), lease=timedelta(seconds=60), strategy="fetch")
 MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 
 
-def due(sessions: sessionmaker[Session], clock: FakeClock, paused=None, limit=100) -> Sweep:  # type: ignore[no-untyped-def]
-    """Claim what is due now, as beat's tick does, one GET per operation."""
-    return tracking.sweep(sessions, clock.now(), limit, POLICY, paused, configured="fetch")
+def tick(
+    sessions: sessionmaker[Session], clock: FakeClock, paused=None, limit=100, policy=POLICY
+) -> list[GroupClaim]:  # type: ignore[no-untyped-def]
+    """What beat's tick does: place, claim what is due, 'send' (here: collect) the polls."""
+    sent: list[GroupClaim] = []
+    sweep.sweep(sessions, clock.now(), policy, limit=limit, paused_until=paused, send=sent.append)
+    return sent
 
 
-def ids(sweep: Sweep) -> tuple[str, ...]:
-    return sweep.operation_ids
+def poll_all(poller: Poller, claims: list[GroupClaim]) -> PollCounts:
+    total = PollCounts.empty()
+    for claim in claims:
+        counts = poller.poll(claim.group_id, claim.token)
+        for outcome, n in counts.outcomes.items():
+            total.add(outcome, n)
+        total.requests += counts.requests
+        total.rows_written += counts.rows_written
+        total.history_rows += counts.history_rows
+    return total
 
 
 def history_count(sessions: sessionmaker[Session], op_id: str | None = None) -> int:
@@ -47,18 +64,32 @@ def row(sessions: sessionmaker[Session], op_id: str) -> TrackedOperation:
         return found
 
 
+def group_of(sessions: sessionmaker[Session], op_id: str, clock: FakeClock) -> PollGroup:
+    """The operation's poll group, once the sweep placed it."""
+    sweep.place(sessions, clock.now(), POLICY)
+    with sessions() as session:
+        group_id = Repository(session).get(op_id).group_id  # type: ignore[union-attr]
+        group = session.get(PollGroup, group_id)
+        assert group is not None
+        return group
+
+
+def make_poller(sessions, client, policy: PollPolicy = POLICY) -> Poller:  # type: ignore[no-untyped-def]
+    return Poller(sessions, client, policy, client.clock, Recorder(sessions, policy))
+
+
 @pytest.fixture
 def poller(sessions, make_client, db_gate: DbGate) -> Poller:  # type: ignore[no-untyped-def]
-    return Poller(sessions, make_client(gate=db_gate), POLICY)
+    return make_poller(sessions, make_client(gate=db_gate))
 
 
 def test_track_validates_everything_before_writing(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidOperationId):
-        tracking.track(sessions, [MISSING, "not-an-id"], clock.now())
+        intake.track(sessions, [MISSING, "not-an-id"], clock.now())
     with sessions() as session:
         assert Repository(session).all() == []
-    first = tracking.track(sessions, [MISSING, MISSING], clock.now())
-    again = tracking.track(sessions, [MISSING], clock.now())
+    first = intake.track(sessions, [MISSING, MISSING], clock.now())
+    again = intake.track(sessions, [MISSING], clock.now())
     assert first.added == (MISSING,) and first.already_tracked == ()
     assert again.added == () and again.already_tracked == (MISSING,)
 
@@ -67,43 +98,89 @@ def test_poll_records_changes_once_and_ends(
     sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
 ) -> None:  # type: ignore[no-untyped-def]
     op = sandbox.add_operation(total=4, duration=100)
-    tracking.track(sessions, [op.id], clock.now())
-    claim = due(sessions, clock)
-    assert ids(claim) == (op.id,)
-    [report] = poller.poll(ids(claim), claim.token)
-    assert report.outcome is Outcome.CHANGED
-    assert report.next_poll_at == clock.now() + POLICY.interval
+    intake.track(sessions, [op.id], clock.now())
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.CHANGED] == 1 and counts.requests == 1
     assert history_count(sessions, op.id) == 1
+    # Seen once, it is placed by its createdAt and asked again one interval later.
+    assert tick(sessions, clock) == []
+    assert group_of(sessions, op.id, clock).next_due_at == clock.now() + POLICY.interval
 
-    # Same state again (the sandbox's clock stood still): the schedule moves, no history row.
+    # Same state again (the sandbox's clock stood still): nothing is written at all.
     sandbox_now = clock.now()
     clock.advance(10)
     sandbox.simulation.clock = lambda: sandbox_now.timestamp()
-    claim = due(sessions, clock)
-    [report] = poller.poll(ids(claim), claim.token)
-    assert report.outcome is Outcome.UNCHANGED
+    claims = tick(sessions, clock)
+    counts = poll_all(poller, claims)
+    assert counts.outcomes[Outcome.UNCHANGED] == 1 and counts.rows_written == 0
     assert history_count(sessions, op.id) == 1
+    # ... yet status knows the state was confirmed then.
+    assert group_of(sessions, op.id, clock).last_polled_at == clock.now()
 
     # The redelivered message of that sweep finds its claim gone and does nothing.
-    [again] = poller.poll(ids(claim), claim.token)
-    assert again.outcome is Outcome.SKIPPED
+    again = poll_all(poller, claims)
+    assert again.requests == 0 and sum(again.outcomes.values()) == 0
 
     # The operation finishes: one more row, tracking ends, nothing is due any more.
     sandbox.simulation.clock = lambda: clock.now().timestamp()
     clock.advance(100)
-    claim = due(sessions, clock)
-    [report] = poller.poll(ids(claim), claim.token)
-    assert report.outcome is Outcome.CHANGED
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.CHANGED] == 1
     final = row(sessions, op.id)
     assert final.status == "COMPLETED" and final.ended_at is not None
-    assert (final.created, final.queued) == (4, 0)
+    assert (final.created, final.queued) == (4, 0) and final.group_id is None
     assert history_count(sessions, op.id) == 2
     clock.advance(3600)
-    assert due(sessions, clock).chunks == ()
+    assert tick(sessions, clock) == []
+
+
+def test_an_operation_idle_for_an_hour_at_its_first_poll_is_polled_after_one_interval(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    # Queued an hour ago, no sender processed yet: its updatedAt is an hour old.
+    hour_ago = clock.now().timestamp() - 3600
+    op = sandbox.add_operation(total=3600, duration=7200, created_at=hour_ago)
+    sandbox.simulation.clock = lambda: hour_ago + 1.0
+    intake.track(sessions, [op.id], clock.now())
+    poll_all(poller, tick(sessions, clock))
+    assert row(sessions, op.id).remote_updated_at.timestamp() == pytest.approx(hour_ago, abs=1)
+    sandbox.simulation.clock = lambda: clock.now().timestamp()  # it starts moving now
+    polled = []
+    for _ in range(6):
+        clock.advance(5)
+        if poll_all(poller, tick(sessions, clock)).requests:
+            polled.append(clock.now())
+    # The default cadence is the interval, whatever the API's updatedAt says.
+    first = polled[0] - (clock.now() - timedelta(seconds=30))
+    assert first == timedelta(seconds=10) and len(polled) == 3
+
+
+def test_adaptive_cadence_is_an_opt_in_and_measured_from_our_own_sightings(
+    sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    adaptive = PollPolicy(
+        interval=timedelta(seconds=10),
+        max_interval=timedelta(seconds=60),
+        lease=timedelta(seconds=60),
+        strategy="fetch",
+    )
+    poller = make_poller(sessions, make_client(gate=db_gate), adaptive)
+    op = sandbox.add_operation(total=10, duration=3600)
+    frozen = clock.now().timestamp()
+    sandbox.simulation.clock = lambda: frozen  # it never moves
+    intake.track(sessions, [op.id], clock.now())
+    times = []
+    for _ in range(40):
+        if poll_all(poller, tick(sessions, clock, policy=adaptive)).requests:
+            times.append(clock.now())
+        clock.advance(5)
+    gaps = [(b - a).total_seconds() for a, b in pairwise(times)]
+    assert gaps[0] == 10  # seen a change (the first sight) one interval ago
+    assert gaps == sorted(gaps) and max(gaps) <= 60 and gaps[-1] > 10
 
 
 def test_history_constraint_rejects_a_duplicate_row(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
-    tracking.track(sessions, [MISSING], clock.now())
+    intake.track(sessions, [MISSING], clock.now())
     entry = {
         "operation_id": MISSING,
         "seq": 2,
@@ -122,20 +199,21 @@ def test_history_constraint_rejects_a_duplicate_row(sessions, clock: FakeClock) 
     assert history_count(sessions) == 1
 
 
-def test_concurrent_polls_of_one_operation_write_one_row(
-    sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
+def test_concurrent_recorders_of_one_answer_write_one_row(
+    sessions, sandbox: SandboxServer, make_client, clock: FakeClock
 ) -> None:  # type: ignore[no-untyped-def]
     op = sandbox.add_operation(total=4, duration=3600)
-    tracking.track(sessions, [op.id], clock.now())
-    pollers = [Poller(sessions, make_client(gate=db_gate), POLICY) for _ in range(4)]
-    barrier = threading.Barrier(len(pollers))
+    intake.track(sessions, [op.id], clock.now())
+    answer = make_client().fetch(op.id)
+    recorders = [Recorder(sessions, POLICY) for _ in range(4)]
+    barrier = threading.Barrier(len(recorders))
     outcomes: list[Outcome] = []
 
-    def run(p: Poller) -> None:
+    def run(recorder: Recorder) -> None:
         barrier.wait()
-        outcomes.extend(r.outcome for r in p.poll([op.id], None))
+        outcomes.extend(recorder.record({op.id: answer}, clock.now()).outcomes.values())
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in pollers]
+    threads = [threading.Thread(target=run, args=(r,)) for r in recorders]
     for t in threads:
         t.start()
     for t in threads:
@@ -144,31 +222,54 @@ def test_concurrent_polls_of_one_operation_write_one_row(
     assert outcomes.count(Outcome.CHANGED) == 1
 
 
-def test_two_sweeps_never_claim_the_same_operation(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
-    tracked = [f"comms_operation_0{i:025d}" for i in range(40)]
-    tracking.track(sessions, tracked, clock.now())
-    claims: list[tuple[str, ...]] = []
+def test_two_sweeps_never_claim_the_same_group(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
+    tracked = [f"comms_operation_0{i:025d}" for i in range(40 * POLICY.fetch_group)]
+    intake.track(sessions, tracked, clock.now())
+    sweep.place(sessions, clock.now(), POLICY)
+    claims: list[list[GroupClaim]] = []
     barrier = threading.Barrier(4)
 
     def run() -> None:
         barrier.wait()
-        claims.append(ids(due(sessions, clock, limit=15)))
+        claims.append(tick(sessions, clock, limit=15))
 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    claimed = [i for c in claims for i in c]
+    claimed = [c.group_id for batch in claims for c in batch]
     assert len(claimed) == len(set(claimed)) == 40  # 15 + 15 + 10 + 0
 
 
+def test_a_broker_refusal_gives_the_unsent_claims_back_at_once(sessions, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
+    tracked = [f"comms_operation_0{i:025d}" for i in range(3 * POLICY.fetch_group)]
+    intake.track(sessions, tracked, clock.now())
+    sent: list[GroupClaim] = []
+
+    def refuse_the_second(claim: GroupClaim) -> None:
+        if sent:
+            raise sweep.SendFailed("connection refused")
+        sent.append(claim)
+
+    with pytest.raises(sweep.DispatchError) as raised:
+        sweep.sweep(
+            sessions, clock.now(), POLICY, limit=10, paused_until=None, send=refuse_the_second
+        )
+    assert raised.value.given_back == 2
+    # The two unsent groups are due again now; the sent one stays claimed by its message.
+    again = tick(sessions, clock)
+    assert len(again) == 2 and sent[0].group_id not in {c.group_id for c in again}
+
+
 def test_404_ends_tracking_as_not_found(sessions, poller: Poller, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
-    tracking.track(sessions, [MISSING], clock.now())
-    [report] = poller.poll([MISSING], None)
-    assert report.outcome is Outcome.NOT_FOUND
+    intake.track(sessions, [MISSING], clock.now())
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.NOT_FOUND] == 1
     assert row(sessions, MISSING).status == "NOT_FOUND"
     assert history_count(sessions) == 0
+    with sessions() as session:  # its group had nobody left and is gone
+        assert session.scalar(select(func.count()).select_from(PollGroup)) == 0
 
 
 def test_500_backs_off_that_operation_only(
@@ -176,57 +277,55 @@ def test_500_backs_off_that_operation_only(
 ) -> None:  # type: ignore[no-untyped-def]
     a = sandbox.add_operation(total=2, duration=3600)
     b = sandbox.add_operation(total=2, duration=3600)
-    tracking.track(sessions, [a.id, b.id], clock.now())
+    intake.track(sessions, [a.id, b.id], clock.now())
     sandbox.add_fault(Fault(kind="status", status=500, match=a.id, count=3))
     for errors in (1, 2, 3):
-        claim = due(sessions, clock)
-        reports = {r.operation_id: r for r in poller.poll(ids(claim), claim.token)}
-        if a.id in reports:
-            assert reports[a.id].outcome is Outcome.ERROR
+        poll_all(poller, tick(sessions, clock))
         state = row(sessions, a.id)
         assert state.consecutive_errors == errors
         assert "ServerError" in (state.last_error or "")
-        clock.current = state.next_poll_at
+        assert state.not_before is not None
+        clock.current = max(state.not_before, group_of(sessions, b.id, clock).next_due_at)
     # 500s were never retried in place: one request per scheduled poll.
     a_requests = [r for r in sandbox.requests_log() if a.id in str(r["path"])]
     assert [r["status"] for r in a_requests] == [500, 500, 500]
-    claim = due(sessions, clock)
-    poller.poll(ids(claim), claim.token)
+    poll_all(poller, tick(sessions, clock))
     assert row(sessions, a.id).consecutive_errors == 0
     assert row(sessions, b.id).consecutive_errors == 0
+    # b was polled at its interval all along, whatever a's backoff.
+    b_requests = [r for r in sandbox.requests_log() if b.id in str(r["path"])]
+    assert len(b_requests) >= 4
 
 
-def test_throttle_defers_the_whole_sweep_and_stops_the_next(
+def test_throttle_defers_the_group_and_stops_the_next_sweep(
     sessions, sandbox: SandboxServer, poller: Poller, db_gate: DbGate, clock: FakeClock
 ) -> None:  # type: ignore[no-untyped-def]
     ops = [sandbox.add_operation(total=2, duration=3600) for _ in range(3)]
-    tracking.track(sessions, [o.id for o in ops], clock.now())
+    intake.track(sessions, [o.id for o in ops], clock.now())
     sandbox.add_fault(Fault(kind="status", status=429, retry_after="60"))
-    claim = due(sessions, clock)
-    reports = poller.poll(ids(claim), claim.token)
-    assert {r.outcome for r in reports} == {Outcome.DEFERRED}
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.DEFERRED] == 3
     not_before = clock.now() + timedelta(seconds=60)
-    for o in ops:
-        assert row(sessions, o.id).next_poll_at == not_before
+    with sessions() as session:
+        assert session.scalars(select(PollGroup.next_due_at)).all() == [not_before]
     assert len(sandbox.requests_log()) == 1
     paused = db_gate.paused_until(clock.now())
     assert paused is not None and paused[0] == not_before
     # A sweep during the pause claims nothing.
     clock.advance(30)
-    assert due(sessions, clock, paused[0]).chunks == ()
+    assert tick(sessions, clock, paused[0]) == []
     clock.advance(30)
-    claim = due(sessions, clock)
-    assert len(ids(claim)) == 3
+    assert poll_all(poller, tick(sessions, clock)).outcomes[Outcome.CHANGED] == 3
 
 
 def test_bad_credentials_pause_without_failing_operations(
     sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
 ) -> None:  # type: ignore[no-untyped-def]
     op = sandbox.add_operation(total=2, duration=3600)
-    tracking.track(sessions, [op.id], clock.now())
-    poller = Poller(sessions, make_client(gate=db_gate, token="wrong"), POLICY)
-    [report] = poller.poll([op.id], None)
-    assert report.outcome is Outcome.DEFERRED
+    intake.track(sessions, [op.id], clock.now())
+    poller = make_poller(sessions, make_client(gate=db_gate, token="wrong"))
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.DEFERRED] == 1
     state = row(sessions, op.id)
     assert state.status == "PENDING" and state.consecutive_errors == 0
     pause = db_gate.current()
@@ -239,10 +338,10 @@ def test_malformed_answers_are_not_stored(
     sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock, variant: str
 ) -> None:  # type: ignore[no-untyped-def]
     op = sandbox.add_operation(total=2, duration=3600)
-    tracking.track(sessions, [op.id], clock.now())
+    intake.track(sessions, [op.id], clock.now())
     sandbox.add_fault(Fault(kind="malformed", variant=variant))
-    [report] = poller.poll([op.id], None)
-    assert report.outcome is Outcome.ERROR
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.ERROR] == 1
     state = row(sessions, op.id)
     assert state.status == "PENDING" and state.total is None
     assert "SchemaError" in (state.last_error or "")
@@ -250,10 +349,6 @@ def test_malformed_answers_are_not_stored(
 
 
 def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClock) -> None:
-    from types import SimpleNamespace
-
-    from worker.operation import Operation, Stats, Status
-
     recorded = SimpleNamespace(
         id=MISSING,
         status="PROCESSING",
@@ -263,7 +358,10 @@ def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClo
         failed=0,
         polls=3,
         consecutive_errors=0,
+        not_before=None,
         version=4,
+        group_id=1,
+        remote_created_at=clock.now() - timedelta(hours=1),
         remote_updated_at=clock.now(),
     )
     stale = Operation(
@@ -273,6 +371,4 @@ def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClo
         clock.now() - timedelta(hours=1),
         clock.now() - timedelta(seconds=30),
     )
-    values, history = tracking.observation(recorded, stale, clock.now(), POLICY)
-    assert history is None
-    assert "created" not in values and values["polls"] == 4
+    assert observe(recorded, stale) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from worker import tracking
+from worker import intake
 from worker.repository import TrackResult
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
@@ -14,6 +14,6 @@ def track(operation_ids: Sequence[str], settings: Settings | None = None) -> Tra
     """Start tracking operation IDs; any invalid ID raises InvalidOperationId, writing nothing."""
     rt = Runtime(settings or load_settings())
     try:
-        return tracking.track(rt.sessions, operation_ids, rt.clock.now())
+        return intake.track(rt.sessions, operation_ids, rt.clock.now())
     finally:
         rt.close()

@@ -24,12 +24,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-# Local states beside the API's three: PENDING (tracked, never fetched) and NOT_FOUND (404).
-PENDING = "PENDING"
-NOT_FOUND = "NOT_FOUND"
-ACTIVE_STATES = ("PENDING", "PROCESSING")
-ENDED_STATES = ("COMPLETED", "CANCELED", "NOT_FOUND")
-ALL_STATES = ACTIVE_STATES + ENDED_STATES
+from worker.tracking import ACTIVE_STATES, ALL_STATES, ENDED_STATES, NOT_FOUND, PENDING
+
+__all__ = ["ACTIVE_STATES", "ALL_STATES", "ENDED_STATES", "NOT_FOUND", "PENDING"]
+GROUP_KINDS = ("list", "fetch")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -76,8 +74,8 @@ class TrackedOperation(Base):
         CheckConstraint(
             "total >= 0 AND queued >= 0 AND created >= 0 AND failed >= 0", name="counts"
         ),
-        Index(None, "status", "next_poll_at"),
         Index(None, "tracked_at"),  # the reports' period filter (migration 0003_reports)
+        Index(None, "group_id"),  # a group's members; NULL: waiting to be placed
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -89,10 +87,16 @@ class TrackedOperation(Base):
     remote_created_at: Mapped[datetime | None]
     remote_updated_at: Mapped[datetime | None]
     tracked_at: Mapped[datetime]
+    # The last answer about this operation that changed its row (its group confirms the rest).
     last_polled_at: Mapped[datetime | None]
-    next_poll_at: Mapped[datetime]
-    # Set by the sweep that claimed the row; a poll runs only with the matching token.
-    claim_token: Mapped[str | None] = mapped_column(String(36))
+    # The poll group that schedules this operation; NULL until the sweep places it.
+    group_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("poll_groups.id", ondelete="SET NULL"),
+    )
+    # This operation's own "not before" (backoff after an error); NULL: whenever its group runs.
+    not_before: Mapped[datetime | None]
+    # Answers recorded for this operation: changes and errors (unchanged answers write nothing).
     polls: Mapped[int] = mapped_column(Integer, default=0)
     consecutive_errors: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -104,6 +108,42 @@ class TrackedOperation(Base):
     def ended(self) -> bool:
         """True once the operation reached a final state."""
         return self.status in ENDED_STATES
+
+
+class PollGroup(Base):
+    """Operations polled together by one message: a createdAt window (List) or a set (GET).
+
+    The schedule lives here, not on each operation, so a sweep writes one row per group plus
+    one per operation that changed.
+    """
+
+    __tablename__ = "poll_groups"
+    __table_args__ = (
+        CheckConstraint(f"kind IN {GROUP_KINDS!r}", name="kind"),
+        Index(None, "next_due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    kind: Mapped[str] = mapped_column(String(8))
+    # createdAt of the members (whole seconds, both ends included); NULL while none is known.
+    start_at: Mapped[datetime | None]
+    end_at: Mapped[datetime | None]
+    members: Mapped[int] = mapped_column(Integer, default=0)
+    next_due_at: Mapped[datetime]
+    # The sweep that claimed the group; a poll message runs only with the matching token.
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    claim_expires_at: Mapped[datetime | None]
+    # When the last poll of the group started: every member it saw was confirmed then.
+    last_polled_at: Mapped[datetime | None]
+    last_change_at: Mapped[datetime | None]
+    # What the last listing of the window held (List groups): operations and pages.
+    listed: Mapped[int | None] = mapped_column(Integer)
+    pages: Mapped[int | None] = mapped_column(Integer)
+    consecutive_errors: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
 
 
 class HistoryEntry(Base):

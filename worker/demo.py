@@ -18,10 +18,11 @@ from typing import Any
 
 import click
 
-from worker import tracking
+from worker import intake
 from worker.cli.render import console, history_table, status_table
 from worker.errors import OptrackError
 from worker.migrate import upgrade
+from worker.reports import queries
 from worker.repository import Repository
 from worker.runtime import Runtime
 from worker.sandbox import Fault, SandboxServer
@@ -66,7 +67,7 @@ def run_demo(timeout: float = 180.0) -> None:
         rt = Runtime(load_settings(env))
         upgrade(rt.settings.database_url)
         ids = [op.id for op in ops]
-        tracking.track(rt.sessions, ids, rt.clock.now())
+        intake.track(rt.sessions, ids, rt.clock.now())
         out.print(f"sandbox API on {api.base_url}; tracking {len(ids)} operations")
         log_path = DEMO_HOME / "worker.log"
         with log_path.open("w") as log_file:
@@ -119,8 +120,7 @@ def _print_results(rt: Runtime, ids: list[str], requests: list[dict[str, Any]]) 
     out = console()
     with rt.sessions() as session:
         repo = Repository(session)
-        rows = [row for op_id in ids if (row := repo.get(op_id)) is not None]
-        out.print(status_table(rows))
+        out.print(status_table(queries.progress_states(session, ids)))
         for op_id in ids:
             out.print(history_table(op_id, repo.history(op_id)))
     out.print(f"API requests: {len(requests)}")

@@ -15,12 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient
 from worker.errors import ApiError, RetryLater
-from worker.operation import Status
+from worker.operation import Operation, Status
+from worker.recorder import Recorder
 from worker.repository import Repository
 
 log = logging.getLogger(__name__)
-# Rows per INSERT: keeps SQLite under its limit of bound parameters per statement.
-INSERT_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -58,30 +57,34 @@ def discover(
     window: timedelta,
     *,
     page_size: int = 1000,
+    recorder: Recorder | None = None,
 ) -> DiscoveryResult:
-    """Track every PROCESSING operation created in the last ``window``; idempotent."""
-    found: list[str] = []
+    """Track every PROCESSING operation created in the last ``window``; idempotent.
+
+    A new operation starts with the state and createdAt the listing showed (its first
+    history row), so the sweep places it at once; with a ``recorder``, what the listing
+    shows of operations already tracked is recorded too (every page is news).
+    """
+    found: dict[str, Operation] = {}
     stopped: str | None = None
     not_before: datetime | None = None
     try:
         for op in client.iter_operations(
             status=Status.PROCESSING, start_date=now - window, page_size=page_size
         ):
-            found.append(op.id)
+            found[op.id] = op
     except RetryLater as exc:
         stopped, not_before = exc.reason, exc.not_before
     except ApiError as exc:
         stopped = str(exc)
-    ids = list(dict.fromkeys(found))
-    added: list[str] = []
     with sessions.begin() as session:
-        repo = Repository(session)
-        for start in range(0, len(ids), INSERT_CHUNK):
-            added.extend(repo.add(ids[start : start + INSERT_CHUNK], now).added)
+        tracked = Repository(session).add_seen(list(found.values()), now)
+    if recorder is not None and tracked.already_tracked:
+        recorder.record({op_id: found[op_id] for op_id in tracked.already_tracked}, now)
     result = DiscoveryResult(
-        seen=len(ids),
-        added=tuple(added),
-        already_tracked=len(ids) - len(added),
+        seen=len(found),
+        added=tracked.added,
+        already_tracked=len(tracked.already_tracked),
         stopped_early=stopped,
         not_before=not_before,
     )

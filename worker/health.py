@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, TrackedOperation
+from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, PollGroup, TrackedOperation
 
 BEAT = "beat"
 AUTH_STATUSES = (401, 403)
@@ -39,12 +39,15 @@ def last_beat(session: Session) -> datetime | None:
 
 
 def poll_lag(session: Session, now: datetime) -> float:
-    """Seconds the most overdue poll of an active operation is late at ``now`` (0 if none)."""
-    oldest = session.scalar(
-        select(func.min(TrackedOperation.next_poll_at)).where(
-            TrackedOperation.status.in_(ACTIVE_STATES)
+    """Seconds the most overdue poll is late at ``now`` (0 if none): the oldest due time of a
+    poll group with members, or how long an operation has waited to be placed in one."""
+    due = session.scalar(select(func.min(PollGroup.next_due_at)).where(PollGroup.members > 0))
+    waiting = session.scalar(
+        select(func.min(TrackedOperation.tracked_at)).where(
+            TrackedOperation.group_id.is_(None), TrackedOperation.status.in_(ACTIVE_STATES)
         )
     )
+    oldest = min((t for t in (due, waiting) if t is not None), default=None)
     if oldest is None:
         return 0.0
     return max(0.0, (now - oldest).total_seconds())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -30,7 +30,7 @@ from worker import health
 from worker.clock import Clock, SystemClock
 from worker.db import ALL_STATES, Notice, make_engine, make_sessionmaker
 from worker.settings import Settings
-from worker.tracking import Outcome, PollReport
+from worker.tracking import Outcome, PollCounts
 
 log = logging.getLogger(__name__)
 PAUSE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -92,12 +92,12 @@ class Metrics:
         self.pauses.labels(str(status)).inc()
         self.pause_seconds.observe(seconds)
 
-    def observe_polls(self, reports: Iterable[PollReport]) -> None:
-        """Count polls by outcome; a CHANGED poll wrote one history row."""
-        for report in reports:
-            self.polls.labels(report.outcome.value).inc()
-            if report.outcome is Outcome.CHANGED:
-                self.history_rows.inc()
+    def observe_polls(self, counts: PollCounts) -> None:
+        """Count what one poll message did to its operations, and the history it wrote."""
+        for outcome, count in counts.outcomes.items():
+            if count:
+                self.polls.labels(outcome.value).inc(count)
+        self.history_rows.inc(counts.history_rows)
 
     def observe_history_rows(self, count: int) -> None:
         """Count history rows written outside ``observe_polls``."""

@@ -96,13 +96,13 @@ def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
     return session.scalar(stmt) is not None
 
 
-def end_hook(session: Session, values: dict[str, Any], now: datetime) -> None:
-    """``record_end`` for the Poller's ``on_end`` hooks, which get the written column values.
+def end_hook(session: Session, operation_id: str, now: datetime) -> None:
+    """``record_end`` for the Poller's ``on_end`` hooks, called with each ended operation.
 
-    The row is re-read inside the same transaction, after the bulk UPDATE, so the notice
-    carries the whole final record (a 404's values name only the columns it changed).
+    The row is read inside the same transaction, after the bulk UPDATE, so the notice
+    carries the whole final record.
     """
-    row = session.get(TrackedOperation, values["id"], populate_existing=True)
+    row = session.get(TrackedOperation, operation_id, populate_existing=True)
     if row is not None:
         record_end(session, row, now)
 

@@ -34,7 +34,11 @@ def discover() -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
     rt = runtime()
     result = discovery.discover(
-        rt.sessions, rt.client, rt.clock.now(), rt.settings.discovery_window
+        rt.sessions,
+        rt.client,
+        rt.clock.now(),
+        rt.settings.discovery_window,
+        recorder=rt.recorder,
     )
     rt.metrics.discovered.inc(len(result.added))
     return {

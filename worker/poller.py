@@ -1,42 +1,35 @@
-"""Polls claimed operations through the API client and writes what it learned in bulk.
+"""Polls one group of operations and records what the API said, in short transactions.
 
-Network first, then one transaction per message: the rows still claimed with the sweep's
-token are locked, updated with one bulk UPDATE, and their history appended with one bulk
-INSERT. A crash before the commit writes nothing; the claim's lease runs out and the
-operations are due again.
+A List window is read page by page and each page is recorded as it arrives: every tracked
+operation on it, member of this group or not, is written if the page says something newer
+than what is stored. Members the pages did not show fall back to one GET each. A GET group
+asks for each member. Each write decides against the rows it has locked, so two messages
+that saw one change record it once. Then the group's schedule is written (one row).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient, next_page_token
-from worker.db import ENDED_STATES
+from worker.clock import Clock
 from worker.errors import ApiError, AuthError, OperationNotFound, RetryLater, ServerError
-from worker.operation import Operation
+from worker.planning import LIST
+from worker.recorder import Recorder, Result
 from worker.repository import Repository
-from worker.tracking import (
-    Outcome,
-    PollPolicy,
-    PollReport,
-    Strategy,
-    failure,
-    not_found,
-    observation,
-)
+from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
 log = logging.getLogger(__name__)
-Result = Operation | ApiError
-# Called inside the write transaction for every operation that reached an end.
-EndHook = Callable[[Session, dict[str, Any], datetime], None]
+PAGE_SIZE = 1000
+# List bounds are exclusive and in whole seconds: pad the window by one on each side.
+WINDOW_PAD = timedelta(seconds=1)
 
 
 class _OutOfTime(Exception):
@@ -49,115 +42,119 @@ class _Deferral:
     reason: str
 
 
-@dataclass(frozen=True)
-class PollStats:
-    """What one message cost and wrote, for logs, metrics and the benchmark."""
+@dataclass
+class _Run:
+    """What one message learned so far."""
 
-    requests: int
-    rows_updated: int
-    history_rows: int
+    group_id: int
+    deadline: datetime
+    counts: PollCounts = field(default_factory=PollCounts.empty)
+    seen: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)  # members that ended or must be re-placed
+    changed: bool = False
+    listed: int | None = None
+    pages: int | None = None
+    list_error: ApiError | None = None
+    deferral: _Deferral | None = None
 
 
 class Poller:
-    """Polls operations claimed by a sweep and records the results."""
+    """Polls the groups claimed by a sweep and records the results."""
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
         client: ApiClient,
         policy: PollPolicy,
-        on_end: Sequence[EndHook] = (),
+        clock: Clock,
+        recorder: Recorder,
     ) -> None:
         self.sessions = sessions
         self.client = client
         self.policy = policy
-        self.on_end = list(on_end)
-        self.last_stats = PollStats(0, 0, 0)
-        self._deadline: datetime | None = None
+        self.clock = clock
+        self.recorder = recorder
 
-    def poll(
-        self,
-        operation_ids: Sequence[str],
-        token: str | None,
-        strategy: Strategy = Strategy.FETCH,
-    ) -> list[PollReport]:
-        """Poll each operation still claimed with ``token`` (None: whatever its claim)."""
+    def poll(self, group_id: int, token: str) -> PollCounts:
+        """Poll the group if it is still claimed with ``token``; return what it did."""
         with self.sessions() as session:
-            rows = Repository(session).claimed(operation_ids, token)
-        results: dict[str, Result] = {}
-        deferral: _Deferral | None = None
+            repo = Repository(session)
+            group = repo.claimed_group(group_id, token)
+            members = repo.members(group_id) if group is not None else []
+        if group is None or group.claim_expires_at is None:
+            log.info("group %d: claimed by another sweep meanwhile; nothing to do", group_id)
+            return PollCounts.empty()
+        started = self.clock.now()
+        run = _Run(group_id, group.claim_expires_at - self.policy.deadline_margin)
         sent_before = self.client.requests_sent
-        # The claim's lease ends at the rows' next_poll_at: write before another sweep takes
-        # them back, and leave what is left for the next tick.
-        self._deadline = (
-            min(row.next_poll_at for row in rows) - self.policy.lease / 4
-            if token is not None and rows
-            else None
-        )
         try:
-            if strategy is Strategy.LIST and rows:
-                self._list(rows, results)
-            for row in rows:
-                if row.id not in results:
-                    self._check_deadline()
-                    results[row.id] = self._fetch(row.id)
+            if group.kind == LIST and members:
+                self._list(members, run)
+            if run.list_error is None:
+                self._fetch([m for m in members if m.id not in run.seen], run)
         except _OutOfTime:
-            now = self.client.clock.now()
-            deferral = _Deferral(now, "the claim's lease was running out")
-            log.warning(
-                "message out of time after %d result(s); the rest is due again", len(results)
-            )
+            run.deferral = _Deferral(self.clock.now(), "the claim's lease was running out")
+            log.warning("group %d: out of time; the rest is due again", group_id)
         except RetryLater as exc:
-            deferral = _Deferral(exc.not_before, exc.reason)
+            run.deferral = _Deferral(exc.not_before, exc.reason)
         except AuthError as exc:
-            now = self.client.clock.now()
+            now = self.clock.now()
             paused = self.client.gate.paused_until(now)
-            deferral = _Deferral(paused[0] if paused else now + self.policy.interval, str(exc))
-            log.error("credentials rejected, polling paused until %s: %s", deferral.until, exc)
-        reports = self._write(operation_ids, token, results, deferral)
-        self.last_stats = PollStats(
-            self.client.requests_sent - sent_before,
-            self.last_stats.rows_updated,
-            self.last_stats.history_rows,
-        )
-        seen = {r.operation_id for r in reports}
-        reports += [PollReport(i, Outcome.SKIPPED) for i in operation_ids if i not in seen]
-        return reports
+            run.deferral = _Deferral(paused[0] if paused else now + self.policy.interval, str(exc))
+            log.error("credentials rejected, polling paused until %s: %s", run.deferral.until, exc)
+        run.counts.requests = self.client.requests_sent - sent_before
+        if run.deferral is not None:
+            left = [m for m in members if m.id not in run.seen and m.id not in run.removed]
+            run.counts.add(Outcome.DEFERRED, len(left))
+            log.info(
+                "group %d: account paused until %s (%s); %d poll(s) deferred",
+                group_id,
+                run.deferral.until.isoformat(),
+                run.deferral.reason,
+                len(left),
+            )
+        self._finish(group, token, members, started, run)
+        return run.counts
 
-    def _check_deadline(self) -> None:
-        if self._deadline is not None and self.client.clock.now() >= self._deadline:
+    def refresh(self, operation_ids: Sequence[str]) -> PollCounts:
+        """Ask for the given active operations now, one GET each, whatever their groups'
+        schedule (a refresh on demand); a pause of the account stops it."""
+        with self.sessions() as session:
+            members = Repository(session).states(operation_ids)
+        run = _Run(0, datetime.max.replace(tzinfo=self.clock.now().tzinfo))
+        sent_before = self.client.requests_sent
+        try:
+            self._fetch(members, run)
+        except (RetryLater, AuthError) as exc:
+            log.warning("refresh stopped: %s", exc)
+        run.counts.requests = self.client.requests_sent - sent_before
+        return run.counts
+
+    def _check_deadline(self, run: _Run) -> None:
+        if self.clock.now() >= run.deadline:
             raise _OutOfTime
 
-    def _fetch(self, op_id: str) -> Result:
-        try:
-            return self.client.fetch(op_id)
-        except (AuthError, RetryLater):
-            raise
-        except ApiError as exc:
-            return exc
-
-    def _list(self, rows: Sequence[Row[Any]], results: dict[str, Result]) -> None:
-        """Fill ``results`` from List pages over the rows' createdAt window (no status filter:
-        it would hide the operations that just ended)."""
+    def _list(self, members: Sequence[Row[Any]], run: _Run) -> None:
+        """Read the members' createdAt window page by page (no status filter: it would hide
+        the operations that just ended), recording each page."""
         lookback = self.policy.pending_lookback
-        starts = [r.remote_created_at or r.tracked_at - lookback for r in rows]
-        ends = [r.remote_created_at or r.tracked_at for r in rows]
-        wanted = {r.id for r in rows}
-        pad = timedelta(seconds=1)  # startDate/endDate are exclusive, at whole seconds
-        seen: set[str] = set()
+        starts = [m.remote_created_at or m.tracked_at - lookback for m in members]
+        ends = [m.remote_created_at or m.tracked_at for m in members]
+        token: str | None = None
+        tokens: set[str] = set()
+        run.listed = run.pages = 0
         try:
-            token: str | None = None
             while True:
-                self._check_deadline()
+                self._check_deadline(run)
                 page = self.client.list_page(
-                    start_date=min(starts) - pad,
-                    end_date=max(ends) + pad,
-                    page_size=1000,
+                    start_date=min(starts) - WINDOW_PAD,
+                    end_date=max(ends) + WINDOW_PAD,
+                    page_size=PAGE_SIZE,
                     page_token=token,
                 )
-                for op in page.operations:
-                    if op.id in wanted:
-                        results[op.id] = op
+                run.pages += 1
+                run.listed += len(page.operations)
+                self._record({op.id: op for op in page.operations}, run)
                 if page.rejected:
                     log.warning(
                         "List page: %d item(s) broke the schema and were skipped: %s",
@@ -166,126 +163,85 @@ class Poller:
                     )
                 if page.next_token is None:
                     return
-                token = next_page_token(page, seen)
+                token = next_page_token(page, tokens)
         except (AuthError, RetryLater):
             raise
         except ApiError as exc:
             if isinstance(exc, OperationNotFound):
                 # The List endpoint has no 404: this one says nothing about our operations.
                 exc = ServerError(exc.status, exc.errors, exc.url)
-            # A failed page is a failed poll for every operation it should have covered.
-            for row in rows:
-                results.setdefault(row.id, exc)
-            log.warning("List page failed (%s); %d operation(s) backed off", exc, len(rows))
+            run.list_error = exc
+            run.listed = run.pages = None
+            # A failed page is a failed poll for every member it should have shown.
+            left = {m.id: exc for m in members if m.id not in run.seen}
+            log.warning("List page failed (%s); %d operation(s) backed off", exc, len(left))
+            self._record(left, run)
 
-    def _write(
-        self,
-        operation_ids: Sequence[str],
-        token: str | None,
-        results: dict[str, Result],
-        deferral: _Deferral | None,
-    ) -> list[PollReport]:
-        now = self.client.clock.now()
-        reports: list[PollReport] = []
-        updates: list[dict[str, Any]] = []
-        history: list[dict[str, Any]] = []
-        ended: list[dict[str, Any]] = []
+    def _fetch(self, members: Sequence[Row[Any]], run: _Run) -> None:
+        """One GET per member that is not backing off; recorded together at the end."""
+        now = self.clock.now()
+        results: dict[str, Result] = {}
         try:
-            with self.sessions.begin() as session:
-                repo = Repository(session)
-                for row in repo.claimed(operation_ids, token, lock=True):
-                    report, values, entry = self._decide(row, results.get(row.id), deferral, now)
-                    reports.append(report)
-                    if values is None:
-                        continue
-                    # Every dict gets every column, so one bulk statement writes them all.
-                    updates.append({**row._asdict(), **values})
-                    if entry is not None:
-                        history.append(entry)
-                    if values.get("status") in ENDED_STATES:
-                        ended.append(updates[-1])
-                repo.update_many(updates)
-                repo.insert_history(history)
-                for values in ended:
-                    for hook in self.on_end:
-                        hook(session, values, now)
-        except IntegrityError:
-            # Only a second writer of the same step can get here; its rows stand.
-            log.warning("a poll result was already recorded; this message wrote nothing")
-            return [PollReport(i, Outcome.SKIPPED) for i in operation_ids]
-        self.last_stats = PollStats(0, len(updates), len(history))
-        self._log(reports, results, deferral)
-        return reports
+            for member in members:
+                if not is_due(member, now):
+                    run.counts.add(Outcome.SKIPPED)
+                    continue
+                self._check_deadline(run)
+                try:
+                    results[member.id] = self.client.fetch(member.id)
+                except (AuthError, RetryLater):
+                    raise
+                except ApiError as exc:
+                    results[member.id] = exc
+        finally:
+            self._record(results, run)
 
-    def _decide(
-        self,
-        row: Row[Any],
-        result: Result | None,
-        deferral: _Deferral | None,
-        now: datetime,
-    ) -> tuple[PollReport, dict[str, Any] | None, dict[str, Any] | None]:
-        if isinstance(result, Operation):
-            values, entry = observation(row, result, now, self.policy)
-            outcome = Outcome.CHANGED if entry is not None else Outcome.UNCHANGED
-            return PollReport(row.id, outcome, values.get("next_poll_at")), values, entry
-        if isinstance(result, OperationNotFound):
-            return PollReport(row.id, Outcome.NOT_FOUND), not_found(row, now, str(result)), None
-        if isinstance(result, ApiError):
-            values = failure(row, result, now, self.policy)
-            return (
-                PollReport(row.id, Outcome.ERROR, values["next_poll_at"], str(result)),
-                values,
-                None,
-            )
-        if deferral is not None:
-            values = {"id": row.id, "next_poll_at": deferral.until, "claim_token": None}
-            return (
-                PollReport(row.id, Outcome.DEFERRED, deferral.until, deferral.reason),
-                values,
-                None,
-            )
-        # Not reached by this message (cannot happen without a deferral): the lease expires.
-        return PollReport(row.id, Outcome.SKIPPED), None, None
+    def _record(self, results: Mapping[str, Result], run: _Run) -> None:
+        """Write what ``results`` say about tracked operations (members or not)."""
+        recorded = self.recorder.record(results, self.clock.now())
+        run.seen.update(recorded.outcomes)
+        run.removed.update(recorded.leaving)
+        run.changed = run.changed or recorded.changed
+        run.counts.rows_written += recorded.rows
+        run.counts.history_rows += recorded.history
+        for outcome in recorded.outcomes.values():
+            run.counts.add(outcome)
 
-    def _log(
+    def _finish(
         self,
-        reports: Sequence[PollReport],
-        results: dict[str, Result],
-        deferral: _Deferral | None,
+        group: Any,
+        token: str,
+        members: Sequence[Row[Any]],
+        started: datetime,
+        run: _Run,
     ) -> None:
-        for report in reports:
-            result = results.get(report.operation_id)
-            if report.outcome is Outcome.CHANGED and isinstance(result, Operation):
-                s = result.stats
-                log.info(
-                    "polled %s: %s total=%d queued=%d created=%d failed=%d",
-                    result.id,
-                    result.status.value,
-                    s.total,
-                    s.queued,
-                    s.created,
-                    s.failed,
-                    extra={"operation_id": result.id},
-                )
-            elif report.outcome is Outcome.NOT_FOUND:
-                log.warning(
-                    "%s: the API says it does not exist; tracking ended",
-                    report.operation_id,
-                    extra={"operation_id": report.operation_id},
-                )
-            elif report.outcome is Outcome.ERROR:
-                log.warning(
-                    "%s: poll failed (%s); next poll at %s",
-                    report.operation_id,
-                    report.detail,
-                    report.next_poll_at.isoformat() if report.next_poll_at else "-",
-                    extra={"operation_id": report.operation_id},
-                )
-        if deferral is not None:
-            deferred = sum(r.outcome is Outcome.DEFERRED for r in reports)
-            log.info(
-                "account paused until %s (%s); %d poll(s) deferred",
-                deferral.until.isoformat(),
-                deferral.reason,
-                deferred,
+        """Write the group's schedule: due one interval after this poll started."""
+        remaining = len(members) - len(run.removed & {m.id for m in members})
+        last_change = started if run.changed else group.last_change_at
+        values: dict[str, Any] = {"members": remaining}
+        if run.deferral is not None:
+            values["next_due_at"] = run.deferral.until
+        elif run.list_error is not None:
+            errors = group.consecutive_errors + 1
+            backoff = timedelta(seconds=self.policy.retry.backoff(errors))
+            values.update(
+                next_due_at=self.clock.now() + max(self.policy.interval, backoff),
+                consecutive_errors=errors,
+                last_error=f"{type(run.list_error).__name__}: {run.list_error}"[:1000],
             )
+        else:
+            values.update(
+                next_due_at=self.policy.next_due(started, last_change),
+                last_polled_at=started,
+                last_change_at=last_change,
+                consecutive_errors=0,
+                last_error=None,
+            )
+            if run.pages is not None:
+                values.update(listed=run.listed, pages=run.pages)
+        with self.sessions.begin() as session:
+            repo = Repository(session)
+            if not repo.finish(group.id, token, values):
+                log.warning("group %d: claim lost before its schedule was written", group.id)
+            elif remaining <= 0 and not repo.members(group.id):
+                repo.drop_group(group.id)

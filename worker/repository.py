@@ -1,23 +1,27 @@
-"""All queries on tracked operations, their history and the account pause, behind one object."""
+"""All queries on tracked operations, their history, poll groups and the account pause."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Engine,
     Integer,
     Row,
     String,
+    and_,
     any_,
     bindparam,
     cast,
+    delete,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -27,13 +31,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.clock import Clock
 from worker.db import (
-    ACTIVE_STATES,
-    PENDING,
     AccountPause,
     HistoryEntry,
+    PollGroup,
     TrackedOperation,
     UTCDateTime,
 )
+from worker.operation import Operation
+from worker.planning import GroupView, Member, NewGroup, Placement, Waiting
+from worker.tracking import ACTIVE_STATES, PENDING, Change, Failed, Gone, Observed
 
 
 @dataclass(frozen=True)
@@ -45,22 +51,36 @@ class TrackResult:
 
 
 @dataclass(frozen=True)
-class Claim:
-    """Operations claimed by one sweep; a poll runs only with the matching token."""
+class GroupClaim:
+    """A poll group claimed by one sweep; its message runs only with the matching token."""
 
+    group_id: int
     token: str
-    operation_ids: tuple[str, ...]
-    # createdAt of each (when it was tracked, for never-fetched ones), in the same order.
-    created: tuple[datetime, ...] = ()
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``apply`` wrote: rows updated, history rows added, operations that ended."""
+
+    rows: int
+    history: int
+    ended: tuple[str, ...]
 
 
 INSERT_BATCH = 1000
+PLACEMENT_LOCK = 0x6F70747261636B  # "optrack": one sweep places operations at a time
+# SQLite binds at most 32,766 parameters a statement; PostgreSQL takes one array instead.
+SQLITE_IN_CHUNK = 10_000
+_OPERATIONS = TrackedOperation.__table__
 
 
 def _pg_array_type(column_type: Any) -> str:
     """The PostgreSQL array type for a column of ``tracked_operations``."""
     if isinstance(column_type, UTCDateTime):
         return "timestamptz[]"
+    if isinstance(column_type, BigInteger):
+        return "bigint[]"
     if isinstance(column_type, Integer):
         return "integer[]"
     return "text[]"
@@ -68,7 +88,11 @@ def _pg_array_type(column_type: Any) -> str:
 
 def _insert(session: Session) -> Any:
     """The dialect's INSERT that knows ON CONFLICT."""
-    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+    return (postgresql if _is_postgresql(session) else sqlite).insert
+
+
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 class Repository:
@@ -77,47 +101,47 @@ class Repository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
+    # --- tracked operations -------------------------------------------------------------
+
     def add(self, operation_ids: Sequence[str], now: datetime) -> TrackResult:
-        """Start tracking the IDs not tracked yet; first poll due at once."""
+        """Start tracking the IDs not tracked yet; the next tick places and polls them."""
         wanted = list(dict.fromkeys(operation_ids))
-        if not wanted:
-            return TrackResult((), ())
-        added: set[str] = set()
-        # Bound parameters per statement are limited (65,535 on PostgreSQL, 32,766 on SQLite).
-        for start in range(0, len(wanted), INSERT_BATCH):
-            stmt = (
-                _insert(self.session)(TrackedOperation)
-                .values(
-                    [
-                        {
-                            "id": op_id,
-                            "status": PENDING,
-                            "tracked_at": now,
-                            "next_poll_at": now,
-                            "polls": 0,
-                            "consecutive_errors": 0,
-                            "version": 1,
-                        }
-                        for op_id in wanted[start : start + INSERT_BATCH]
-                    ]
-                )
-                .on_conflict_do_nothing(index_elements=["id"])
-                .returning(TrackedOperation.id)
-            )
-            added.update(self.session.scalars(stmt))
+        added = self._insert_new([_new_row(op_id, now) for op_id in wanted])
         return TrackResult(
             added=tuple(i for i in wanted if i in added),
             already_tracked=tuple(i for i in wanted if i not in added),
         )
 
+    def add_seen(self, answers: Sequence[Operation], now: datetime) -> TrackResult:
+        """Start tracking operations as a listing showed them: their state is the first step
+        of their history, and their createdAt places them at once."""
+        by_id = {op.id: op for op in answers}
+        rows = [{**_new_row(op.id, now), **_state(op, now), "version": 1} for op in by_id.values()]
+        added = self._insert_new(rows)
+        history = [_history_row(by_id[op_id], 1, now) for op_id in by_id if op_id in added]
+        for start in range(0, len(history), INSERT_BATCH):
+            self.session.execute(insert(HistoryEntry), history[start : start + INSERT_BATCH])
+        return TrackResult(
+            added=tuple(i for i in by_id if i in added),
+            already_tracked=tuple(i for i in by_id if i not in added),
+        )
+
+    def _insert_new(self, rows: Sequence[dict[str, Any]]) -> set[str]:
+        added: set[str] = set()
+        # Bound parameters per statement are limited (65,535 on PostgreSQL, 32,766 on SQLite).
+        for start in range(0, len(rows), INSERT_BATCH):
+            stmt = (
+                _insert(self.session)(TrackedOperation)
+                .values(list(rows[start : start + INSERT_BATCH]))
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(TrackedOperation.id)
+            )
+            added.update(self.session.scalars(stmt))
+        return added
+
     def get(self, operation_id: str) -> TrackedOperation | None:
         """Return one tracked operation or None."""
         return self.session.get(TrackedOperation, operation_id)
-
-    def get_for_update(self, operation_id: str) -> TrackedOperation | None:
-        """Return one tracked operation, row-locked where the backend can (PostgreSQL)."""
-        stmt = select(TrackedOperation).where(TrackedOperation.id == operation_id)
-        return self.session.scalars(stmt.with_for_update()).one_or_none()
 
     def all(self) -> Sequence[TrackedOperation]:
         """Every tracked operation, the most recently tracked last."""
@@ -133,97 +157,71 @@ class Repository:
         )
         return self.session.scalars(stmt).all()
 
-    def count_due(self, now: datetime) -> int:
-        """How many active operations are due for a poll at ``now``."""
-        stmt = select(func.count()).where(
-            TrackedOperation.status.in_(ACTIVE_STATES), TrackedOperation.next_poll_at <= now
-        )
-        return int(self.session.scalar(stmt) or 0)
+    def states(self, operation_ids: Iterable[str], *, lock: bool = False) -> list[Row[Any]]:
+        """The stored state of the active operations among ``operation_ids``, by id, as light
+        Core rows with the columns of ``tracked_operations``.
 
-    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> Claim:
-        """Claim up to ``limit`` due operations for one sweep, pushing their due time by ``lease``.
-
-        One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
-        two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
-        database's single write lock, so the second sweep sees the rows no longer due.
-        A worker that dies leaves its rows due again when the lease runs out. The IDs come back
-        in createdAt order (tracked time for never-fetched ones), for List windows.
+        With ``lock`` the rows are locked for the transaction where the backend can
+        (PostgreSQL), in id order so two writers never deadlock; SQLite's single write lock,
+        taken when the transaction began, does the same.
         """
-        token = str(uuid.uuid4())
-        due = (
-            select(TrackedOperation.id)
-            .where(
-                TrackedOperation.status.in_(ACTIVE_STATES),
-                TrackedOperation.next_poll_at <= now,
-            )
-            .order_by(TrackedOperation.next_poll_at)
-            .limit(limit)
-        )
-        if self.session.get_bind().dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        stmt = (
-            update(TrackedOperation)
-            .where(TrackedOperation.id.in_(due.scalar_subquery()))
-            .where(TrackedOperation.next_poll_at <= now)
-            .values(next_poll_at=now + lease, claim_token=token)
-            .returning(
-                TrackedOperation.id,
-                func.coalesce(TrackedOperation.remote_created_at, TrackedOperation.tracked_at),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        claimed = sorted(self.session.execute(stmt).all(), key=lambda r: (r[1], r[0]))
-        return Claim(
-            token=token,
-            operation_ids=tuple(op_id for op_id, _ in claimed),
-            created=tuple(created for _, created in claimed),
-        )
+        ids = sorted(set(operation_ids))
+        found: list[Row[Any]] = []
+        for wanted in self._id_filters(ids):
+            stmt = select(_OPERATIONS).where(wanted, _OPERATIONS.c.status.in_(ACTIVE_STATES))
+            if lock:
+                stmt = stmt.with_for_update()
+            found.extend(self.session.execute(stmt.order_by(_OPERATIONS.c.id)).all())
+        return found
 
-    def release(self, operation_ids: Sequence[str], token: str, now: datetime) -> None:
-        """Give claimed operations back, due at ``now`` (their poll message was never sent)."""
-        stmt = (
-            update(TrackedOperation)
-            .where(
-                TrackedOperation.id.in_(list(operation_ids)),
-                TrackedOperation.claim_token == token,
-            )
-            .values(next_poll_at=now, claim_token=None)
-            .execution_options(synchronize_session=False)
-        )
-        self.session.execute(stmt)
-
-    def claimed(
-        self, operation_ids: Sequence[str], token: str | None, *, lock: bool = False
-    ) -> Sequence[Row[Any]]:
-        """State of the active rows among ``operation_ids`` still claimed with ``token``
-        (None: any claim), as light Core rows with the columns of ``tracked_operations``.
-
-        With ``lock``, rows are locked for the transaction where the backend can (PostgreSQL),
-        so a duplicated message waits, then finds the claim gone.
-        """
-        table = TrackedOperation.__table__
-        ids = list(operation_ids)
-        if self.session.get_bind().dialect.name == "postgresql":
+    def _id_filters(self, ids: Sequence[str]) -> Iterable[Any]:
+        """``id IN ids`` as one array on PostgreSQL, in chunks on SQLite."""
+        if not ids:
+            return
+        if _is_postgresql(self.session):
             # One array parameter instead of thousands: = ANY(:ids) binds in microseconds.
-            wanted = table.c.id == any_(cast(ids, postgresql.ARRAY(String)))
-        else:
-            wanted = table.c.id.in_(ids)
-        stmt = select(table).where(wanted, table.c.status.in_(ACTIVE_STATES))
-        if token is not None:
-            stmt = stmt.where(table.c.claim_token == token)
-        if lock:
-            stmt = stmt.with_for_update()
-        return self.session.execute(stmt.order_by(table.c.id)).all()
+            yield _OPERATIONS.c.id == any_(cast(list(ids), postgresql.ARRAY(String)))
+            return
+        for start in range(0, len(ids), SQLITE_IN_CHUNK):
+            yield _OPERATIONS.c.id.in_(ids[start : start + SQLITE_IN_CHUNK])
+
+    def members(self, group_id: int) -> list[Row[Any]]:
+        """The active operations a group polls, by id."""
+        stmt = (
+            select(_OPERATIONS)
+            .where(_OPERATIONS.c.group_id == group_id)
+            .where(_OPERATIONS.c.status.in_(ACTIVE_STATES))
+            .order_by(_OPERATIONS.c.id)
+        )
+        return list(self.session.execute(stmt).all())
+
+    def apply(self, changes: Sequence[Change], now: datetime) -> Written:
+        """Write the decided changes: bookkeeping (version, polls, history seq) is kept here.
+
+        The caller holds the rows' locks (``states(..., lock=True)``) and decided the
+        changes against them, so each version is written once and each history seq is new.
+        """
+        observed = [c for c in changes if isinstance(c, Observed)]
+        failed = [c for c in changes if isinstance(c, Failed)]
+        gone = [c for c in changes if isinstance(c, Gone)]
+        self.update_many([_observed_row(c, now) for c in observed])
+        self.update_many([_failed_row(c, now) for c in failed])
+        self.update_many([_gone_row(c, now) for c in gone])
+        history = [_history_row(c.answer, c.known.version + 1, now) for c in observed if c.history]
+        for start in range(0, len(history), INSERT_BATCH):
+            self.session.execute(insert(HistoryEntry), history[start : start + INSERT_BATCH])
+        ended = tuple(c.known.id for c in observed if c.ended) + tuple(c.known.id for c in gone)
+        return Written(len(changes), len(history), ended)
 
     def update_many(self, rows: Sequence[dict[str, Any]]) -> None:
         """Bulk UPDATE by primary key; every dict holds ``id`` and the same other columns.
 
-        PostgreSQL gets one ``UPDATE ... FROM (VALUES ...)`` per batch; elsewhere executemany.
+        PostgreSQL gets one ``UPDATE ... FROM unnest(arrays)``; elsewhere executemany.
         """
         if not rows:
             return
-        table = TrackedOperation.__table__.c
-        if self.session.get_bind().dialect.name != "postgresql":
+        table = _OPERATIONS.c
+        if not _is_postgresql(self.session):
             stmt = (
                 update(TrackedOperation)
                 .where(TrackedOperation.id == bindparam("_id"))
@@ -242,10 +240,274 @@ class Repository:
         )
         self.session.execute(text(sql), {n: [r[n] for r in rows] for n in ["id", *names]})
 
-    def insert_history(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Bulk INSERT of history rows (the unique (operation_id, seq) stops duplicates)."""
-        if rows:
-            self.session.execute(insert(HistoryEntry), list(rows))
+    # --- poll groups --------------------------------------------------------------------
+
+    def waiting(self, limit: int) -> list[Waiting]:
+        """Active operations no group polls yet, to be placed by the sweep."""
+        t = TrackedOperation
+        stmt = (
+            select(t.id, t.remote_created_at, t.tracked_at, t.last_polled_at)
+            .where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES))
+            .order_by(t.tracked_at, t.id)
+            .limit(limit)
+        )
+        return [Waiting(*row) for row in self.session.execute(stmt)]
+
+    def groups(self) -> list[GroupView]:
+        """Every poll group, as the planner reads them."""
+        g = PollGroup
+        stmt = select(g.id, g.kind, g.start_at, g.end_at, g.members, g.listed, g.pages)
+        return [GroupView(*row) for row in self.session.execute(stmt.order_by(g.id))]
+
+    def place(self, plan: Placement, now: datetime) -> None:
+        """Write a placement: new groups (due at once), grown windows, members joining."""
+        g = PollGroup
+        for group_id, (low, high) in plan.ranges.items():
+            self.session.execute(
+                update(g).where(g.id == group_id).values(start_at=low, end_at=high)
+            )
+        for group_id, op_ids in plan.joins.items():
+            self._assign(group_id, op_ids)
+            self.session.execute(
+                update(g).where(g.id == group_id).values(members=g.members + len(op_ids))
+            )
+        for new in plan.new:
+            self.create_group(new, now)
+
+    def create_group(self, new: NewGroup, now: datetime) -> int:
+        """Create a group with its members, due at ``now``."""
+        group_id = self.session.scalar(
+            insert(PollGroup)
+            .values(
+                kind=new.kind,
+                start_at=new.start_at,
+                end_at=new.end_at,
+                members=len(new.members),
+                next_due_at=new.due_at or now,
+                # A new group counts as just changed: the adaptive cadence starts at the interval.
+                last_change_at=now,
+                consecutive_errors=0,
+                created_at=now,
+            )
+            .returning(PollGroup.id)
+        )
+        assert group_id is not None
+        self._assign(group_id, new.members)
+        return int(group_id)
+
+    def _assign(self, group_id: int, op_ids: Sequence[str]) -> None:
+        for wanted in self._id_filters(list(op_ids)):
+            self.session.execute(
+                update(TrackedOperation)
+                .where(wanted)
+                .values(group_id=group_id)
+                .execution_options(synchronize_session=False)
+            )
+
+    def group_members(self, group_id: int) -> list[Member]:
+        """The active members of a group with their createdAt (for a split)."""
+        t = TrackedOperation
+        stmt = select(t.id, t.remote_created_at).where(
+            t.group_id == group_id, t.status.in_(ACTIVE_STATES)
+        )
+        return [Member(*row) for row in self.session.execute(stmt)]
+
+    def regroup(
+        self, group_id: int, parts: Sequence[Sequence[str]], kind: str, now: datetime
+    ) -> list[int]:
+        """Keep ``parts[0]`` in the group (now of ``kind``); each other part becomes a new
+        group, due at ``now``. Returns the new groups' ids."""
+        first = list(parts[0]) if parts else []
+        self.session.execute(
+            update(PollGroup)
+            .where(PollGroup.id == group_id)
+            .values(kind=kind, members=len(first), listed=None, pages=None)
+        )
+        return [self.create_group(NewGroup(kind, tuple(p)), now) for p in parts[1:] if p]
+
+    def try_lock_placement(self) -> bool:
+        """Take the placement lock for this transaction; False if another sweep holds it.
+
+        SQLite's write lock, taken when the transaction began, already serializes sweeps.
+        """
+        if not _is_postgresql(self.session):
+            return True
+        locked = self.session.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK}
+        )
+        return bool(locked)
+
+    def refresh_range(self, group_id: int) -> None:
+        """Set a window's range to its members' createdAt (after a split or a merge)."""
+        t = TrackedOperation
+        low, high, count = self.session.execute(
+            select(
+                func.min(t.remote_created_at), func.max(t.remote_created_at), func.count()
+            ).where(t.group_id == group_id, t.status.in_(ACTIVE_STATES))
+        ).one()
+        self.session.execute(
+            update(PollGroup)
+            .where(PollGroup.id == group_id)
+            .values(
+                start_at=None if low is None else low.replace(microsecond=0),
+                end_at=None if high is None else high.replace(microsecond=0),
+                members=int(count),
+            )
+        )
+
+    def merge(self, into: int, other: int) -> None:
+        """Move every member of ``other`` into ``into`` and drop ``other``."""
+        self.session.execute(
+            update(TrackedOperation)
+            .where(TrackedOperation.group_id == other)
+            .values(group_id=into)
+            .execution_options(synchronize_session=False)
+        )
+        self.session.execute(delete(PollGroup).where(PollGroup.id == other))
+        self.refresh_range(into)
+
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[GroupClaim]:
+        """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
+
+        One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
+        two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
+        database's single write lock, so the second sweep sees them claimed. A worker that
+        dies leaves its groups due again when the lease runs out.
+        """
+        token = str(uuid.uuid4())
+        g = PollGroup
+        claimable = and_(
+            g.next_due_at <= now, or_(g.claim_token.is_(None), g.claim_expires_at <= now)
+        )
+        due = select(g.id).where(claimable).order_by(g.next_due_at).limit(limit)
+        if _is_postgresql(self.session):
+            due = due.with_for_update(skip_locked=True)
+        expires = now + lease
+        stmt = (
+            update(g)
+            .where(g.id.in_(due.scalar_subquery()), claimable)
+            .values(claim_token=token, claim_expires_at=expires)
+            .returning(g.id)
+            .execution_options(synchronize_session=False)
+        )
+        claimed = sorted(self.session.scalars(stmt))
+        return [GroupClaim(group_id, token, expires) for group_id in claimed]
+
+    def claimed_group(self, group_id: int, token: str) -> PollGroup | None:
+        """The group if it is still claimed with ``token`` (else another sweep has it)."""
+        group = self.session.get(PollGroup, group_id)
+        if group is None or group.claim_token != token:
+            return None
+        return group
+
+    def release(self, claims: Sequence[GroupClaim], now: datetime) -> None:
+        """Give claimed groups back, due at ``now`` (their poll message was never sent)."""
+        for claim in claims:
+            self.session.execute(
+                update(PollGroup)
+                .where(PollGroup.id == claim.group_id, PollGroup.claim_token == claim.token)
+                .values(claim_token=None, claim_expires_at=None, next_due_at=now)
+            )
+
+    def finish(self, group_id: int, token: str, values: dict[str, Any]) -> bool:
+        """Record a group's poll and end its claim; False if the claim was lost meanwhile."""
+        result = self.session.execute(
+            update(PollGroup)
+            .where(PollGroup.id == group_id, PollGroup.claim_token == token)
+            .values(claim_token=None, claim_expires_at=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def drop_group(self, group_id: int) -> None:
+        """Delete a group that has no active member left."""
+        self.session.execute(delete(PollGroup).where(PollGroup.id == group_id))
+
+
+def _new_row(op_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "id": op_id,
+        "status": PENDING,
+        "tracked_at": now,
+        "polls": 0,
+        "consecutive_errors": 0,
+        "version": 1,
+    }
+
+
+def _state(op: Operation, now: datetime) -> dict[str, Any]:
+    """The columns of an operation's state as the API gave it."""
+    ended = op.status.value not in ACTIVE_STATES
+    return {
+        "status": op.status.value,
+        "total": op.stats.total,
+        "queued": op.stats.queued,
+        "created": op.stats.created,
+        "failed": op.stats.failed,
+        "remote_created_at": op.created_at,
+        "remote_updated_at": op.updated_at,
+        "ended_at": op.updated_at if ended else None,
+        "last_polled_at": now,
+    }
+
+
+def _observed_row(change: Observed, now: datetime) -> dict[str, Any]:
+    known = change.known
+    # An end leaves its group; a first sight is placed again by its createdAt.
+    group_id = None if change.ended or change.first_sight else known.group_id
+    return {
+        "id": known.id,
+        **_state(change.answer, now),
+        "polls": known.polls + 1,
+        "consecutive_errors": 0,
+        "last_error": None,
+        "not_before": None,
+        "group_id": group_id,
+        "version": known.version + 1,
+    }
+
+
+def _failed_row(change: Failed, now: datetime) -> dict[str, Any]:
+    known = change.known
+    return {
+        "id": known.id,
+        "consecutive_errors": known.consecutive_errors + 1,
+        "polls": known.polls + 1,
+        "last_polled_at": now,
+        "last_error": change.error,
+        "not_before": change.not_before,
+        "version": known.version + 1,
+    }
+
+
+def _gone_row(change: Gone, now: datetime) -> dict[str, Any]:
+    known = change.known
+    return {
+        "id": known.id,
+        "status": "NOT_FOUND",
+        "ended_at": now,
+        "last_polled_at": now,
+        "polls": known.polls + 1,
+        "last_error": change.detail,
+        "not_before": None,
+        "group_id": None,
+        "version": known.version + 1,
+    }
+
+
+def _history_row(op: Operation, seq: int, now: datetime) -> dict[str, Any]:
+    stats = op.stats
+    return {
+        "operation_id": op.id,
+        "seq": seq,
+        "observed_at": now,
+        "remote_updated_at": op.updated_at,
+        "status": op.status.value,
+        "total": stats.total,
+        "queued": stats.queued,
+        "created": stats.created,
+        "failed": stats.failed,
+    }
 
 
 class DbGate:

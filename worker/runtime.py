@@ -17,6 +17,7 @@ from worker.clock import Clock, SystemClock
 from worker.db import make_engine, make_sessionmaker
 from worker.metrics import Metrics
 from worker.poller import Poller
+from worker.recorder import Recorder
 from worker.repository import DbGate
 from worker.retry_after import RetryPolicy
 from worker.settings import Settings, ensure_sqlite_dirs
@@ -59,7 +60,8 @@ class Runtime:
             retry=self.retry_policy,
             # A message stops calling in the lease's last quarter and writes what it has.
             lease=timedelta(seconds=s.claim_lease),
-            fetch_chunk=s.batch_size,
+            fetch_group=s.batch_size,
+            strategy=s.poll_strategy,
             list_threshold=s.list_threshold,
             pending_lookback=timedelta(seconds=s.pending_lookback),
         )
@@ -84,10 +86,14 @@ class Runtime:
         )
 
     @cached_property
-    def poller(self) -> Poller:
+    def recorder(self) -> Recorder:
         # Completion notices go into the outbox in the transaction that ends the operation.
         on_end = [notices.end_hook] if self.settings.notices_enabled else []
-        return Poller(self.sessions, self.client, self.poll_policy, on_end=on_end)
+        return Recorder(self.sessions, self.poll_policy, on_end)
+
+    @cached_property
+    def poller(self) -> Poller:
+        return Poller(self.sessions, self.client, self.poll_policy, self.clock, self.recorder)
 
     def close(self) -> None:
         """Release pooled connections."""

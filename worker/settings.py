@@ -44,7 +44,7 @@ class Settings:
     allow_insecure_http: bool = False
     # Polling at scale (README "Scale"): strategy, adaptive cadence, sweep size.
     poll_strategy: str = "auto"
-    poll_max_interval: float = 120.0
+    poll_max_interval: float = 10.0
     list_threshold: int = 5
     pending_lookback: float = 86400.0
     max_due_per_tick: int = 20000
@@ -222,8 +222,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_inplace_wait=_bounded(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0, 0.0, 30.0),
         batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50, 1, 1000),
         poll_strategy=_choice(env, "OPTRACK_POLL_STRATEGY", POLL_STRATEGIES),
+        # Adaptive cadence is an opt-in: unset, idle operations keep the poll interval.
         poll_max_interval=max(
-            _float(env, "OPTRACK_POLL_MAX_INTERVAL", 120.0, minimum=0.5),
+            _float(env, "OPTRACK_POLL_MAX_INTERVAL", 0.0, minimum=0.5),
             _float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
         ),
         list_threshold=_int(env, "OPTRACK_LIST_THRESHOLD", 5, 1, 1_000_000),

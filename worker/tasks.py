@@ -9,12 +9,12 @@ import logging
 from typing import Any
 
 from celery.signals import worker_process_shutdown
-from kombu.exceptions import OperationalError
+from kombu.exceptions import KombuError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
-from worker import health, tracking
-from worker.celery_app import app
-from worker.repository import Repository
+from worker import health, intake, sweep
+from worker.celery_app import TICK_TASK, app
+from worker.repository import GroupClaim
 from worker.runtime import Runtime
 from worker.settings import load_settings
 
@@ -41,65 +41,57 @@ def _close_runtime(**_: Any) -> None:
         _runtime = None
 
 
-@app.task(name="optrack.tick", ignore_result=True)
+@app.task(name=TICK_TASK, ignore_result=True)
 def tick() -> dict[str, int]:
-    """Claim the operations due now and dispatch their polls in chunks."""
+    """Place waiting operations into poll groups, claim the due groups, dispatch their polls."""
     rt = runtime()
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         health.beat_ticked(session, now)  # `optrack health` checks that beat keeps ticking
     paused = rt.gate.paused_until(now)
-    sweep = tracking.sweep(
+
+    def send(claim: GroupClaim) -> None:
+        try:
+            poll.delay(claim.group_id, claim.token)
+        except (KombuError, OSError) as exc:  # the broker went away mid-tick
+            raise sweep.SendFailed(str(exc)) from exc
+
+    result = sweep.sweep(
         rt.sessions,
         now,
+        rt.poll_policy,
         limit=rt.settings.max_due_per_tick,
-        policy=rt.poll_policy,
         paused_until=paused[0] if paused else None,
-        configured=rt.settings.poll_strategy,
+        send=send,
     )
-    # Sent after the claim committed: a poll never sees a claim that was rolled back.
-    for index, chunk in enumerate(sweep.chunks):
-        try:
-            poll.delay(list(chunk.operation_ids), sweep.token, chunk.strategy.value)
-        except OperationalError:  # kombu's: the broker went away mid-tick
-            unsent = [i for c in sweep.chunks[index:] for i in c.operation_ids]
-            with rt.sessions.begin() as session:
-                Repository(session).release(unsent, sweep.token, now)
-            log.warning("tick: broker unreachable; %d claim(s) given back", len(unsent))
-            raise
-    claimed = len(sweep.operation_ids)
-    if claimed:
-        strategies = sorted({chunk.strategy.value for chunk in sweep.chunks})
-        log.info(
-            "tick: %d operation(s) due, %d poll message(s) sent (%s)",
-            claimed,
-            len(sweep.chunks),
-            "+".join(strategies),
-        )
+    if result.sent:
+        log.info("tick: %d group(s) due, %d poll message(s) sent", result.claimed, result.sent)
     elif paused:
         log.info("tick: account paused until %s (%s)", paused[0].isoformat(), paused[1])
-    return {"claimed": claimed}
+    return {"placed": result.placed, "claimed": result.claimed}
 
 
 @app.task(
     name=POLL_TASK,
     ignore_result=True,
     # A database that went away mid-write: try again soon with the same claim token (still
-    # valid for the lease) instead of leaving the operations for the lease to run out.
+    # valid for the lease) instead of leaving the group for the lease to run out.
     autoretry_for=(DatabaseOperationalError,),
     retry_backoff=2,
     retry_backoff_max=30,
     retry_jitter=True,
     max_retries=6,
 )
-def poll(
-    operation_ids: list[str], claim_token: str | None = None, strategy: str = "fetch"
-) -> dict[str, int]:
-    """Poll the given claimed operations once each, by GET or by List pages."""
+def poll(group_id: int, claim_token: str) -> dict[str, int]:
+    """Poll one claimed group: List pages over its window, or one GET per member."""
+    if not isinstance(group_id, int) or isinstance(group_id, bool):
+        # A message from before poll groups: its operations are polled by their groups now.
+        log.warning("poll: dropping a message of an older format (%r)", type(group_id).__name__)
+        return {}
     rt = runtime()
-    reports = rt.poller.poll(operation_ids, claim_token, tracking.Strategy(strategy))
-    rt.metrics.observe_polls(reports)
-    return tracking.summarize(reports)
+    counts = rt.poller.poll(group_id, claim_token)
+    rt.metrics.observe_polls(counts)
+    return counts.as_dict()
 
 
 @app.task(name=TRACK_TASK, ignore_result=True)
@@ -108,6 +100,6 @@ def track(operation_ids: list[str]) -> dict[str, list[str]]:
     if not isinstance(operation_ids, list):
         raise TypeError("optrack.track takes one argument: a JSON list of operation IDs")
     rt = runtime()
-    result = tracking.track(rt.sessions, operation_ids, rt.clock.now())
+    result = intake.track(rt.sessions, operation_ids, rt.clock.now())
     log.info("track: %d added, %d already tracked", len(result.added), len(result.already_tracked))
     return {"added": list(result.added), "already_tracked": list(result.already_tracked)}

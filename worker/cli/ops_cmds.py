@@ -54,7 +54,9 @@ def discover(window: timedelta, page_size: int) -> None:
     """Track every PROCESSING operation of the account (one run; exit 1 if it stopped early)."""
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    result = discovery.discover(rt.sessions, rt.client, rt.clock.now(), window, page_size=page_size)
+    result = discovery.discover(
+        rt.sessions, rt.client, rt.clock.now(), window, page_size=page_size, recorder=rt.recorder
+    )
     for op_id in result.added:
         click.echo(f"tracking {op_id}")
     if result.complete:

@@ -10,8 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from worker.db import AccountPause, HistoryEntry, TrackedOperation
+from worker.db import AccountPause, HistoryEntry
 from worker.reports.formats import iso
+from worker.reports.model import OperationState
 
 OPERATION_FIELDS = (
     "id",
@@ -36,7 +37,7 @@ def _plain(value: Any) -> Any:
     return iso(value) if isinstance(value, datetime) else value
 
 
-def operation_record(row: TrackedOperation) -> dict[str, Any]:
+def operation_record(row: OperationState) -> dict[str, Any]:
     """A tracked operation as a JSON-ready dict with the documented field names."""
     return {name: _plain(getattr(row, name)) for name in OPERATION_FIELDS}
 
@@ -49,7 +50,7 @@ def _count(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def status_table(rows: Sequence[TrackedOperation]) -> Table:
+def status_table(rows: Sequence[OperationState]) -> Table:
     """One line per tracked operation."""
     table = Table(title=f"{len(rows)} tracked operation(s)", title_justify="left")
     table.add_column("operation", no_wrap=True)
@@ -57,7 +58,7 @@ def status_table(rows: Sequence[TrackedOperation]) -> Table:
     for name in ("created", "failed", "queued", "total"):
         table.add_column(name, justify="right")
     table.add_column("polls", justify="right")
-    table.add_column("last polled (UTC)", no_wrap=True)
+    table.add_column("confirmed (UTC)", no_wrap=True)
     table.add_column("next poll / ended (UTC)", no_wrap=True)
     table.add_column("last error", overflow="fold", max_width=40)
     for row in rows:

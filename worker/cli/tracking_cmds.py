@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from worker import tracking
+from worker import intake
 from worker.cli.common import ensure_schema, get_runtime, usage_error
 from worker.cli.render import (
     OPERATION_FIELDS,
@@ -15,11 +15,13 @@ from worker.cli.render import (
     pause_line,
     status_table,
 )
-from worker.cli.report_cmds import DEFAULT_WATCH_INTERVAL, follow
+from worker.cli.report_cmds import follow
 from worker.errors import InvalidOperationId
 from worker.operation import validate_operation_id
+from worker.reports import queries
 from worker.reports.formats import to_json
-from worker.repository import Repository
+
+WAIT_REREAD = 0.5  # seconds between reads of the database while `track --wait` waits
 
 
 def read_ids(args: tuple[str, ...]) -> list[str]:
@@ -51,13 +53,14 @@ def track(operation_ids: tuple[str, ...], wait: bool) -> None:
         raise usage_error("nothing was tracked, because:\n  " + "\n  ".join(problems))
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    result = tracking.track(rt.sessions, ids, rt.clock.now())
+    result = intake.track(rt.sessions, ids, rt.clock.now())
     for op_id in result.added:
         click.echo(f"tracking {op_id}")
     for op_id in result.already_tracked:
         click.echo(f"already tracked {op_id} (nothing to do)")
     if wait:
-        follow(rt, list(dict.fromkeys(ids)), DEFAULT_WATCH_INTERVAL)
+        # Re-read often: the wait should end as soon as the last end is recorded.
+        follow(rt, list(dict.fromkeys(ids)), WAIT_REREAD)
 
 
 @click.command()
@@ -67,7 +70,7 @@ def status(as_json: bool) -> None:
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
     with rt.sessions() as session:
-        rows = Repository(session).all()
+        rows = queries.every_operation(session)
     pause = rt.gate.current()
     now = rt.clock.now()
     if as_json:

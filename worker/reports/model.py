@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from worker.reports.period import Period
+from worker.tracking import ENDED_STATES
 
 PROCESSING = "PROCESSING"
 
@@ -23,12 +24,17 @@ class OperationState:
     remote_created_at: datetime | None
     remote_updated_at: datetime | None
     tracked_at: datetime
-    last_polled_at: datetime | None
-    next_poll_at: datetime
+    last_polled_at: datetime | None  # when the API last confirmed this state
+    next_poll_at: datetime | None  # None once ended
     polls: int
     consecutive_errors: int
     last_error: str | None
     ended_at: datetime | None
+
+    @property
+    def ended(self) -> bool:
+        """True once the operation reached a final state."""
+        return self.status in ENDED_STATES
 
     @property
     def done(self) -> int:

@@ -11,13 +11,34 @@ from dataclasses import fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, Select, func, literal, select
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Select,
+    and_,
+    case,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    type_coerce,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from worker.db import ALL_STATES, NOT_FOUND, HistoryEntry, TrackedOperation, UTCDateTime
+from worker.db import (
+    ACTIVE_STATES,
+    ALL_STATES,
+    ENDED_STATES,
+    NOT_FOUND,
+    HistoryEntry,
+    PollGroup,
+    TrackedOperation,
+    UTCDateTime,
+)
 from worker.errors import NotTracked
 from worker.reports.model import (
     PROCESSING,
@@ -79,8 +100,54 @@ def _scope(period: Period, statuses: Sequence[str]) -> list[ColumnElement[bool]]
     return conditions
 
 
+def _group(column: Any) -> Any:
+    """Correlated subquery: a column of the operation's poll group (NULL without one)."""
+    return select(column).where(PollGroup.id == TrackedOperation.group_id).scalar_subquery()
+
+
+def _next_poll() -> Any:
+    """When the operation is asked next: its group's due time, or its own backoff if later;
+    an operation waiting to be placed is due since it was tracked; an ended one, never."""
+    t = TrackedOperation
+    group_due = _group(PollGroup.next_due_at)
+    expr = case(
+        (t.status.in_(ENDED_STATES), null()),
+        (
+            and_(t.not_before.is_not(None), or_(group_due.is_(None), t.not_before > group_due)),
+            t.not_before,
+        ),
+        else_=func.coalesce(group_due, t.tracked_at),
+    )
+    return type_coerce(expr, UTCDateTime()).label("next_poll_at")
+
+
+def _last_confirmed() -> Any:
+    """When the API last confirmed the operation's state: its own last recorded answer, or
+    its group's last poll if later (a poll confirms what it finds unchanged without a write);
+    an operation in error shows its own last answer."""
+    t = TrackedOperation
+    group_polled = _group(PollGroup.last_polled_at)
+    expr = case(
+        (
+            and_(
+                t.consecutive_errors == 0,
+                t.status.in_(ACTIVE_STATES),
+                group_polled.is_not(None),
+                or_(t.last_polled_at.is_(None), group_polled > t.last_polled_at),
+            ),
+            group_polled,
+        ),
+        else_=t.last_polled_at,
+    )
+    return type_coerce(expr, UTCDateTime()).label("last_polled_at")
+
+
+_COMPUTED = {"next_poll_at": _next_poll, "last_polled_at": _last_confirmed}
 # The operation's columns in OperationState's field order: reports read rows, not ORM objects.
-_STATE_COLUMNS = tuple(getattr(TrackedOperation, f.name) for f in fields(OperationState))
+_STATE_COLUMNS = tuple(
+    _COMPUTED[f.name]() if f.name in _COMPUTED else getattr(TrackedOperation, f.name)
+    for f in fields(OperationState)
+)
 
 
 def _states(session: Session, stmt: Select[Any]) -> tuple[OperationState, ...]:
@@ -324,6 +391,12 @@ def operations(
     return _states(session, stmt)
 
 
+def every_operation(session: Session) -> tuple[OperationState, ...]:
+    """Every tracked operation, the most recently tracked last (`optrack status`)."""
+    stmt = select(*_STATE_COLUMNS).order_by(TrackedOperation.tracked_at, TrackedOperation.id)
+    return _states(session, stmt)
+
+
 def operation_history(session: Session, operation_id: str, now: datetime) -> HistoryReport:
     """Every recorded change of one operation with deltas and rates, and its estimate."""
     op = get_operation(session, operation_id)
@@ -449,14 +522,20 @@ def _estimate(op: OperationState, recent: list[Any]) -> Estimate:
     )
 
 
-def progress(session: Session, operation_ids: Sequence[str]) -> tuple[Progress, ...]:
-    """Current state and estimate of the given operations (in the given order)."""
+def progress_states(session: Session, operation_ids: Sequence[str]) -> list[OperationState]:
+    """The current state of the given operations, in the given order; NotTracked if one is
+    not tracked."""
     stmt = select(*_STATE_COLUMNS).where(TrackedOperation.id.in_(list(operation_ids)))
     found = {op.id: op for op in _states(session, stmt)}
     missing = [op_id for op_id in operation_ids if op_id not in found]
     if missing:
         raise NotTracked(missing[0])
-    ordered = [found[op_id] for op_id in operation_ids]
+    return [found[op_id] for op_id in operation_ids]
+
+
+def progress(session: Session, operation_ids: Sequence[str]) -> tuple[Progress, ...]:
+    """Current state and estimate of the given operations (in the given order)."""
+    ordered = progress_states(session, operation_ids)
     guesses = estimates(session, ordered)
     return tuple(Progress(op, guesses[op.id]) for op in ordered)
 

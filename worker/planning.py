@@ -1,0 +1,376 @@
+"""Which operations are polled together: List windows where they are dense, GETs where not.
+
+Pure: the sweep hands in the operations waiting to be placed and the groups that exist, and
+gets back what to write. A List window costs ``ceil(W / 1000)`` requests, W being every
+operation created inside it, tracked or not; a GET group costs one request per member. So:
+
+* an operation whose createdAt falls inside a List window joins it;
+* a run of operations close together in createdAt (gaps small for the account's density)
+  becomes a new List window, or extends the neighbouring one, when the window would cost
+  fewer requests than GETs; the rest joins GET groups;
+* never-seen operations (createdAt unknown) are one List window over the lookback when they
+  are many, GETs when few; once seen they are placed again by their createdAt;
+* windows that grew past a page are split between two seconds, windows that cost more than
+  their GETs become GET groups, and small neighbours are merged.
+
+The account's density (operations per second of createdAt, untracked ones included) is
+learned from what the last listings held; until one is known a gap of ``DEFAULT_GAP``
+seconds separates windows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from worker.tracking import PollPolicy
+
+LIST = "list"
+FETCH = "fetch"
+PAGE_SIZE = 1000
+DEFAULT_GAP = timedelta(seconds=60)
+# A gap may hold at most this many untracked operations before it separates two windows.
+GAP_OPERATIONS = 100
+MIN_GAP = timedelta(seconds=1)
+MAX_GAP = timedelta(hours=6)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """An active operation that no group polls yet."""
+
+    id: str
+    created_at: datetime | None  # the API's createdAt, None while never seen
+    tracked_at: datetime
+    seen_at: datetime | None = None  # when its state was last recorded
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """What the planner reads of an existing group."""
+
+    id: int
+    kind: str
+    start_at: datetime | None
+    end_at: datetime | None
+    members: int
+    listed: int | None = None
+    pages: int | None = None
+
+    @property
+    def span(self) -> float:
+        """Seconds of createdAt the window covers (0 for GET groups)."""
+        if self.start_at is None or self.end_at is None:
+            return 0.0
+        return (self.end_at - self.start_at).total_seconds() + 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewGroup:
+    """A group to create, with its first members."""
+
+    kind: str
+    members: tuple[str, ...]
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    # Just seen operations are not asked again before an interval has passed; None: at once.
+    due_at: datetime | None = None
+
+
+@dataclass
+class Placement:
+    """What the sweep writes: members joining groups, grown windows, new groups."""
+
+    joins: dict[int, list[str]] = field(default_factory=dict)
+    ranges: dict[int, tuple[datetime, datetime]] = field(default_factory=dict)
+    new: list[NewGroup] = field(default_factory=list)
+
+    @property
+    def placed(self) -> int:
+        """How many operations this placement moves."""
+        return sum(len(v) for v in self.joins.values()) + sum(len(g.members) for g in self.new)
+
+    def join(self, group_id: int, op_id: str) -> None:
+        """Add one member to an existing group."""
+        self.joins.setdefault(group_id, []).append(op_id)
+
+
+def second(value: datetime) -> datetime:
+    """A createdAt as the API's filters see it: whole seconds."""
+    return value.replace(microsecond=0)
+
+
+def density(groups: Sequence[GroupView]) -> float | None:
+    """Operations per second of createdAt in the windows listed lately, or None."""
+    listed = [g for g in groups if g.listed is not None and g.span > 0]
+    if not listed:
+        return None
+    return sum(g.listed or 0 for g in listed) / sum(g.span for g in listed)
+
+
+def gap_limit(rate: float | None) -> timedelta:
+    """The largest createdAt gap inside one window, for an account of density ``rate``."""
+    if rate is None or rate <= 0:
+        return DEFAULT_GAP
+    return min(MAX_GAP, max(MIN_GAP, timedelta(seconds=GAP_OPERATIONS / rate)))
+
+
+def list_pays(members: int, span_seconds: float, rate: float | None, policy: PollPolicy) -> bool:
+    """True if one listing of a window holding ``members`` costs fewer requests than GETs."""
+    if policy.strategy != "auto":
+        return policy.strategy == LIST and members > 0
+    if members < policy.list_threshold:
+        return False
+    listed = max(members, (rate or 0.0) * span_seconds)
+    return math.ceil(listed / PAGE_SIZE) < members
+
+
+def place(waiting: Sequence[Waiting], groups: Sequence[GroupView], policy: PollPolicy) -> Placement:
+    """Decide the group of every waiting operation (see the module docstring)."""
+    plan = Placement()
+    rate = density(groups)
+    gap = gap_limit(rate)
+    windows = sorted(
+        (g for g in groups if g.kind == LIST and g.start_at is not None and g.end_at is not None),
+        key=lambda g: g.start_at or datetime.min,
+    )
+    starts = [_start(g) for g in windows]
+    sizes = {g.id: g.members for g in groups}
+    ranges = {g.id: (g.start_at, g.end_at) for g in windows}
+
+    seen = sorted((w for w in waiting if w.created_at is not None), key=_created)
+    leftover: list[Waiting] = []
+    for op in seen:
+        created = second(_created(op))
+        index = bisect.bisect_right(starts, created) - 1
+        if index >= 0:
+            window = windows[index]
+            low, high = ranges[window.id]
+            if low is not None and high is not None and low <= created <= high:
+                plan.join(window.id, op.id)
+                sizes[window.id] += 1
+                continue
+        leftover.append(op)
+
+    for run in _runs(leftover, gap, starts):
+        # Fill the windows on either side first (a run that arrives bit by bit, as pages of
+        # a first listing are recorded, grows the last window instead of making small ones).
+        before, after = _neighbours(windows, ranges, run, gap)
+        if before is not None:
+            run = _grow(plan, before, run, ranges, sizes, policy, from_end=False)
+        if after is not None and run:
+            run = _grow(plan, after, run, ranges, sizes, policy, from_end=True)
+        if not run:
+            continue
+        first, last = second(_created(run[0])), second(_created(run[-1]))
+        if list_pays(len(run), (last - first).total_seconds() + 1, rate, policy):
+            plan.new.extend(_windows(run, policy))
+        else:
+            _fetch(plan, run, groups, sizes, policy)
+
+    never_seen = [w for w in waiting if w.created_at is None]
+    lookback = policy.pending_lookback.total_seconds()
+    if never_seen and list_pays(len(never_seen), lookback, rate, policy):
+        plan.new.append(NewGroup(LIST, tuple(w.id for w in never_seen)))
+    elif never_seen:
+        _fetch(plan, never_seen, groups, sizes, policy)
+    return plan
+
+
+def _start(group: GroupView) -> datetime:
+    assert group.start_at is not None
+    return group.start_at
+
+
+def _created(op: Waiting) -> datetime:
+    assert op.created_at is not None
+    return op.created_at
+
+
+def _runs(
+    ops: Sequence[Waiting], gap: timedelta, starts: Sequence[datetime]
+) -> list[list[Waiting]]:
+    """Consecutive operations (by createdAt) no more than ``gap`` apart and with no window
+    between them, so a new window never overlaps an existing one."""
+    runs: list[list[Waiting]] = []
+    previous_slot = -1
+    for op in ops:
+        created = second(_created(op))
+        slot = bisect.bisect_right(starts, created)
+        if runs and slot == previous_slot and created - second(_created(runs[-1][-1])) <= gap:
+            runs[-1].append(op)
+        else:
+            runs.append([op])
+        previous_slot = slot
+    return runs
+
+
+def _neighbours(
+    windows: Sequence[GroupView],
+    ranges: dict[int, tuple[datetime | None, datetime | None]],
+    run: Sequence[Waiting],
+    gap: timedelta,
+) -> tuple[GroupView | None, GroupView | None]:
+    """The windows just before and just after a run, if they are within ``gap`` of it."""
+    first, last = second(_created(run[0])), second(_created(run[-1]))
+    before = after = None
+    for window in windows:
+        low, high = ranges[window.id]
+        if low is None or high is None:
+            continue
+        if timedelta(0) <= first - high <= gap:
+            before = window
+        elif timedelta(0) <= low - last <= gap and after is None:
+            after = window
+    return before, after
+
+
+def _grow(
+    plan: Placement,
+    window: GroupView,
+    run: list[Waiting],
+    ranges: dict[int, tuple[datetime | None, datetime | None]],
+    sizes: dict[int, int],
+    policy: PollPolicy,
+    *,
+    from_end: bool,
+) -> list[Waiting]:
+    """Move the run's operations nearest to ``window`` into it while it has room (never
+    splitting one second); return the rest of the run, in order."""
+    ordered = list(reversed(run)) if from_end else list(run)
+    taken: list[Waiting] = []
+    for op in ordered:
+        room = sizes[window.id] + len(taken) < policy.list_group
+        same_second = bool(taken) and second(_created(op)) == second(_created(taken[-1]))
+        if not (room or same_second):
+            break
+        taken.append(op)
+    if not taken:
+        return run
+    low, high = ranges[window.id]
+    assert low is not None and high is not None
+    seconds = [second(_created(op)) for op in taken]
+    ranges[window.id] = (min(low, *seconds), max(high, *seconds))
+    plan.ranges[window.id] = (min(low, *seconds), max(high, *seconds))
+    for op in taken:
+        plan.join(window.id, op.id)
+    sizes[window.id] += len(taken)
+    rest = ordered[len(taken) :]
+    return list(reversed(rest)) if from_end else rest
+
+
+def _windows(run: Sequence[Waiting], policy: PollPolicy) -> list[NewGroup]:
+    """Cut a run into windows of about ``list_group`` members, never inside one second."""
+    groups: list[NewGroup] = []
+    current: list[Waiting] = []
+    for op in run:
+        full = len(current) >= policy.list_group
+        if full and second(_created(op)) != second(_created(current[-1])):
+            groups.append(_window(current, policy))
+            current = []
+        current.append(op)
+    if current:
+        groups.append(_window(current, policy))
+    return groups
+
+
+def _window(ops: Sequence[Waiting], policy: PollPolicy) -> NewGroup:
+    return NewGroup(
+        LIST,
+        tuple(op.id for op in ops),
+        second(_created(ops[0])),
+        second(_created(ops[-1])),
+        _due(ops, policy),
+    )
+
+
+def _due(ops: Sequence[Waiting], policy: PollPolicy) -> datetime | None:
+    """One interval after the earliest last sight of the members (None if one was never
+    seen: due at once)."""
+    seen = [op.seen_at for op in ops]
+    if not seen or any(t is None for t in seen):
+        return None
+    return min(t for t in seen if t is not None) + policy.interval
+
+
+def _fetch(
+    plan: Placement,
+    ops: Sequence[Waiting],
+    groups: Sequence[GroupView],
+    sizes: dict[int, int],
+    policy: PollPolicy,
+) -> None:
+    """Fill GET groups that have room, then new ones."""
+    left = list(ops)
+    for group in groups:
+        if not left:
+            return
+        room = policy.fetch_group - sizes[group.id]
+        if group.kind != FETCH or room <= 0:
+            continue
+        taken, left = left[:room], left[room:]
+        for op in taken:
+            plan.join(group.id, op.id)
+        sizes[group.id] += len(taken)
+    for start in range(0, len(left), policy.fetch_group):
+        part = left[start : start + policy.fetch_group]
+        plan.new.append(NewGroup(FETCH, tuple(op.id for op in part), due_at=_due(part, policy)))
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A member of a group, as a split reads it."""
+
+    id: str
+    created_at: datetime | None
+
+
+def split(members: Sequence[Member], size: int) -> list[list[str]]:
+    """Cut a window's members into windows of about ``size``, never inside one second.
+
+    The first part stays in the group; each other part becomes a new window.
+    """
+    known = sorted((m for m in members if m.created_at is not None), key=_member_created)
+    parts: list[list[Member]] = []
+    for member in known:
+        created = second(_member_created(member))
+        if parts and (len(parts[-1]) < size or second(_member_created(parts[-1][-1])) == created):
+            parts[-1].append(member)
+        else:
+            parts.append([member])
+    never_seen = [m.id for m in members if m.created_at is None]
+    result = [[m.id for m in part] for part in parts] or [[]]
+    result[0].extend(never_seen)
+    return result
+
+
+def _member_created(member: Member) -> datetime:
+    assert member.created_at is not None
+    return member.created_at
+
+
+def overspent(group: GroupView) -> bool:
+    """True if the last listing of a window cost more requests than GETs of its members."""
+    return group.kind == LIST and group.pages is not None and group.pages > group.members > 0
+
+
+def too_big(group: GroupView, policy: PollPolicy) -> bool:
+    """True if a window holds more members than one page should and spans more than one
+    second (a window is never cut inside a second)."""
+    if group.kind != LIST or group.start_at is None or group.end_at is None:
+        return False
+    return group.start_at < group.end_at and group.members > policy.list_group * 6 // 5
+
+
+def mergeable(a: GroupView, b: GroupView, gap: timedelta, policy: PollPolicy) -> bool:
+    """True if two neighbouring groups of one kind are small enough to poll as one."""
+    if a.kind != b.kind or a.id == b.id:
+        return False
+    if a.kind == FETCH:
+        return a.members + b.members <= policy.fetch_group
+    if a.end_at is None or b.start_at is None or b.start_at - a.end_at > gap:
+        return False
+    return a.members + b.members <= policy.list_group

@@ -1,0 +1,150 @@
+"""Records what the API said about tracked operations: only what is new, each change once.
+
+Used for every answer, whoever asked: a poll group's pages and GETs, discovery's listing.
+Each call is one transaction. The rows are read, the changes decided, then the changed rows
+are locked (in id order) and decided again, so two writers that saw one change record it
+once and neither waits on rows that did not change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.errors import ApiError, OperationNotFound
+from worker.operation import Operation
+from worker.repository import Repository
+from worker.tracking import (
+    Change,
+    Failed,
+    Gone,
+    Observed,
+    Outcome,
+    PollPolicy,
+    failure,
+    not_found,
+    observe,
+)
+
+log = logging.getLogger(__name__)
+Result = Operation | ApiError
+# Called inside the write transaction for every operation that reached an end.
+EndHook = Callable[[Session, str, datetime], None]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What one ``record`` call found and wrote."""
+
+    outcomes: dict[str, Outcome]  # per tracked, active operation among the results
+    leaving: frozenset[str]  # operations that ended or must be placed again
+    rows: int
+    history: int
+
+    @property
+    def changed(self) -> bool:
+        """True if any row was written."""
+        return self.rows > 0
+
+
+class Recorder:
+    """Writes answers about tracked operations (see the module docstring)."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], policy: PollPolicy, on_end: Sequence[EndHook] = ()
+    ) -> None:
+        self.sessions = sessions
+        self.policy = policy
+        self.on_end = list(on_end)
+
+    def record(self, results: Mapping[str, Result], now: datetime) -> Recorded:
+        """Write what ``results`` say about the tracked, active operations among them."""
+        if not results:
+            return Recorded({}, frozenset(), 0, 0)
+        with self.sessions.begin() as session:
+            repo = Repository(session)
+            stored = repo.states(results)
+            decided = _decide(stored, results, now, self.policy)
+            if decided:
+                # Decide again on the locked rows: another writer may have been first.
+                locked = repo.states((c.known.id for c in decided), lock=True)
+                decided = _decide(locked, results, now, self.policy)
+            written = repo.apply(decided, now)
+            for op_id in written.ended:
+                for hook in self.on_end:
+                    hook(session, op_id, now)
+        outcomes = {row.id: _unchanged(results[row.id]) for row in stored}
+        outcomes.update({c.known.id: _outcome(c) for c in decided})
+        _log(decided)
+        leaving = frozenset(c.known.id for c in decided if _leaves_group(c))
+        return Recorded(outcomes, leaving, written.rows, written.history)
+
+
+def _decide(
+    stored: Sequence[Row[Any]], results: Mapping[str, Result], now: datetime, policy: PollPolicy
+) -> list[Change]:
+    """The changes ``results`` make to the stored rows."""
+    changes: list[Change] = []
+    for row in stored:
+        result = results[row.id]
+        if isinstance(result, Operation):
+            observed = observe(row, result)
+            if observed is not None:
+                changes.append(observed)
+        elif isinstance(result, OperationNotFound):
+            changes.append(not_found(row, str(result)))
+        else:
+            changes.append(failure(row, result, now, policy))
+    return changes
+
+
+def _unchanged(result: Result) -> Outcome:
+    return Outcome.ERROR if isinstance(result, ApiError) else Outcome.UNCHANGED
+
+
+def _outcome(change: Change) -> Outcome:
+    if isinstance(change, Observed):
+        return Outcome.CHANGED if change.history else Outcome.UNCHANGED
+    return Outcome.ERROR if isinstance(change, Failed) else Outcome.NOT_FOUND
+
+
+def _leaves_group(change: Change) -> bool:
+    """An end leaves its group; a first sight is placed again by its createdAt."""
+    if isinstance(change, Observed):
+        return change.ended or change.first_sight
+    return isinstance(change, Gone)
+
+
+def _log(changes: Sequence[Change]) -> None:
+    for change in changes:
+        op_id = change.known.id
+        extra = {"operation_id": op_id}
+        if isinstance(change, Observed):
+            if change.history:
+                s = change.answer.stats
+                log.info(
+                    "polled %s: %s total=%d queued=%d created=%d failed=%d",
+                    op_id,
+                    change.answer.status.value,
+                    s.total,
+                    s.queued,
+                    s.created,
+                    s.failed,
+                    extra=extra,
+                )
+        elif isinstance(change, Gone):
+            log.warning("%s: the API says it does not exist; tracking ended", op_id, extra=extra)
+        else:
+            log.warning(
+                "%s: poll failed (%s); not before %s",
+                op_id,
+                change.error,
+                change.not_before.isoformat(),
+                extra=extra,
+            )

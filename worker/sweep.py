@@ -1,0 +1,151 @@
+"""The sweep, run by beat's tick: place waiting operations into poll groups, then claim the
+due groups and dispatch one poll message each.
+
+The claim lives here, whole: minted by ``Repository.claim_due`` (a token and a lease per
+group), dispatched after the claim committed, given back at once if the broker refuses a
+message, ended by the poll that finishes the group (``Repository.finish``). A claim whose
+message died runs out with its lease and the group is due again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import pairwise
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker import planning
+from worker.planning import FETCH, LIST, GroupView
+from worker.repository import GroupClaim, Repository
+from worker.tracking import PollPolicy
+
+log = logging.getLogger(__name__)
+# Operations placed by one tick at most: a burst of new ones is placed over a few ticks.
+MAX_PLACED_PER_TICK = 200_000
+# Splits, conversions and merges per tick: the sweep's own upkeep stays small.
+MAX_UPKEEP_PER_TICK = 20
+
+Send = Callable[[GroupClaim], None]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one tick did."""
+
+    placed: int = 0
+    claimed: int = 0
+    sent: int = 0
+    given_back: int = 0
+    paused_until: datetime | None = None
+
+
+class SendFailed(Exception):
+    """Raised by a ``Send`` when the broker did not take the message."""
+
+
+class DispatchError(Exception):
+    """Raised when the broker refused a poll message; the unsent claims were given back."""
+
+    def __init__(self, given_back: int, cause: SendFailed) -> None:
+        self.given_back = given_back
+        super().__init__(f"broker refused a poll ({cause}); {given_back} claim(s) given back")
+
+
+def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) -> int:
+    """Put every waiting operation into a group and keep the groups in shape; returns how many
+    operations were placed. One placer at a time (others skip this tick)."""
+    with sessions.begin() as session:
+        repo = Repository(session)
+        if not repo.try_lock_placement():
+            return 0
+        groups = repo.groups()
+        waiting = repo.waiting(MAX_PLACED_PER_TICK)
+        plan = planning.place(waiting, groups, policy) if waiting else planning.Placement()
+        repo.place(plan, now)
+        _upkeep(repo, groups, policy, now)
+    if plan.placed:
+        log.info("sweep: %d operation(s) placed (%d new group(s))", plan.placed, len(plan.new))
+    return plan.placed
+
+
+def _upkeep(
+    repo: Repository, groups: Sequence[GroupView], policy: PollPolicy, now: datetime
+) -> None:
+    """Split windows that outgrew a page, turn windows dearer than GETs into GET groups,
+    merge small neighbours; a few per tick."""
+    budget = MAX_UPKEEP_PER_TICK
+    for group in groups:
+        if budget <= 0:
+            return
+        if planning.overspent(group):
+            members = [m.id for m in repo.group_members(group.id)]
+            size = policy.fetch_group
+            parts = [members[i : i + size] for i in range(0, len(members), size)] or [[]]
+            repo.regroup(group.id, parts, FETCH, now)
+            log.info(
+                "sweep: group %d cost %d page(s) for %d operation(s); polled by GET now",
+                group.id,
+                group.pages,
+                group.members,
+            )
+            budget -= 1
+        elif planning.too_big(group, policy):
+            parts = planning.split(repo.group_members(group.id), policy.list_group)
+            for new_id in [group.id, *repo.regroup(group.id, parts, LIST, now)]:
+                repo.refresh_range(new_id)
+            budget -= 1
+    gap = planning.gap_limit(planning.density(groups))
+    for kind in (LIST, FETCH):
+        same = sorted(
+            (g for g in groups if g.kind == kind and g.members > 0),
+            key=lambda g: (g.start_at or now, g.id),
+        )
+        merged: set[int] = set()
+        for a, b in pairwise(same):
+            if budget <= 0:
+                return
+            if a.id in merged or b.id in merged or not planning.mergeable(a, b, gap, policy):
+                continue
+            repo.merge(a.id, b.id)
+            merged.update((a.id, b.id))  # both views are stale now; the next tick looks again
+            budget -= 1
+
+
+def sweep(
+    sessions: sessionmaker[Session],
+    now: datetime,
+    policy: PollPolicy,
+    *,
+    limit: int,
+    paused_until: datetime | None,
+    send: Send,
+) -> SweepResult:
+    """One tick: place, then (unless the account is paused) claim the due groups and send
+    their polls. Raises DispatchError if the broker refused a message."""
+    placed = place(sessions, now, policy)
+    if paused_until is not None and paused_until > now:
+        return SweepResult(placed=placed, paused_until=paused_until)
+    with sessions.begin() as session:
+        claims = Repository(session).claim_due(now, limit, policy.lease)
+    sent = dispatch(sessions, claims, send, now)
+    return SweepResult(placed=placed, claimed=len(claims), sent=sent)
+
+
+def dispatch(
+    sessions: sessionmaker[Session], claims: Sequence[GroupClaim], send: Send, now: datetime
+) -> int:
+    """Send one message per claim, after the claim committed (a poll never sees a claim that
+    was rolled back); if the broker refuses one, give that one and the rest back at once."""
+    for index, claim in enumerate(claims):
+        try:
+            send(claim)
+        except SendFailed as exc:
+            unsent = claims[index:]
+            with sessions.begin() as session:
+                Repository(session).release(unsent, now)
+            log.warning("sweep: broker refused a poll; %d claim(s) given back", len(unsent))
+            raise DispatchError(len(unsent), exc) from exc
+    return len(claims)
