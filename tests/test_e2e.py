@@ -35,6 +35,7 @@ from worker.db import (
 
 pytestmark = pytest.mark.slow
 IN_FLIGHT = 0.1  # a request sent before the pause was recorded cannot be called back
+BUDGET = 4  # requests a second, for the budget test
 
 
 @dataclass
@@ -87,7 +88,8 @@ def stack(
 ) -> Iterator[Stack]:
     """Sandbox + beat + two worker processes, polling every second.
 
-    The param is the strategy, then options: ``+2beats`` (a second beat).
+    The param is the strategy, then options: ``+2beats`` (a second beat), ``+budget`` (a
+    request budget of BUDGET a second).
     """
     param = getattr(request, "param", "auto")
     env = base_env(
@@ -99,6 +101,8 @@ def stack(
         OPTRACK_TICK_INTERVAL="0.5",
         OPTRACK_BATCH_SIZE="5",
     )
+    if "+budget" in param:
+        env["OPTRACK_MAX_REQUESTS_PER_SECOND"] = str(BUDGET)
     with ExitStack() as stack, sandbox_process(env, tmp_path / "sandbox.log") as api:
         env["OPTRACK_API_BASE_URL"] = api.base_url
         stack.enter_context(celery_process(worker_args("w1"), env, tmp_path / "w1.log"))
@@ -237,6 +241,22 @@ def test_two_workers_and_two_beats_never_double_a_change_in_list_windows(stack: 
     for query, times in windows.items():
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert not gaps or min(gaps) >= 0.95, f"window {query} listed twice within a sweep"
+
+
+@pytest.mark.parametrize("stack", ["fetch+budget"], indirect=True)
+def test_the_request_budget_is_kept_by_both_workers_together(stack: Stack) -> None:
+    api = stack.sandbox
+    # 30 operations polled every second would be 30 requests a second without a budget.
+    ids = [api.create(total=100, duration=120) for _ in range(30)]
+    stack.track(ids)
+    wait_for(lambda: len(api.requests()) >= 40, 60, "ten seconds of polling")
+    times = sorted(r["t"] for r in api.requests())
+    # One slot every 1/BUDGET s, shared through the database: in any second (less a little
+    # for the time between a slot and its request reaching the sandbox), at most BUDGET.
+    busiest = max(sum(1 for t in times if start <= t < start + 0.94) for start in times)
+    assert busiest <= BUDGET, f"{busiest} requests within one second"
+    for name in ("w1", "w2"):  # both workers spent from the one budget
+        assert "succeeded" in (stack.logs / f"{name}.log").read_text()
 
 
 @pytest.mark.parametrize("stack", ["list"], indirect=True)

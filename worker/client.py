@@ -58,6 +58,14 @@ class AccountGate(Protocol):
         ...
 
 
+class RequestBudget(Protocol):
+    """The account's request budget, shared by every process that calls the API."""
+
+    def reserve(self, now: datetime, max_wait: float) -> float:
+        """Take the next request slot: the seconds to wait for it (RetryLater if too long)."""
+        ...
+
+
 class ApiObserver(Protocol):
     """Told about every API answer and account pause (metrics); must not raise."""
 
@@ -126,6 +134,7 @@ class ApiClient:
         session: requests.Session | None = None,
         max_inplace_retries: int = 3,
         observer: ApiObserver | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
@@ -135,6 +144,7 @@ class ApiClient:
         self.max_inplace_retries = max_inplace_retries
         self.requests_sent = 0  # every HTTP request made, in-place retries included
         self.observer = observer
+        self.budget = budget
         self.session = session or requests.Session()
         self.session.auth = (account_sid, auth_token)
         self.session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
@@ -221,6 +231,10 @@ class ApiClient:
         url = self.base_url + path
         for attempt in range(1, self.max_inplace_retries + 2):
             self._wait_for_gate(self.max_inplace_retries + 1 - attempt)
+            if self.budget is not None:
+                self.clock.sleep(
+                    self.budget.reserve(self.clock.now(), self.policy.max_inplace_wait)
+                )
             try:
                 response = self._send(url, params)
             except TransportError:

@@ -184,6 +184,16 @@ class AccountPause(Base):
     updated_at: Mapped[datetime]
 
 
+class RequestBudget(Base):
+    """The account's request budget (a GCRA token bucket), shared by every worker."""
+
+    __tablename__ = "request_budgets"
+
+    account_sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The theoretical arrival time of the next request: nothing is sent before it.
+    next_slot_at: Mapped[datetime]
+
+
 class Notice(Base):
     """The outbox row of one operation's end, written with the state change that ends it."""
 

@@ -34,9 +34,11 @@ from worker.db import (
     AccountPause,
     HistoryEntry,
     PollGroup,
+    RequestBudget,
     TrackedOperation,
     UTCDateTime,
 )
+from worker.errors import RetryLater
 from worker.operation import Operation
 from worker.planning import GroupView, Member, NewGroup, Placement, Waiting
 from worker.tracking import ACTIVE_STATES, PENDING, Change, Failed, Gone, Observed
@@ -553,3 +555,33 @@ class DbGate:
         """The last recorded pause, running or not (for `optrack status`)."""
         with self._sessions() as session:
             return session.get(AccountPause, self.account_sid)
+
+
+class DbBudget:
+    """The account's request budget in the database: at most ``rate`` requests a second from
+    every process together (GCRA: each request takes the next free slot, 1/rate apart)."""
+
+    def __init__(self, engine: Engine, account_sid: str, rate: float) -> None:
+        self._sessions = sessionmaker(engine)
+        self.account_sid = account_sid
+        self.spacing = timedelta(seconds=1.0 / rate)
+
+    def reserve(self, now: datetime, max_wait: float) -> float:
+        """Take the next slot and return the seconds to wait for it; RetryLater if that wait
+        is longer than ``max_wait`` (then no slot is taken)."""
+        with self._sessions.begin() as session:
+            stmt = select(RequestBudget).where(RequestBudget.account_sid == self.account_sid)
+            row = session.scalars(stmt.with_for_update()).one_or_none()
+            if row is None:
+                session.execute(
+                    _insert(session)(RequestBudget)
+                    .values(account_sid=self.account_sid, next_slot_at=now)
+                    .on_conflict_do_nothing(index_elements=["account_sid"])
+                )
+                row = session.scalars(stmt.with_for_update()).one()
+            slot = max(row.next_slot_at, now)
+            wait = (slot - now).total_seconds()
+            if wait > max_wait:
+                raise RetryLater(slot, "the request budget (OPTRACK_MAX_REQUESTS_PER_SECOND)")
+            row.next_slot_at = slot + self.spacing
+            return wait

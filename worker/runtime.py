@@ -18,7 +18,7 @@ from worker.db import make_engine, make_sessionmaker
 from worker.metrics import Metrics
 from worker.poller import Poller
 from worker.recorder import Recorder
-from worker.repository import DbGate
+from worker.repository import DbBudget, DbGate
 from worker.retry_after import RetryPolicy
 from worker.settings import Settings, ensure_sqlite_dirs
 from worker.tracking import PollPolicy
@@ -83,7 +83,13 @@ class Runtime:
             gate=self.gate,
             clock=self.clock,
             observer=self.metrics,
+            budget=self.budget,
         )
+
+    @cached_property
+    def budget(self) -> DbBudget | None:
+        rate = self.settings.max_requests_per_second
+        return None if rate is None else DbBudget(self.engine, self.settings.account_sid, rate)
 
     @cached_property
     def recorder(self) -> Recorder:

@@ -45,6 +45,8 @@ class Settings:
     # Polling at scale (README "Scale"): strategy, adaptive cadence, sweep size.
     poll_strategy: str = "auto"
     poll_max_interval: float = 10.0
+    # The account's request budget, kept by every worker together; None: no budget.
+    max_requests_per_second: float | None = None
     list_threshold: int = 5
     pending_lookback: float = 86400.0
     max_due_per_tick: int = 20000
@@ -226,6 +228,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         poll_max_interval=max(
             _float(env, "OPTRACK_POLL_MAX_INTERVAL", 0.0, minimum=0.5),
             _float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
+        ),
+        max_requests_per_second=_optional_float(
+            env, "OPTRACK_MAX_REQUESTS_PER_SECOND", minimum=0.1
         ),
         list_threshold=_int(env, "OPTRACK_LIST_THRESHOLD", 5, 1, 1_000_000),
         pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0, minimum=0.0),
