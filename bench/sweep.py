@@ -1,22 +1,33 @@
-"""Benchmark: what a full sweep costs with per-operation GETs and with List pages.
+"""Benchmark: freshness and cost of polling at scale, with real processes.
 
-    .venv/bin/python -m bench.sweep                 # N = 1,000 and 10,000, both strategies
-    .venv/bin/python -m bench.sweep --n 1000 --skip-lifetime
+    .venv/bin/python -m bench.sweep                         # the three runs of docs/scale.md
+    .venv/bin/python -m bench.sweep --run pg:10000:5        # one run: database:N:interval
 
-Runs the sandbox (a subprocess), beat and two worker processes (concurrency 1 each) on
-PostgreSQL and Redis, exactly as in production. For each N and strategy it measures:
+Each run starts the sandbox API (a subprocess), beat and two Celery workers (concurrency 1
+each) with default settings but ``OPTRACK_POLL_INTERVAL``, on PostgreSQL + Redis (``pg``) or
+on the embedded default, SQLite and Celery's SQLAlchemy transport (``sqlite``). It creates N
+PROCESSING operations (created over the last N/28 seconds, ten senders each) that move and
+end at random moments of the run, tracks them with ``optrack track -``, and waits until the
+tracker saw every one end. It prints, per run:
 
-* a full sweep (all N operations due at once, every one refreshed): API requests, wall time,
-  database transactions and rows written (pg_stat_database deltas), peak RSS of a worker;
-* a whole life: N operations tracked from their start to their end, the API requests spent;
-* adaptive cadence: requests over a fixed window when half the operations stand still, with
-  the adaptive interval on and off.
+* requests per sweep while all N are active, against ceil(N / 1000), from the sandbox's log;
+* the delay from each operation's true end (the sandbox's end instant) to the moment optrack
+  recorded it (the ``observed_at`` of its final history row): p50, p95, max;
+* rows written per sweep and busy seconds per sweep (the poll tasks' own counts and run
+  times, from the workers' logs), the longest poll message;
+* the workers' peak RSS (``VmHWM`` of every worker process).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import random
+import re
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -26,69 +37,95 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import redis
+import requests
 from sqlalchemy import create_engine, text
 
-from tests.processes import (
-    Sandbox,
-    base_env,
-    beat_args,
-    celery_process,
-    sandbox_process,
-    wait_for,
-    worker_args,
-)
 from worker.migrate import upgrade
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BENCH_DB = "optrack_bench_sweep"
-BENCH_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{BENCH_DB}"
+PG_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{BENCH_DB}"
 REDIS_URL = "redis://127.0.0.1:6379/13"
+SID, TOKEN = "AC" + "b" * 32, "bench-token-not-a-secret"
+CREATED_PER_SECOND = 28  # the account's operations per second of createdAt
+SENDERS = 10
+DEFAULT_RUNS = ("pg:10000:5", "pg:100000:30", "sqlite:10000:5")
+SUCCEEDED = re.compile(r"Task optrack\.poll\[[^\]]+\] succeeded in ([0-9.]+)s: (\{.*\})")
 
 
 @dataclass
-class Row:
+class Result:
+    database: str
     n: int
-    strategy: str
-    requests: int = 0
-    seconds: float = 0.0
-    transactions: int = 0
-    rows_written: int = 0
+    interval: float
+    requests_per_sweep: float = 0.0
+    steady_sweeps: float = 0.0
+    delays: list[float] | None = None
+    missed: int = 0
+    rows_per_sweep: float = 0.0
+    busy_per_sweep: float = 0.0
+    longest_message: float = 0.0
     peak_rss_mb: float = 0.0
-    lifetime_requests: int = 0
-    lifetime_seconds: float = 0.0
+    placement_seconds: float = 0.0
 
 
-def fresh_database() -> None:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{BENCH_DB}"'))
-    admin.dispose()
-    upgrade(BENCH_URL)
-    redis.Redis.from_url(REDIS_URL).flushdb()
+def optrack(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1200,
+    )
+    return done.stdout
 
 
-def db_counters() -> tuple[int, int]:
-    """(committed transactions, rows inserted + updated + deleted) of the bench database."""
-    time.sleep(1.2)  # PostgreSQL 15 backends flush their statistics at most once a second
-    engine = create_engine(ADMIN_URL)
-    with engine.connect() as conn:
-        conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-        row = conn.execute(
-            text(
-                "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted "
-                "FROM pg_stat_database WHERE datname = :name"
-            ),
-            {"name": BENCH_DB},
-        ).one()
-    engine.dispose()
-    return int(row[0]), int(row[1])
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def sandbox(env: dict[str, str], log: Path) -> Iterator[str]:
+    """`optrack sandbox --port 0`; yields its base URL."""
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--seed", "0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"sandbox did not start: {line!r}")
+    try:
+        yield line.split("listening on", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def peak_rss_mb(worker: subprocess.Popen[bytes]) -> float:
-    """The largest VmHWM among the worker's pool processes, in MiB."""
+    """The largest VmHWM among a worker's processes, in MiB."""
     children = subprocess.run(
         ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True, check=False
     ).stdout.split()
@@ -104,177 +141,228 @@ def peak_rss_mb(worker: subprocess.Popen[bytes]) -> float:
     return peak / 1024
 
 
-def track_all(ids: list[str]) -> None:
-    engine = create_engine(BENCH_URL)
-    now = datetime.now(UTC)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO tracked_operations (id, status, tracked_at, next_poll_at, polls, "
-                "consecutive_errors, version) VALUES (:id, 'PENDING', :now, :now, 0, 0, 1)"
-            ),
-            [{"id": op_id, "now": now} for op_id in ids],
+def fresh_pg() -> None:
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{BENCH_DB}"'))
+    admin.dispose()
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def create_operations(
+    http: requests.Session, root: str, n: int, ends_from: float, ends_to: float
+) -> dict[str, float]:
+    """N operations created over the last N/28 s, in batches of 100 sharing a createdAt and an
+    end; returns each one's true end (epoch seconds)."""
+    rng = random.Random(n)
+    now = time.time()
+    span = n / CREATED_PER_SECOND
+    ends: dict[str, float] = {}
+    batch = 100
+    for i in range(0, n, batch):
+        created = now - span + span * i / n
+        end = rng.uniform(ends_from, ends_to)
+        response = http.post(
+            f"{root}/_sandbox/operations/bulk",
+            json={
+                "count": min(batch, n - i),
+                "total": SENDERS,
+                "duration": end - created,
+                "created_at": created,
+            },
+            timeout=60,
         )
-    engine.dispose()
+        response.raise_for_status()
+        ends.update(dict.fromkeys(response.json()["ids"], end))
+    return ends
 
 
-def count(sql: str, **params: object) -> int:
-    engine = create_engine(BENCH_URL)
+def scalar(url: str, sql: str) -> Any:
+    engine = create_engine(url)
     with engine.connect() as conn:
-        value = conn.execute(text(sql), params).scalar_one()
+        value = conn.execute(text(sql)).scalar()
     engine.dispose()
-    return int(value)
+    return value
 
 
-@contextmanager
-def stack(
-    tmp: Path, strategy: str, poll_interval: float, max_interval: float, tick: float = 1.0
-) -> Iterator[tuple[Sandbox, list[subprocess.Popen[bytes]]]]:
-    env = base_env(
-        tmp,
-        OPTRACK_DATABASE_URL=BENCH_URL,
-        OPTRACK_BROKER_URL=REDIS_URL,
-        OPTRACK_POLL_STRATEGY=strategy,
-        OPTRACK_POLL_INTERVAL=str(poll_interval),
-        OPTRACK_POLL_MAX_INTERVAL=str(max_interval),
-        OPTRACK_TICK_INTERVAL=str(tick),
+def wait_until(check: Any, timeout: float, what: str, interval: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def run(database: str, n: int, interval: float, tmp: Path) -> Result:
+    result = Result(database, n, interval)
+    home = tmp / f"{database}-{n}"
+    home.mkdir()
+    if database == "pg":
+        fresh_pg()
+        db_url, broker = PG_URL, REDIS_URL
+    else:
+        db_url = f"sqlite:///{home / 'optrack.sqlite'}"
+        broker = f"sqla+sqlite:///{home / 'broker.sqlite'}"
+    upgrade(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(
+        OPTRACK_HOME=str(home),
+        OPTRACK_DATABASE_URL=db_url,
+        OPTRACK_BROKER_URL=broker,
+        OPTRACK_POLL_INTERVAL=str(interval),
+        TWILIO_ACCOUNT_SID=SID,
+        TWILIO_AUTH_TOKEN=TOKEN,
+        PYTHONUNBUFFERED="1",
     )
-    with ExitStack() as stack, sandbox_process(env, tmp / "sandbox.log") as api:
-        env["OPTRACK_API_BASE_URL"] = api.base_url
+    http = requests.Session()
+    http.auth = (SID, TOKEN)
+    with ExitStack() as stack:
+        base_url = stack.enter_context(sandbox(env, home / "sandbox.log"))
+        root = base_url.removesuffix("/v1")
+        env["OPTRACK_API_BASE_URL"] = base_url
+        # Ends come after a few full sweeps: placing N takes a while, then 3 sweeps are
+        # measured with all N active; the ends spread over 8 intervals after that.
+        warm = 30 + n / 1000
+        t0 = time.time()
+        first_end = t0 + warm + 3 * interval
+        ends = create_operations(http, root, n, first_end, first_end + 8 * interval)
+        print(f"  {n:,} operations created in {time.time() - t0:.0f}s", file=sys.stderr)
+        optrack(env, "track", "-", stdin="\n".join(ends))
+        celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
         workers = [
             stack.enter_context(
-                celery_process(worker_args(f"w{i}", loglevel="WARNING"), env, tmp / f"w{i}.log")
+                process(
+                    [
+                        *celery,
+                        "worker",
+                        f"--hostname=w{i}@%h",
+                        "--concurrency=1",
+                        "--loglevel=INFO",
+                        "--without-gossip",
+                        "--without-mingle",
+                        "--without-heartbeat",
+                    ],
+                    env,
+                    home / f"w{i}.log",
+                )
             )
             for i in (1, 2)
         ]
-        stack.enter_context(celery_process(beat_args(tmp / "schedule"), env, tmp / "beat.log"))
-        yield api, workers
-
-
-def bulk_create(api: Sandbox, n: int, **fields: object) -> list[str]:
-    response = api.http.post(
-        f"{api.root}/_sandbox/operations/bulk", json={"count": n, **fields}, timeout=60
-    )
-    response.raise_for_status()
-    return list(response.json()["ids"])
-
-
-def requests_since(api: Sandbox, t: float) -> int:
-    return sum(1 for r in api.requests() if r["t"] >= t)
-
-
-def full_sweep(n: int, strategy: str, tmp: Path) -> Row:
-    """All N due at once (second sweep, so warm): its requests, time and writes."""
-    fresh_database()
-    row = Row(n, strategy)
-    # A short tick, so the measured time is the sweep's own, not the wait for the next tick.
-    with stack(tmp, strategy, poll_interval=3600, max_interval=3600, tick=0.2) as (api, workers):
-        ids = bulk_create(api, n, total=100, duration=36000)
-        track_all(ids)
-        polled = "SELECT count(*) FROM tracked_operations WHERE last_polled_at >= :t"
-        start = datetime.now(UTC)
-        wait_for(lambda: count(polled, t=start) == n, 600, "the first sweep", interval=0.2)
-        # The measured sweep: everything due again now.
-        tx0, rows0 = db_counters()
-        t0 = time.time()
-        start = datetime.now(UTC)
-        engine = create_engine(BENCH_URL)
-        with engine.begin() as conn:
-            conn.execute(text("UPDATE tracked_operations SET next_poll_at = :t"), {"t": start})
-        engine.dispose()
-        wait_for(lambda: count(polled, t=start) == n, 600, "the full sweep", interval=0.05)
-        row.seconds = time.time() - t0
-        tx1, rows1 = db_counters()
-        row.requests = requests_since(api, t0)
-        row.transactions, row.rows_written = tx1 - tx0, rows1 - rows0 - n  # minus our UPDATE
-        row.peak_rss_mb = max(peak_rss_mb(w) for w in workers)
-    return row
-
-
-def lifetime(row: Row, tmp: Path, duration: float) -> None:
-    """N operations from tracking to their end: the requests it took."""
-    fresh_database()
-    with stack(tmp, row.strategy, poll_interval=5, max_interval=5) as (api, _):
-        ids = bulk_create(api, row.n, total=50, duration=duration)
-        t0 = time.time()
-        track_all(ids)
-        ended = "SELECT count(*) FROM tracked_operations WHERE ended_at IS NOT NULL"
-        wait_for(lambda: count(ended) == row.n, 1200, "every operation to end", interval=0.5)
-        row.lifetime_seconds = time.time() - t0
-        row.lifetime_requests = requests_since(api, t0)
-
-
-def adaptive(n: int, tmp: Path, window: float) -> list[tuple[str, int]]:
-    """Requests over ``window`` s with half the operations standing still, cadence on/off."""
-    results = []
-    for label, max_interval in (("fixed 5 s", 5.0), ("adaptive 5-120 s", 120.0)):
-        fresh_database()
-        with stack(tmp, "fetch", poll_interval=5, max_interval=max_interval) as (api, _):
-            moving = bulk_create(api, n // 2, total=100000, duration=3600)
-            # Created long ago and almost done: their stats stand still for the whole window.
-            still = bulk_create(
-                api, n - n // 2, total=2, duration=10**6, created_at=time.time() - 600
+        stack.enter_context(
+            process(
+                [*celery, "beat", "--loglevel=INFO", f"--schedule={home / 'schedule'}"],
+                env,
+                home / "beat.log",
             )
-            t0 = time.time()
-            track_all(moving + still)
-            time.sleep(window)  # a fixed window of real polling, counted by the sandbox
-            results.append((label, requests_since(api, t0)))
-    return results
+        )
+        placed = (
+            "SELECT count(*) FROM tracked_operations WHERE status = 'PENDING' "
+            "OR (group_id IS NULL AND status = 'PROCESSING')"
+        )
+        wait_until(lambda: scalar(db_url, placed) == 0, 1200, "every operation seen and placed")
+        steady = time.time()
+        result.placement_seconds = steady - t0
+        print(f"  all seen and placed after {steady - t0:.0f}s", file=sys.stderr)
+        ended = "SELECT count(*) FROM tracked_operations WHERE ended_at IS NOT NULL"
+        last_end = max(ends.values())
+        wait_until(
+            lambda: scalar(db_url, ended) == n,
+            last_end - time.time() + 20 * interval + 120,
+            "every end to be recorded",
+            interval=2.0,
+        )
+        result.peak_rss_mb = max(peak_rss_mb(w) for w in workers)
+        log = http.get(f"{root}/_sandbox/requests", timeout=60).json()["requests"]
+    # Steady state: from placement until the first end, every operation active.
+    window_end = min(first_end, steady + 3 * interval)
+    full = [r for r in log if steady <= r["t"] < window_end]
+    result.steady_sweeps = (window_end - steady) / interval
+    if result.steady_sweeps > 0.5:
+        result.requests_per_sweep = len(full) / result.steady_sweeps
+    result.delays, result.missed = end_delays(db_url, ends, steady)
+    sweeps = (time.time() - steady) / interval
+    rows = busy = longest = 0.0
+    for name in ("w1.log", "w2.log"):
+        for match in SUCCEEDED.finditer((home / name).read_text()):
+            seconds, counts = float(match.group(1)), json.loads(match.group(2).replace("'", '"'))
+            rows += counts.get("rows_written", 0) + 1  # + the group's own row
+            busy += seconds
+            longest = max(longest, seconds)
+    result.rows_per_sweep = rows / sweeps
+    result.busy_per_sweep = busy / sweeps
+    result.longest_message = longest
+    return result
+
+
+def end_delays(db_url: str, ends: dict[str, float], steady: float) -> tuple[list[float], int]:
+    """Seconds from each true end to its recording; ends before ``steady`` are left out."""
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT operation_id, observed_at FROM operation_history "
+                "WHERE status IN ('COMPLETED', 'CANCELED')"
+            )
+        ).all()
+    engine.dispose()
+    delays = []
+    missed = 0
+    for op_id, observed in rows:
+        if isinstance(observed, str):  # SQLite gives text
+            observed = datetime.fromisoformat(observed)
+        if observed.tzinfo is None:
+            observed = observed.replace(tzinfo=UTC)
+        end = ends[op_id]
+        if end < steady:
+            missed += 1
+            continue
+        delays.append(observed.timestamp() - end)
+    return sorted(delays), missed
+
+
+def pct(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, math.ceil(p * len(values)) - 1)] if values else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--strategies", nargs="+", default=["fetch", "list"])
-    parser.add_argument("--skip-lifetime", action="store_true")
-    parser.add_argument("--skip-adaptive", action="store_true")
-    parser.add_argument("--life", type=float, default=60.0, help="operation duration, s")
+    parser.add_argument("--run", action="append", help="database:N:interval, e.g. pg:10000:5")
     args = parser.parse_args()
-    rows: list[Row] = []
+    results = []
     with TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        for n in args.n:
-            for strategy in args.strategies:
-                print(f"N={n} {strategy}: full sweep…", file=sys.stderr, flush=True)
-                row = full_sweep(n, strategy, tmp)
-                if not args.skip_lifetime:
-                    print(f"N={n} {strategy}: whole life…", file=sys.stderr, flush=True)
-                    lifetime(row, tmp, args.life)
-                rows.append(row)
-        adaptive_rows = [] if args.skip_adaptive else adaptive(1000, tmp, window=60)
+        for spec in args.run or DEFAULT_RUNS:
+            database, n, interval = spec.split(":")
+            print(f"{spec}…", file=sys.stderr, flush=True)
+            results.append(run(database, int(n), float(interval), Path(tmp_name)))
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
     admin.dispose()
 
-    print(f"\n$ {' '.join(['python', '-m', 'bench.sweep', *sys.argv[1:]])}")
-    cores = os.cpu_count()
-    print(f"{cores} cores; sandbox, beat, 2 workers (concurrency 1); PostgreSQL + Redis\n")
-    header = (
-        "| N | strategy | requests/sweep | sweep wall time | transactions/sweep "
-        "| rows written/sweep | worker peak RSS | requests, whole life | whole life |"
+    print(f"\n$ python -m bench.sweep {' '.join(sys.argv[1:])}".rstrip())
+    print(f"{os.cpu_count()} cores; sandbox, beat, 2 workers (concurrency 1), default settings\n")
+    print(
+        "| database | N | interval | requests/sweep (ceil(N/1000)) | end delay p50 / p95 / max "
+        "| rows written/sweep | busy s/sweep | longest message | worker peak RSS |"
     )
-    print(header)
     print("|" + "---|" * 9)
-    for r in rows:
-        life = (
-            f"{r.lifetime_requests:,} | {r.lifetime_seconds:.0f} s"
-            if r.lifetime_requests
-            else "- | -"
-        )
+    for r in results:
+        d = r.delays or []
         print(
-            f"| {r.n:,} | {r.strategy} | {r.requests:,} | {r.seconds:.2f} s | {r.transactions:,} "
-            f"| {r.rows_written:,} | {r.peak_rss_mb:.0f} MiB | {life} |"
+            f"| {'PostgreSQL + Redis' if r.database == 'pg' else 'SQLite, embedded broker'} "
+            f"| {r.n:,} | {r.interval:g} s | {r.requests_per_sweep:.1f} ({math.ceil(r.n / 1000)}) "
+            f"| {pct(d, 0.5):.1f} / {pct(d, 0.95):.1f} / {max(d, default=float('nan')):.1f} s "
+            f"| {r.rows_per_sweep:,.0f} | {r.busy_per_sweep:.1f} | {r.longest_message:.1f} s "
+            f"| {r.peak_rss_mb:.0f} MiB |"
         )
-    for n in args.n:
-        by = {r.strategy: r for r in rows if r.n == n}
-        if {"fetch", "list"} <= set(by) and by["list"].lifetime_requests:
-            ratio = by["fetch"].lifetime_requests / by["list"].lifetime_requests
-            print(f"\nN={n:,}: list spends {ratio:.0f}x fewer requests over the whole life")
-    if adaptive_rows:
-        print("\nAdaptive cadence, 1,000 operations (half standing still), 60 s window, fetch:")
-        for label, requests in adaptive_rows:
-            print(f"  {label}: {requests:,} requests")
+    for r in results:
+        print(
+            f"{r.database} {r.n:,}: placed in {r.placement_seconds:.0f}s, "
+            f"{r.steady_sweeps:.1f} sweeps measured with all active, "
+            f"{len(r.delays or [])} ends measured ({r.missed} before placement), "
+            f"median delay {statistics.median(r.delays) if r.delays else float('nan'):.1f}s"
+        )
 
 
 if __name__ == "__main__":
