@@ -203,7 +203,7 @@ def measure_dispatcher(sessions: sessionmaker[Session]) -> str:
         try:
             start = time.perf_counter()
             for _ in range(max_runs):
-                report = deliver_pending(sessions, NOW, [channel], DISPATCH)
+                report = deliver_pending(sessions, FakeClock(NOW), [channel], DISPATCH)
                 if report.failed:
                     raise RuntimeError(f"delivery failed: {report.failed[0]}")
                 if not report.delivered:
