@@ -176,15 +176,34 @@ class TaskChannel:
             raise DeliveryError(f"could not publish {self.task_name}: {exc}") from None
 
 
+def webhook_session() -> requests.Session:
+    """A session for webhook POSTs that takes nothing from the environment.
+
+    ``trust_env = False``: no proxy from ``HTTP(S)_PROXY``, no credentials from ``~/.netrc``,
+    no CA bundle from ``REQUESTS_CA_BUNDLE`` (TLS is verified against certifi's bundle).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
 @dataclass
 class WebhookChannel:
-    """POSTs the notice as JSON, signed over its timestamp and body; any 2xx is a delivery."""
+    """POSTs the notice as JSON, signed over its timestamp and body; any 2xx is a delivery.
+
+    The URL is checked once, at start (``worker.settings``: https, or http to loopback, or
+    ``OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1``).
+    """
 
     url: str
     secret: str = field(repr=False)
     timeout: float = 10.0
-    session: requests.Session = field(default_factory=requests.Session, repr=False)
+    session: requests.Session = field(default_factory=webhook_session, repr=False)
     name: ChannelName = field(default="webhook", init=False)
+
+    def __post_init__(self) -> None:
+        # Also for a session passed in: nothing from the environment routes or authenticates us.
+        self.session.trust_env = False
 
     def send(self, message: Message) -> None:
         """One POST, no redirects followed; raise DeliveryError unless the answer is 2xx."""
