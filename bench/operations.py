@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "sqlite": sqlite_database,
     }
     if args.backend is not None:
-        databases = {k: v for k, v in databases.items() if k.startswith(args.backend)}
+        wanted = "postgresql" if args.backend == "pg" else args.backend  # "pg" matched nothing
+        databases = {k: v for k, v in databases.items() if k == wanted}
     lines = ["| backend | measurement | figure |", "|---|---|---|"]
     for backend, database in databases.items():
         with database() as url:
