@@ -9,7 +9,8 @@ A header may carry several ``v1`` values and ``verify`` may be given several sec
 side can hold the old and the new secret while one is rotated (docs/operations.md). Keys other
 than ``t`` and ``v1`` are ignored, so a later scheme can be added beside ``v1``.
 
-Pure functions of the standard library: a receiver may import this module or copy it.
+Pure functions on the standard library: a receiver may import this module, or copy it and
+define ``WebhookSignatureError`` itself (its one import from optrack).
 """
 
 from __future__ import annotations
