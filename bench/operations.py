@@ -6,21 +6,25 @@
 For each backend, on a fresh, migrated database (PostgreSQL: optrack_bench_ops, created for
 the run and dropped at the end; SQLite: a file in a temporary folder), it measures:
 
-* prune: 1,000 operations that ended 100 days ago with 200 history rows each (200,000 rows);
-  ``worker.retention.prune`` with a 90-day cutoff deletes all but each one's last row
-  (199,000 rows) in batches of 5,000, as ``optrack db prune --older-than 90d`` does;
-* dispatcher: a notice for each of those 1,000 operations (``worker.notices.record_end``),
-  then ``worker.notices.deliver_pending`` with the production policy, run by run until none
-  is left, POSTing each to a webhook server on 127.0.0.1 (an ephemeral port) that answers 204;
-* scrape: 10,000 active operations added (11,000 in all), then GET /metrics of
+* prune: 50,000 operations that ended 100 days ago with 20 history rows each (1,000,000
+  rows); ``worker.retention.prune`` with a 90-day cutoff deletes all but each one's last row
+  (950,000 rows) in batches of 5,000, as ``optrack db prune --older-than 90d`` does. The time
+  of every batch is printed, first to last: flat means each batch costs the same;
+* dispatcher: a notice for 1,000 of those operations (``worker.notices.record_end``), then
+  ``worker.notices.deliver_pending`` with the production policy, run by run until none is
+  left, POSTing each to a webhook server on 127.0.0.1 (an ephemeral port) that answers 204;
+* scrape: 10,000 active operations added (60,000 in all), then GET /metrics of
   ``worker.metrics.serve(build_registry(...))`` 20 times: median and max.
 
-It prints a markdown table and the command; the figures are recorded in docs/operations.md.
+PostgreSQL's tables are analyzed after the load, as autovacuum would do on its own a minute
+later. It prints a markdown table, the per-batch times and the command; the figures are
+recorded in docs/operations.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -48,12 +52,13 @@ from worker.retention import prune
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PG_DATABASE = "optrack_bench_ops"
 
-ENDED_OPERATIONS = 1_000
-HISTORY_PER_OPERATION = 200
+ENDED_OPERATIONS = 50_000
+HISTORY_PER_OPERATION = 20
+NOTICES = 1_000
 ACTIVE_OPERATIONS = 10_000
 PRUNE_BATCH = 5_000
 SCRAPES = 20
-INSERT_CHUNK = 100  # operations whose history goes in one transaction
+INSERT_CHUNK = 1_000  # operations whose history goes in one transaction
 DISPATCH = DeliveryPolicy()  # what the beat task deliver_notices uses
 HTTP_TIMEOUT = 10.0
 
@@ -114,14 +119,17 @@ def _active_row(i: int) -> dict[str, Any]:
 def load_ended(sessions: sessionmaker[Session]) -> None:
     """ENDED_OPERATIONS completed operations with HISTORY_PER_OPERATION history rows each."""
     ids = [_op_id("w", i) for i in range(ENDED_OPERATIONS)]
-    with sessions.begin() as session:
-        session.execute(insert(TrackedOperation), [_ended_row(op) for op in ids])
     steps = range(1, HISTORY_PER_OPERATION + 1)
     for start in range(0, len(ids), INSERT_CHUNK):
         chunk = ids[start : start + INSERT_CHUNK]
         with sessions.begin() as session:
+            session.execute(insert(TrackedOperation), [_ended_row(op) for op in chunk])
             rows = [_history_row(op, seq) for op in chunk for seq in steps]
             session.execute(insert(HistoryEntry), rows)
+    with sessions() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("ANALYZE"))
+            session.commit()
 
 
 def load_active(sessions: sessionmaker[Session]) -> None:
@@ -132,10 +140,13 @@ def load_active(sessions: sessionmaker[Session]) -> None:
 
 
 def queue_notices(sessions: sessionmaker[Session]) -> int:
-    """A notice for every ended operation, as the transaction that ends it would write."""
+    """A notice for NOTICES ended operations, as the transaction that ends each would write."""
     with sessions.begin() as session:
         ended = session.scalars(
-            select(TrackedOperation).where(TrackedOperation.ended_at.is_not(None))
+            select(TrackedOperation)
+            .where(TrackedOperation.ended_at.is_not(None))
+            .order_by(TrackedOperation.id)
+            .limit(NOTICES)
         )
         return sum(record_end(session, row, NOW) for row in ended)
 
@@ -178,18 +189,40 @@ def webhook_server() -> Iterator[str]:
 # --- the measurements ----------------------------------------------------------------------
 
 
-def measure_prune(sessions: sessionmaker[Session]) -> str:
-    start = time.perf_counter()
-    result = prune(sessions, CUTOFF, PRUNE_BATCH)
+def _tenths(times: list[float]) -> list[float]:
+    """The median of each tenth of the run, first to last (a median: other work on a shared
+    machine adds spikes to single batches)."""
+    n = len(times)
+    bounds = [round(n * i / 10) for i in range(11)]
+    return [statistics.median(times[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def measure_prune(sessions: sessionmaker[Session]) -> tuple[str, list[float]]:
+    """Prune, timing every batch (transaction) from the previous one's commit to its own."""
+    times: list[float] = []
+    mark = time.perf_counter()
+
+    def on_batch(kind: str, deleted: int) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        if kind == "history":
+            times.append((now - mark) * 1000)
+        mark = now
+
+    start = mark
+    result = prune(sessions, CUTOFF, PRUNE_BATCH, on_batch=on_batch)
     seconds = time.perf_counter() - start
     expected = ENDED_OPERATIONS * (HISTORY_PER_OPERATION - 1)
     if result.history_rows != expected:
         raise RuntimeError(f"prune deleted {result.history_rows} rows, expected {expected}")
-    per_batch = seconds / result.batches * 1000
-    return (
-        f"{result.history_rows:,} rows in {result.batches} batches: {seconds:.2f} s "
-        f"({per_batch:.0f} ms/batch)"
+    tenths = " ".join(f"{t:.0f}" for t in _tenths(times))
+    figure = (
+        f"{result.history_rows:,} of {ENDED_OPERATIONS * HISTORY_PER_OPERATION:,} rows in "
+        f"{len(times)} batches: {seconds:.1f} s; batch first {times[0]:.0f} ms, median "
+        f"{statistics.median(times):.0f} ms, last {times[-1]:.0f} ms, max {max(times):.0f} ms; "
+        f"median per tenth of the run, first to last: {tenths} ms"
     )
+    return figure, times
 
 
 def measure_dispatcher(sessions: sessionmaker[Session]) -> str:
@@ -201,7 +234,7 @@ def measure_dispatcher(sessions: sessionmaker[Session]) -> str:
         try:
             start = time.perf_counter()
             for _ in range(max_runs):
-                report = deliver_pending(sessions, NOW, [channel], DISPATCH)
+                report = deliver_pending(sessions, FakeClock(NOW), [channel], DISPATCH)
                 if report.failed:
                     raise RuntimeError(f"delivery failed: {report.failed[0]}")
                 if not report.delivered:
@@ -238,18 +271,23 @@ def measure_scrape(sessions: sessionmaker[Session]) -> str:
     )
 
 
-def bench_backend(url: str) -> list[tuple[str, str]]:
-    """Migrate, load, measure in order (each step uses the data the previous one left)."""
+def bench_backend(url: str) -> tuple[list[tuple[str, str]], list[float]]:
+    """Migrate, load, measure in order (each step uses the data the previous one left).
+
+    Returns the table rows and the prune's batch times (ms).
+    """
     upgrade(url)
     engine = make_engine(url)
     try:
         sessions = make_sessionmaker(engine)
         load_ended(sessions)
-        return [
-            ("prune", measure_prune(sessions)),
+        pruned, batch_times = measure_prune(sessions)
+        rows = [
+            ("prune", pruned),
             ("dispatcher (webhook)", measure_dispatcher(sessions)),
             ("/metrics scrape", measure_scrape(sessions)),
         ]
+        return rows, batch_times
     finally:
         engine.dispose()
 
@@ -304,14 +342,21 @@ def main(argv: list[str] | None = None) -> int:
         "sqlite": sqlite_database,
     }
     if args.backend is not None:
-        databases = {k: v for k, v in databases.items() if k.startswith(args.backend)}
+        wanted = "postgresql" if args.backend == "pg" else args.backend  # "pg" matched nothing
+        databases = {k: v for k, v in databases.items() if k == wanted}
     lines = ["| backend | measurement | figure |", "|---|---|---|"]
+    batches: dict[str, list[float]] = {}
     for backend, database in databases.items():
         with database() as url:
-            for measurement, figure in bench_backend(url):
+            rows, batches[backend] = bench_backend(url)
+            for measurement, figure in rows:
                 lines.append(f"| {backend} | {measurement} | {figure} |")
                 print(lines[-1], file=sys.stderr, flush=True)  # progress
     print("\n".join(lines))
+    for backend, times in batches.items():
+        print(f"\n{backend}: prune batch times in ms, first to last ({len(times)} batches)")
+        for start in range(0, len(times), 20):
+            print(" ".join(f"{t:5.0f}" for t in times[start : start + 20]))
     print(f"\ncommand: `{_command()}`")
     return 0
 

@@ -1,5 +1,6 @@
 """Completion notices on SQLite and PostgreSQL: one outbox row per end, sent through a real
-Celery broker (Redis) and a real local webhook that checks the HMAC, across killed workers."""
+Celery broker (Redis) and a real local webhook that verifies the signature, across killed
+workers; the receiver of docs/operations.md run as a server against replays."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,16 +24,18 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import SID, TOKEN
 from worker.celery_app import DELIVER_NOTICES_TASK, celery_config
-from worker.clock import FakeClock
+from worker.clock import FakeClock, SystemClock
 from worker.db import Notice, TrackedOperation
 from worker.notices import (
     DeliveryPolicy,
+    Message,
     TaskChannel,
     WebhookChannel,
     deliver_pending,
@@ -42,18 +48,29 @@ from worker.repository import Repository
 from worker.sandbox import SandboxServer
 from worker.settings import DEFAULT_NOTIFY_QUEUE, load_settings
 from worker.tracking import PollPolicy
+from worker.webhooks import WebhookSignatureError, sign, verify
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec-" + "k3y" * 6
 NOTIFY_TASK = "billing.operation_ended"
 OP_IDS = [f"comms_operation_01h9krwprkeee8fzqspvwy6n{i:02d}" for i in range(20)]
 
 
 class Receiver:
-    """A webhook endpoint on 127.0.0.1 that accepts only correctly signed, fresh notices."""
+    """A webhook endpoint on 127.0.0.1 that accepts only correctly signed, fresh notices.
 
-    def __init__(self, secret: str) -> None:
-        self.secret = secret.encode()
+    ``now`` is its clock; ``delay`` seconds of the fake clock pass while it handles a notice
+    (a slow receiver), so the next notice of the same run is sent that much later.
+    """
+
+    def __init__(self, secret: str, now: Callable[[], datetime], clock: FakeClock | None = None):
+        self.secret = secret
+        self.now = now
+        self.clock = clock
+        self.delay = 0.0
         self.deliveries: list[dict[str, Any]] = []
+        self.raw: list[tuple[bytes, dict[str, str]]] = []  # every request, as it came
+        self.received_at: list[datetime] = []
         self.rejected = 0
         self.fail_next = 0
         self.hold: threading.Event | None = None
@@ -87,16 +104,21 @@ class Receiver:
         return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/optrack"
 
     def receive(self, body: bytes, headers: Any) -> int:
-        expected = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
-        signature = headers.get("X-Optrack-Signature", "")
         with self.lock:
-            if not hmac.compare_digest(signature, expected):
+            self.raw.append((body, dict(headers.items())))
+            now = self.now()
+            try:
+                signed_at = verify(self.secret, body, headers.get("X-Optrack-Signature"), now)
+            except WebhookSignatureError:
                 self.rejected += 1
                 return 401
             payload = json.loads(body)
             sent_at = datetime.fromisoformat(payload["sent_at"].replace("Z", "+00:00"))
-            assert headers["X-Optrack-Timestamp"] == str(int(sent_at.timestamp()))
+            assert signed_at == sent_at  # the signed t is the body's sent_at
             assert headers["X-Optrack-Notice-Id"] == str(payload["notice_id"])
+            self.received_at.append(now)
+            if self.clock is not None and self.delay:
+                self.clock.advance(self.delay)
             if self.fail_next:
                 self.fail_next -= 1
                 return 500
@@ -116,8 +138,8 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver(SECRET)
+def receiver(clock: FakeClock) -> Iterator[Receiver]:
+    server = Receiver(SECRET, clock.now, clock)
     yield server
     server.close()
 
@@ -265,9 +287,9 @@ def test_exactly_once_across_a_worker_killed_between_the_end_and_the_send(
         WebhookChannel(receiver.url, SECRET),
     ]
     clock.advance(300)  # past the killed worker's own (real) clock
-    first = deliver_pending(sessions, clock.now(), channels)
+    first = deliver_pending(sessions, clock, channels)
     clock.advance(3600)
-    second = deliver_pending(sessions, clock.now(), channels)
+    second = deliver_pending(sessions, clock, channels)
     assert first.delivered == (op.id,) and second.delivered == ()
     assert receiver.operations() == [op.id]
     [payload] = receiver.deliveries
@@ -286,10 +308,11 @@ KILLED_DISPATCHER = """
 import sys
 from datetime import datetime
 from worker.db import make_engine, make_sessionmaker
+from worker.clock import FakeClock
 from worker.notices import WebhookChannel, deliver_pending
 url, hook, secret, now = sys.argv[1:]
 sessions = make_sessionmaker(make_engine(url))
-deliver_pending(sessions, datetime.fromisoformat(now), [WebhookChannel(hook, secret)])
+deliver_pending(sessions, FakeClock(datetime.fromisoformat(now)), [WebhookChannel(hook, secret)])
 """
 
 
@@ -322,10 +345,10 @@ def test_a_dispatcher_killed_after_sending_resends_with_the_same_notice_id(
 
     # The send was not recorded: the claim holds until its lease runs out, then it goes again.
     channel = WebhookChannel(receiver.url, SECRET)
-    assert deliver_pending(sessions, clock.now(), [channel]).delivered == ()
+    assert deliver_pending(sessions, clock, [channel]).delivered == ()
     assert len(receiver.deliveries) == 1
     clock.advance(DeliveryPolicy().lease.total_seconds())
-    report = deliver_pending(sessions, clock.now(), [channel])
+    report = deliver_pending(sessions, clock, [channel])
     channel.close()
     assert report.delivered == (OP_IDS[0],)
     ids = [d["notice_id"] for d in receiver.deliveries]
@@ -347,7 +370,7 @@ def test_two_dispatchers_never_send_the_same_notice(
         channel = WebhookChannel(receiver.url, SECRET)
         try:
             barrier.wait(10)
-            while deliver_pending(sessions, clock.now(), [channel], policy).delivered:
+            while deliver_pending(sessions, clock, [channel], policy).delivered:
                 pass
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -375,7 +398,7 @@ def test_failures_back_off_in_the_row_without_sleeping(
     receiver.fail_next = 2
     start = clock.now()
 
-    first = deliver_pending(sessions, clock.now(), [channel], policy)
+    first = deliver_pending(sessions, clock, [channel], policy)
     assert first.failed == ((OP_IDS[0], "webhook: the webhook answered HTTP 500"),)
     [notice] = notices(sessions)
     assert notice.attempts == 1 and notice.next_attempt_at == start + timedelta(seconds=10)
@@ -383,14 +406,14 @@ def test_failures_back_off_in_the_row_without_sleeping(
     assert notice.claim_token is None and notice.delivered_at is None
 
     clock.advance(9)  # not due yet: nothing is sent
-    assert deliver_pending(sessions, clock.now(), [channel], policy).failed == ()
+    assert deliver_pending(sessions, clock, [channel], policy).failed == ()
     clock.advance(1)
-    assert deliver_pending(sessions, clock.now(), [channel], policy).failed != ()
+    assert deliver_pending(sessions, clock, [channel], policy).failed != ()
     [notice] = notices(sessions)
     assert notice.attempts == 2 and notice.next_attempt_at == start + timedelta(seconds=30)
 
     clock.advance(20)
-    done = deliver_pending(sessions, clock.now(), [channel], policy)
+    done = deliver_pending(sessions, clock, [channel], policy)
     assert done.delivered == (OP_IDS[0],)
     [notice] = notices(sessions)
     assert notice.attempts == 3 and notice.last_error is None
@@ -406,7 +429,7 @@ def test_a_wrong_secret_is_refused_by_the_receiver(
     with sessions.begin() as session:
         Repository(session).add(OP_IDS[:1], clock.now())
     end_operation(sessions, OP_IDS[0], clock.now())
-    report = deliver_pending(sessions, clock.now(), [WebhookChannel(receiver.url, "wrong")])
+    report = deliver_pending(sessions, clock, [WebhookChannel(receiver.url, "wrong")])
     assert report.failed == ((OP_IDS[0], "webhook: the webhook answered HTTP 401"),)
     assert receiver.rejected == 1 and receiver.deliveries == []
 
@@ -427,11 +450,11 @@ def test_a_channel_that_went_out_is_not_sent_again_on_retry(
         WebhookChannel(receiver.url, SECRET),
     ]
     receiver.fail_next = 1
-    assert deliver_pending(sessions, clock.now(), channels).failed != ()
+    assert deliver_pending(sessions, clock, channels).failed != ()
     [notice] = notices(sessions)
     assert notice.task_sent_at is not None and notice.webhook_sent_at is None
     clock.advance(60)
-    assert deliver_pending(sessions, clock.now(), channels).delivered == (OP_IDS[0],)
+    assert deliver_pending(sessions, clock, channels).delivered == (OP_IDS[0],)
     assert len(queued_tasks(redis_url)) == 1  # the task went out once
     assert receiver.operations() == [OP_IDS[0]]
 
@@ -490,3 +513,140 @@ def test_the_beat_task_delivers_with_the_configured_webhook(
     assert done.returncode == 0, done.stderr
     assert "{'delivered': 3, 'failed': 0}" in done.stdout
     assert receiver.operations() == sorted(OP_IDS[:3])
+
+
+def test_each_notice_is_signed_at_its_own_send_time(
+    sessions: sessionmaker[Session], receiver: Receiver, clock: FakeClock
+) -> None:
+    """A slow receiver: 45 s pass per notice, so the tenth leaves 405 s after the run began.
+
+    Stamped with the run's start it would be beyond the receiver's 300 s tolerance; stamped
+    at its own send, every one is fresh when it arrives.
+    """
+    with sessions.begin() as session:
+        Repository(session).add(OP_IDS[:10], clock.now())
+    for op_id in OP_IDS[:10]:
+        end_operation(sessions, op_id, clock.now())
+    receiver.delay = 45.0
+    start = clock.now()
+    channel = WebhookChannel(receiver.url, SECRET)
+    report = deliver_pending(sessions, clock, [channel])  # one run: a batch of 20 holds all
+    channel.close()
+    assert sorted(report.delivered) == OP_IDS[:10] and report.failed == ()
+    assert receiver.rejected == 0
+    sent = [
+        datetime.fromisoformat(d["sent_at"].replace("Z", "+00:00")) for d in receiver.deliveries
+    ]
+    assert sent == [start + timedelta(seconds=45 * i) for i in range(10)]
+    assert sent[-1] - start > timedelta(seconds=300)
+    assert receiver.received_at == sent  # each arrived at the time it says it was sent
+    by_op = {n.operation_id: n for n in notices(sessions)}
+    for delivery, at in zip(receiver.deliveries, sent, strict=True):
+        row = by_op[delivery["operation"]["id"]]
+        assert row.webhook_sent_at == at
+        assert row.delivered_at == at + timedelta(seconds=45)  # recorded after its answer
+
+
+def documented_receiver() -> str:
+    """The receiver example of docs/operations.md, exactly as printed there."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    [code] = [b for b in blocks if b.startswith("# receiver.py")]
+    return code
+
+
+@contextmanager
+def documented_receiver_server(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """Run the documented receiver on a free port; yield its URL and, after it stops, its
+    output lines."""
+    script = tmp_path / "receiver.py"
+    script.write_text(documented_receiver())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(OPTRACK_WEBHOOK_SECRET=SECRET, PORT="0", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        match = re.fullmatch(r"listening on port (\d+)\n", first)
+        assert match, f"the receiver did not start: {first!r} {process.stderr.read()!r}"  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{match.group(1)}/hooks/optrack", output
+    finally:
+        process.terminate()
+        out, _err = process.communicate(timeout=30)
+        output.extend(out.splitlines())
+
+
+def test_the_documented_receiver_refuses_a_replay_and_takes_a_fresh_notice(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    # A notice sent a year ago, captured on its way (the receiver of that day accepted it).
+    year_ago = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(days=365))
+    capture = Receiver(SECRET, year_ago.now)
+    with sessions.begin() as session:
+        Repository(session).add(OP_IDS[:2], year_ago.now())
+    end_operation(sessions, OP_IDS[0], year_ago.now())
+    channel = WebhookChannel(capture.url, SECRET)
+    try:
+        assert deliver_pending(sessions, year_ago, [channel]).delivered == (OP_IDS[0],)
+    finally:
+        channel.close()
+        capture.close()
+    [(old_body, old_headers)] = capture.raw
+    old_header = old_headers["X-Optrack-Signature"]
+    old_t, old_v1 = (item.split("=", 1)[1] for item in old_header.split(","))
+    assert int(old_t) == int(year_ago.now().timestamp())
+
+    with documented_receiver_server(tmp_path) as (url, output):
+
+        def post(body: bytes, headers: dict[str, str]) -> requests.Response:
+            with requests.Session() as http:
+                http.trust_env = False
+                headers = {"Content-Type": "application/json", **headers}
+                return http.post(url, data=body, headers=headers, timeout=10)
+
+        fresh_t = str(int(time.time()))
+        replays = {
+            "as captured": ({"X-Optrack-Signature": old_header}, "s old"),
+            "with a fresh t": (
+                {"X-Optrack-Signature": f"t={fresh_t},v1={old_v1}"},
+                "does not match",
+            ),
+            "the old scheme, a fresh timestamp header": (
+                {
+                    "X-Optrack-Signature": "sha256="
+                    + hmac.new(SECRET.encode(), old_body, hashlib.sha256).hexdigest(),
+                    "X-Optrack-Timestamp": fresh_t,
+                },
+                "exactly one t=",
+            ),
+            "no signature": ({}, "no X-Optrack-Signature header"),
+        }
+        for name, (headers, reason) in replays.items():
+            answer = post(old_body, headers)
+            assert answer.status_code == 401, name
+            assert reason in answer.reason, (name, answer.reason)
+
+        # A fresh notice from the dispatcher, on the real clock, is taken.
+        end_operation(sessions, OP_IDS[1], datetime.now(UTC))
+        channel = WebhookChannel(url, SECRET)
+        try:
+            assert deliver_pending(sessions, SystemClock(), [channel]).delivered == (OP_IDS[1],)
+        finally:
+            channel.close()
+        # The same notice again, correctly signed and fresh (a redelivery): 204, dropped.
+        fresh = next(n for n in notices(sessions) if n.operation_id == OP_IDS[1])
+        again = Message(fresh.id, OP_IDS[1], json.loads(fresh.payload), datetime.now(UTC))
+        body = again.body()
+        answer = post(body, {"X-Optrack-Signature": sign(SECRET, body, again.timestamp)})
+        assert answer.status_code == 204
+
+    handled = [line for line in output if line.startswith("ended:")]
+    assert handled == [f"ended: {fresh.id} {OP_IDS[1]} COMPLETED"]

@@ -1,4 +1,5 @@
-"""Security: the auth token stays secret, TLS is verified, plain http is refused, the sandbox
+"""Security: the auth token stays secret, TLS is verified, plain http is refused (to the API
+and to the webhook), the webhook session takes nothing from the environment, the sandbox
 listens on loopback only.
 
 Elsewhere: Celery accepts JSON only, a pickled message is refused
@@ -20,6 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from tests.private_services import PG_BIN, private_redis
 from tests.processes import base_env, sandbox_process, stop, wait_for
 from worker.client import ApiClient, Timeouts
 from worker.errors import ConfigError, OptrackError, TransportError
+from worker.notices import DeliveryError, Message, WebhookChannel
 from worker.retry_after import RetryPolicy
 from worker.sandbox import Fault, SandboxServer
 from worker.settings import check_base_url, load_settings
@@ -366,6 +369,159 @@ def test_plain_http_needs_loopback_or_an_explicit_yes(url: str, allow: str, acce
         assert "OPTRACK_ALLOW_INSECURE_HTTP=1" in str(info.value)
     with pytest.raises(ConfigError):
         check_base_url(url, allow_insecure_http=allow in ("1", "true"))
+
+
+@pytest.mark.parametrize(
+    ("url", "allow", "accepted"),
+    [
+        ("https://hooks.example.com/optrack", "", True),
+        ("http://127.0.0.1:9000/hook", "", True),
+        ("http://localhost:9000/hook", "", True),
+        ("http://[::1]:9000/hook", "", True),
+        ("http://hooks.example.com/t0ken", "", False),
+        ("http://10.0.0.5:9000/t0ken", "", False),
+        ("http://0.0.0.0:9000/t0ken", "", False),
+        ("http://127.0.0.1.evil.example/t0ken", "", False),
+        ("http://hooks.example.com/t0ken", "0", False),
+        ("http://hooks.example.com/t0ken", "1", True),
+        ("http://receiver:8080/hook", "true", True),
+        ("ftp://hooks.example.com/t0ken", "1", False),
+        ("hooks.example.com/t0ken", "", False),
+        ("http://[/t0ken", "", False),
+    ],
+)
+def test_plain_http_webhooks_need_loopback_or_an_explicit_yes(
+    url: str, allow: str, accepted: bool
+) -> None:
+    env = {
+        "OPTRACK_WEBHOOK_URL": url,
+        "OPTRACK_WEBHOOK_SECRET": "whsec-x",
+        "OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP": allow,
+    }
+    if accepted:
+        assert load_settings(env).webhook_url == url
+        return
+    with pytest.raises(ConfigError, match="OPTRACK_WEBHOOK_URL") as info:
+        load_settings(env)
+    assert "t0ken" not in str(info.value)  # a webhook URL's path may hold a secret of its own
+    if url.startswith("http://") and "[" not in url:
+        assert "OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1" in str(info.value)
+
+
+def test_the_api_http_switch_does_not_open_the_webhook() -> None:
+    env = {
+        "OPTRACK_WEBHOOK_URL": "http://hooks.example.com/x",
+        "OPTRACK_WEBHOOK_SECRET": "whsec-x",
+        "OPTRACK_ALLOW_INSECURE_HTTP": "1",
+    }
+    with pytest.raises(ConfigError, match="OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP"):
+        load_settings(env)
+
+
+def test_a_plain_http_webhook_stops_the_command_at_start(tmp_path: Path) -> None:
+    env = base_env(
+        tmp_path,
+        OPTRACK_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        OPTRACK_WEBHOOK_URL="http://hooks.example.com/optrack",
+        OPTRACK_WEBHOOK_SECRET="whsec-x",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "OPTRACK_WEBHOOK_URL" in done.stderr
+    assert "OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "db.sqlite").exists()  # stopped before anything was written
+
+
+# --- the webhook session -------------------------------------------------------------------
+
+
+class _Hop(http.server.BaseHTTPRequestHandler):
+    """Records every request; ``/redirect`` answers 302 to ``target``, anything else 204."""
+
+    seen: list[tuple[str, str, dict[str, str]]]
+    target = ""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.seen.append((self.command, self.path, dict(self.headers.items())))
+        if self.path.endswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", self.target)
+        else:
+            self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hop_servers() -> Iterator[list[tuple[str, list[tuple[str, str, dict[str, str]]]]]]:
+    """Three recording servers on 127.0.0.1: (URL, requests seen) each."""
+    servers, found = [], []
+    for _ in range(3):
+        seen: list[tuple[str, str, dict[str, str]]] = []
+        handler = type("Hop", (_Hop,), {"seen": seen})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        found.append((f"http://127.0.0.1:{server.server_address[1]}", seen))
+    yield found
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_webhook_session_ignores_proxies_and_netrc_and_follows_no_redirect(
+    hop_servers: list[tuple[str, list[tuple[str, str, dict[str, str]]]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (hook, hook_seen), (proxy, proxy_seen), (elsewhere, elsewhere_seen) = hop_servers
+    _Hop.target = elsewhere + "/stolen"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login intruder password n3trc-secret\n")
+    netrc.chmod(0o600)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.setenv("http_proxy", proxy)
+    monkeypatch.setenv("NETRC", str(netrc))
+
+    # The environment is live: requests' defaults send through the proxy, with netrc's login.
+    with requests.Session() as plain:
+        assert plain.post(hook + "/control", data=b"{}", timeout=10).status_code == 204
+    [(_, path, headers)] = proxy_seen
+    assert path == hook + "/control" and headers["Authorization"].startswith("Basic ")
+    proxy_seen.clear()
+
+    message = Message(1, MISSING, {"id": MISSING}, datetime.now(UTC))
+    channel = WebhookChannel(hook + "/hooks/optrack", "whsec-x")
+    try:
+        channel.send(message)
+    finally:
+        channel.close()
+    [(method, path, headers)] = hook_seen
+    assert (method, path) == ("POST", "/hooks/optrack")  # straight to the hook, no proxy
+    assert "Authorization" not in headers and proxy_seen == []
+
+    redirecting = WebhookChannel(hook + "/redirect", "whsec-x")
+    try:
+        with pytest.raises(DeliveryError, match="HTTP 302"):
+            redirecting.send(message)
+    finally:
+        redirecting.close()
+    assert elsewhere_seen == [] and proxy_seen == []  # the redirect was not followed
 
 
 # --- the sandbox listens on loopback -------------------------------------------------------

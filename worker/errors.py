@@ -4,6 +4,7 @@
     ├── ConfigError                   a setting in the environment is unusable
     ├── InvalidOperationId            an operation ID does not match the API's pattern
     ├── NotTracked                    a report or command names an ID that is not tracked
+    ├── WebhookSignatureError         a received notice's signature is missing, stale or wrong
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
@@ -50,6 +51,10 @@ class NotTracked(OptrackError):
         super().__init__(
             f"{operation_id} is not tracked; start with `optrack track {operation_id}`"
         )
+
+
+class WebhookSignatureError(OptrackError):
+    """Raised by ``worker.webhooks.verify`` when a notice must not be trusted; says why."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ unique constraint on ``operation_id`` makes it one notice per operation, ever.
 ``deliver_pending`` claims due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; one conditional
 UPDATE under SQLite's write lock), sends each through every configured channel not yet done,
 and records the result: ``delivered_at``, or ``attempts``, ``last_error`` and a backed-off
-``next_attempt_at``. It never sleeps. A dispatcher killed after a send but before recording it
+``next_attempt_at``. It never sleeps. It reads its clock at each send, so every message's
+``sent_at`` (and the webhook's signed timestamp) is when that message left, however long the
+batch before it took. A dispatcher killed after a send but before recording it
 leaves the claim to expire and the notice is sent again: delivery is at least once per channel,
 so every message carries a stable id (the Celery task id ``optrack-notice-<id>``, the webhook's
 ``X-Optrack-Notice-Id`` header and ``notice_id`` field) for receivers to drop a repeat.
@@ -15,8 +17,6 @@ so every message carries a stable id (the Celery task id ``optrack-notice-<id>``
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import uuid
@@ -31,7 +31,9 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.clock import Clock
 from worker.db import ENDED_STATES, Notice, TrackedOperation
+from worker.webhooks import SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,6 @@ RECORD_FIELDS = (
     "ended_at",
 )
 EVENT = "operation.ended"
-SIGNATURE_HEADER = "X-Optrack-Signature"
-TIMESTAMP_HEADER = "X-Optrack-Timestamp"
 NOTICE_ID_HEADER = "X-Optrack-Notice-Id"
 
 ChannelName = Literal["task", "webhook"]
@@ -116,6 +116,11 @@ class Message:
     record: dict[str, Any]
     sent_at: datetime
 
+    @property
+    def timestamp(self) -> int:
+        """``sent_at`` in Unix seconds: the ``t`` the webhook signature covers."""
+        return int(self.sent_at.timestamp())
+
     def body(self) -> bytes:
         """The webhook body: compact, key-sorted JSON (the signature covers these bytes)."""
         payload = {
@@ -171,20 +176,34 @@ class TaskChannel:
             raise DeliveryError(f"could not publish {self.task_name}: {exc}") from None
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value: ``sha256=`` and the hex HMAC-SHA256 of the raw body."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def webhook_session() -> requests.Session:
+    """A session for webhook POSTs that takes nothing from the environment.
+
+    ``trust_env = False``: no proxy from ``HTTP(S)_PROXY``, no credentials from ``~/.netrc``,
+    no CA bundle from ``REQUESTS_CA_BUNDLE`` (TLS is verified against certifi's bundle).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    return session
 
 
 @dataclass
 class WebhookChannel:
-    """POSTs the notice as JSON, signed with HMAC-SHA256; any 2xx is a delivery."""
+    """POSTs the notice as JSON, signed over its timestamp and body; any 2xx is a delivery.
+
+    The URL is checked once, at start (``worker.settings``: https, or http to loopback, or
+    ``OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1``).
+    """
 
     url: str
     secret: str = field(repr=False)
     timeout: float = 10.0
-    session: requests.Session = field(default_factory=requests.Session, repr=False)
+    session: requests.Session = field(default_factory=webhook_session, repr=False)
     name: ChannelName = field(default="webhook", init=False)
+
+    def __post_init__(self) -> None:
+        # Also for a session passed in: nothing from the environment routes or authenticates us.
+        self.session.trust_env = False
 
     def send(self, message: Message) -> None:
         """One POST, no redirects followed; raise DeliveryError unless the answer is 2xx."""
@@ -192,8 +211,7 @@ class WebhookChannel:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "optrack/0.1 (+notices)",
-            SIGNATURE_HEADER: sign(self.secret, body),
-            TIMESTAMP_HEADER: str(int(message.sent_at.timestamp())),
+            SIGNATURE_HEADER: sign(self.secret, body, message.timestamp),
             NOTICE_ID_HEADER: str(message.notice_id),
         }
         try:
@@ -282,20 +300,22 @@ def _claim(session: Session, now: datetime, policy: DeliveryPolicy) -> tuple[str
 
 
 def _send_all(
-    notice: _Claimed, channels: Sequence[Channel], now: datetime
+    notice: _Claimed, channels: Sequence[Channel], clock: Clock
 ) -> tuple[dict[ChannelName, datetime], list[str]]:
-    message = Message(notice.id, notice.operation_id, json.loads(notice.payload), now)
+    record = json.loads(notice.payload)
     sent: dict[ChannelName, datetime] = {}
     errors: list[str] = []
     for channel in channels:
         if notice.sent[channel.name] is not None:
             continue  # went out on an earlier attempt
+        # Read at each send: a receiver checks sent_at against its own clock.
+        message = Message(notice.id, notice.operation_id, record, clock.now())
         try:
             channel.send(message)
         except DeliveryError as exc:
             errors.append(f"{channel.name}: {exc}")
         else:
-            sent[channel.name] = now
+            sent[channel.name] = message.sent_at
     return sent, errors
 
 
@@ -328,20 +348,25 @@ def _record(
 
 def deliver_pending(
     sessions: sessionmaker[Session],
-    now: datetime,
+    clock: Clock,
     channels: Sequence[Channel],
     policy: DeliveryPolicy = DeliveryPolicy(),
 ) -> DeliveryReport:
-    """Send the notices due at ``now`` through ``channels``; never waits between attempts."""
+    """Send the notices due at ``clock.now()`` through ``channels``; never waits between them.
+
+    The clock is read again for each send (``sent_at``) and for each result (``delivered_at``,
+    the backoff of a failure).
+    """
     if not channels:
         return DeliveryReport()
     with sessions.begin() as session:
-        token, claimed = _claim(session, now, policy)
+        token, claimed = _claim(session, clock.now(), policy)
     delivered: list[str] = []
     failed: list[tuple[str, str]] = []
     lost = 0
     for notice in claimed:
-        sent, errors = _send_all(notice, channels, now)
+        sent, errors = _send_all(notice, channels, clock)
+        now = clock.now()
         with sessions.begin() as session:
             recorded = _record(session, notice, token, sent, errors, now, policy)
         extra = {"operation_id": notice.operation_id}

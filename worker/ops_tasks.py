@@ -59,7 +59,7 @@ def deliver_notices() -> dict[str, int]:
     try:
         # A backlog drains a few batches per run; the next beat entry takes the rest.
         for _ in range(MAX_BATCHES_PER_RUN):
-            report = notices.deliver_pending(rt.sessions, rt.clock.now(), channels, policy)
+            report = notices.deliver_pending(rt.sessions, rt.clock, channels, policy)
             delivered += len(report.delivered)
             failed += len(report.failed)
             handled = len(report.delivered) + len(report.failed) + report.lost_claims

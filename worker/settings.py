@@ -155,9 +155,24 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str]:
     secret = env.get("OPTRACK_WEBHOOK_SECRET", "")
     if url is None:
         return None, secret
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OPTRACK_WEBHOOK_URL={url!r} must be an http(s) URL")
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        scheme, host = "", None
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(
+            "OPTRACK_WEBHOOK_URL must be an http(s) URL with a host, such as "
+            f"https://hooks.example.com/optrack (got scheme {scheme!r}, host {host!r})"
+        )
+    allow_http = env.get("OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
+    if scheme == "http" and not (_is_loopback(host) or allow_http):
+        # Only the host: a webhook URL's path or query often holds a token of its own.
+        raise ConfigError(
+            f"OPTRACK_WEBHOOK_URL is plain http to the non-loopback host {host!r}: the notices "
+            "would travel in clear. Use https, or set OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1 if "
+            "you mean it (a private network)."
+        )
     if not secret:
         raise ConfigError("OPTRACK_WEBHOOK_URL is set but OPTRACK_WEBHOOK_SECRET is empty")
     return url, secret

@@ -38,7 +38,7 @@ def db_upgrade(revision: str) -> None:
     default=retention.DEFAULT_BATCH,
     show_default=True,
     type=click.IntRange(1, 100_000),
-    help="Rows deleted per transaction.",
+    help="History rows (or notices) read per transaction; those that may go are deleted.",
 )
 def db_prune(older_than: timedelta, batch_size: int) -> None:
     """Delete old history, keeping each operation's row and its last history row."""
