@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.conftest import SID, TOKEN
+from tests.conftest import SID, TOKEN, InventedApi
 from worker.client import LocalGate
 from worker.clock import FakeClock
 from worker.errors import (
@@ -18,6 +18,7 @@ from worker.errors import (
     SchemaError,
     ServerError,
     TransportError,
+    UnexpectedRedirect,
 )
 from worker.operation import Status
 from worker.retry_after import RetryPolicy
@@ -181,6 +182,37 @@ def test_slow_answer_times_out(sandbox: SandboxServer, make_client) -> None:
     sandbox.add_fault(Fault(kind="slow", delay=3.0))
     with pytest.raises(TransportError, match="timed out"):
         make_client().fetch(MISSING)  # read timeout is 2 s in these tests
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed(
+    sandbox: SandboxServer, make_client, invented_api: InventedApi, status: int
+) -> None:
+    op = sandbox.add_operation(total=10, duration=3600)
+    invented_api.operation = {**op.to_api(0), "stats": {"total": 1010, "queued": 1010}}
+    sandbox.add_fault(Fault(kind="redirect", status=status, location=invented_api.url, count=2))
+    client = make_client()
+    with pytest.raises(UnexpectedRedirect) as fetched:
+        client.fetch(op.id)
+    with pytest.raises(UnexpectedRedirect) as listed:
+        client.list_page(page_size=10)
+    assert invented_api.paths == []  # nothing was asked of the other host
+    port = invented_api.server_address[1]
+    for info in (fetched, listed):
+        assert info.value.status == status
+        assert f"HTTP {status}" in str(info.value) and f"127.0.0.1:{port}" in str(info.value)
+    assert [r["status"] for r in api_requests(sandbox)] == [status, status]  # no retry either
+    assert client.fetch(op.id).stats.total == 10
+
+
+def test_a_redirect_error_never_shows_credentials(sandbox: SandboxServer, make_client) -> None:
+    location = f"https://{SID}:{TOKEN}@evil.example:8443/v1/steal?token={TOKEN}"
+    sandbox.add_fault(Fault(kind="redirect", location=location))
+    with pytest.raises(UnexpectedRedirect) as info:
+        make_client().fetch(MISSING)
+    shown = str(info.value) + repr(info.value) + repr(vars(info.value))
+    assert "evil.example:8443" in str(info.value)
+    assert TOKEN not in shown and SID not in shown and "steal" not in shown
 
 
 class RecordingGate(LocalGate):

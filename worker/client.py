@@ -26,6 +26,7 @@ from worker.errors import (
     SchemaError,
     ServerError,
     TransportError,
+    UnexpectedRedirect,
 )
 from worker.operation import (
     Operation,
@@ -231,6 +232,11 @@ class ApiClient:
                 self.observer.answered(endpoint, response.status_code)
             if response.status_code == 200:
                 return _json_body(response)
+            if 300 <= response.status_code < 400:
+                # Never followed: another host's answer must not be recorded as the API's.
+                raise UnexpectedRedirect(
+                    response.status_code, response.headers.get("Location"), url
+                )
             errors = _error_list(response)
             status = response.status_code
             if status in THROTTLE_STATUSES:
@@ -251,7 +257,10 @@ class ApiClient:
         self.requests_sent += 1
         try:
             return self.session.get(
-                url, params=params, timeout=(self.timeouts.connect, self.timeouts.read)
+                url,
+                params=params,
+                timeout=(self.timeouts.connect, self.timeouts.read),
+                allow_redirects=False,
             )
         except requests.Timeout as exc:
             raise TransportError(f"timed out calling {url}: {type(exc).__name__}") from None

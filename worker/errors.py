@@ -11,6 +11,7 @@
             ├── BadRequest            400: our request was wrong; do not retry
             ├── AuthError             401/403: credentials rejected; pause the account
             ├── OperationNotFound     404: the operation does not exist (fetch only)
+            ├── UnexpectedRedirect    3xx: never followed; what it points to is not the API
             └── ServerError           500 (and other 5xx but 503): never retried in place
     RetryLater                        409/429/503 paused the account past what may be waited
                                       in place: "call again not before T"
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import urlsplit
 
 
 class OptrackError(Exception):
@@ -95,6 +97,33 @@ class AuthError(HttpError):
 
 class OperationNotFound(HttpError):
     """Raised on 404 from a fetch: the operation does not exist."""
+
+
+class UnexpectedRedirect(HttpError):
+    """Raised on a 3xx: redirects are never followed, so nothing from another host is recorded.
+
+    The message names the status and the Location's host (never its credentials, path or query).
+    """
+
+    def __init__(self, status: int, location: str | None, url: str) -> None:
+        self.location_host = redirect_target(location)
+        super().__init__(status, (), url)
+        self.args = (f"HTTP {status} from {url}: a redirect to {self.location_host}, not followed",)
+
+
+def redirect_target(location: str | None) -> str:
+    """The host (and port) a Location header points to, for messages; never its userinfo."""
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        parts = urlsplit(location.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a broken port or IPv6 literal
+        return "an unreadable Location"
+    if not host:
+        return "a path on the same host"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if port is not None else shown
 
 
 class ServerError(HttpError):
