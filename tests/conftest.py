@@ -192,12 +192,17 @@ def make_client(sandbox: SandboxServer, clock: FakeClock):  # type: ignore[no-un
     """Build an ApiClient on the sandbox with a fake clock and an optional gate."""
     clients: list[ApiClient] = []
 
-    def build(gate=None, policy: RetryPolicy | None = None, token: str = TOKEN) -> ApiClient:  # type: ignore[no-untyped-def]
+    def build(  # type: ignore[no-untyped-def]
+        gate=None,
+        policy: RetryPolicy | None = None,
+        token: str = TOKEN,
+        timeouts: Timeouts | None = None,
+    ) -> ApiClient:
         client = ApiClient(
             sandbox.base_url,
             SID,
             token,
-            timeouts=Timeouts(connect=2, read=2),
+            timeouts=timeouts or Timeouts(connect=2, read=2, deadline=10),
             policy=policy or RetryPolicy(max_inplace_wait=5.0),
             gate=gate,
             clock=clock,

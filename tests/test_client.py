@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import SID, TOKEN, InventedApi
-from worker.client import LocalGate
+from worker.client import LocalGate, Timeouts
 from worker.clock import FakeClock
 from worker.errors import (
     AuthError,
@@ -213,6 +213,29 @@ def test_a_redirect_error_never_shows_credentials(sandbox: SandboxServer, make_c
     shown = str(info.value) + repr(info.value) + repr(vars(info.value))
     assert "evil.example:8443" in str(info.value)
     assert TOKEN not in shown and SID not in shown and "steal" not in shown
+
+
+@pytest.mark.parametrize("listing", [False, True])
+def test_a_trickled_body_ends_at_the_deadline(
+    sandbox: SandboxServer, make_client, listing: bool
+) -> None:
+    op = sandbox.add_operation(total=3, duration=3600)
+    # One byte every 0.1 s: each read is far within the 2 s read timeout, and the body (about
+    # 200 bytes) would take 20 s. The deadline of 1 s ends it.
+    sandbox.add_fault(Fault(kind="trickle", interval=0.1))
+    client = make_client(timeouts=Timeouts(connect=2, read=2, deadline=1))
+    with pytest.raises(TransportError, match=r"within the 1 s deadline"):
+        client.list_page() if listing else client.fetch(op.id)
+    assert client.fetch(op.id).id == op.id  # the next request is answered at once
+
+
+def test_a_slow_answer_within_the_deadline_is_read_whole(
+    sandbox: SandboxServer, make_client
+) -> None:
+    ids = {sandbox.add_operation(total=3, duration=3600).id for _ in range(3)}
+    sandbox.add_fault(Fault(kind="trickle", interval=0.001))
+    page = make_client(timeouts=Timeouts(connect=2, read=2, deadline=20)).list_page()
+    assert {o.id for o in page.operations} == ids
 
 
 class RecordingGate(LocalGate):

@@ -3,17 +3,26 @@
 Every 409/429/503 pauses the whole account through an ``AccountGate`` *before* anything waits,
 so no other process calls during the pause. A pause short enough is waited in place; a longer
 one is raised as ``RetryLater(not_before)``. A 500 is never retried here.
+
+Every request has an overall deadline (``Timeouts.deadline``: connect, headers and the whole
+body). requests' and urllib3's read timeout applies to each socket read, so a body trickled one
+byte at a time would never time out; the body is therefore streamed with ``read1`` (at most one
+socket read per call) and the socket's timeout set to what is left of the deadline before each.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import requests
+import urllib3
 
 from worker.clock import Clock, SystemClock
 from worker.errors import (
@@ -45,6 +54,8 @@ MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never
 # How long credentials rejected by the API stop all polling before one more try.
 AUTH_PAUSE_SECONDS = 60.0
 USER_AGENT = "optrack/0.1 (+requests)"
+MAX_BODY_BYTES = 64 << 20  # a List page of 1,000 operations is about 250 KB
+_READ_CHUNK = 64 << 10
 
 
 class AccountGate(Protocol):
@@ -105,10 +116,24 @@ class LocalGate:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Connect and read timeouts in seconds."""
+    """Connect and read timeouts, and the deadline of a whole request, in seconds."""
 
     connect: float = 5.0
-    read: float = 15.0
+    read: float = 15.0  # between two socket reads
+    deadline: float = 30.0  # connect + headers + the last byte of the body
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer read whole within the deadline."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class _DeadlinePassed(Exception):
+    """The request's overall deadline passed before its answer was whole."""
 
 
 class ApiClient:
@@ -229,16 +254,14 @@ class ApiClient:
                     self.observer.answered(endpoint, None)
                 raise
             if self.observer is not None:
-                self.observer.answered(endpoint, response.status_code)
-            if response.status_code == 200:
+                self.observer.answered(endpoint, response.status)
+            if response.status == 200:
                 return _json_body(response)
-            if 300 <= response.status_code < 400:
+            if 300 <= response.status < 400:
                 # Never followed: another host's answer must not be recorded as the API's.
-                raise UnexpectedRedirect(
-                    response.status_code, response.headers.get("Location"), url
-                )
-            errors = _error_list(response)
-            status = response.status_code
+                raise UnexpectedRedirect(response.status, response.headers.get("Location"), url)
+            errors = _error_list(response.body)
+            status = response.status
             if status in THROTTLE_STATUSES:
                 now = self.clock.now()
                 delay = self.policy.throttle_delay(
@@ -253,35 +276,74 @@ class ApiClient:
         until = self.gate.paused_until(self.clock.now())
         raise RetryLater(until[0] if until else self.clock.now(), "still throttled after retries")
 
-    def _send(self, url: str, params: Mapping[str, str] | None) -> requests.Response:
+    def _send(self, url: str, params: Mapping[str, str] | None) -> _Answer:
         self.requests_sent += 1
+        limit = self.timeouts.deadline
+        ends = time.monotonic() + limit
         try:
-            return self.session.get(
+            response = self.session.get(
                 url,
                 params=params,
-                timeout=(self.timeouts.connect, self.timeouts.read),
+                timeout=(min(self.timeouts.connect, limit), min(self.timeouts.read, limit)),
                 allow_redirects=False,
+                stream=True,
             )
         except requests.Timeout as exc:
             raise TransportError(f"timed out calling {url}: {type(exc).__name__}") from None
         except requests.RequestException as exc:
             raise TransportError(f"no answer from {url}: {type(exc).__name__}") from None
+        try:
+            body = _read_body(response, ends, self.timeouts.read)
+        except _DeadlinePassed:
+            raise TransportError(
+                f"timed out calling {url}: no whole answer within the {limit:g} s deadline"
+            ) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() >= ends:
+                raise TransportError(
+                    f"timed out calling {url}: no whole answer within the {limit:g} s deadline"
+                ) from None
+            raise TransportError(f"answer from {url} cut short: {type(exc).__name__}") from None
+        finally:
+            response.close()
+        return _Answer(response.status_code, response.headers, body)
 
 
-def _json_body(response: requests.Response) -> Any:
+def _read_body(response: requests.Response, ends: float, read_timeout: float) -> bytes:
+    """The whole body, or _DeadlinePassed once the monotonic clock reaches ``ends``."""
+    raw: urllib3.BaseHTTPResponse = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlinePassed
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket too
+            sock.settimeout(min(read_timeout, remaining))
+        chunk = raw.read1(_READ_CHUNK, decode_content=True)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise SchemaError(f"the answer's body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        parts.append(chunk)
+
+
+def _json_body(response: _Answer) -> Any:
     content_type = response.headers.get("Content-Type", "")
     if "json" not in content_type.lower():
         raise SchemaError(f"expected a JSON answer, got Content-Type {content_type[:60]!r}")
     try:
-        return response.json()
+        return json.loads(response.body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise SchemaError("the answer's body is not valid JSON") from None
 
 
-def _error_list(response: requests.Response) -> tuple[ApiErrorDetail, ...]:
+def _error_list(raw: bytes) -> tuple[ApiErrorDetail, ...]:
     """The API's ``{"errors": [...]}`` list; tolerant, since error bodies are best effort."""
     try:
-        body = response.json()
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         return ()
     items = body.get("errors") if isinstance(body, dict) else None

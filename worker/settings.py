@@ -39,6 +39,8 @@ class Settings:
     tick_interval: float = 2.0
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
+    # One request, whole: connect, headers and the last byte of the body.
+    request_deadline: float = 30.0
     max_inplace_wait: float = 5.0
     batch_size: int = 50
     allow_insecure_http: bool = False
@@ -219,6 +221,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0, minimum=0.2),
         connect_timeout=_float(env, "OPTRACK_CONNECT_TIMEOUT", 5.0, minimum=0.1),
         read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0, minimum=0.1),
+        request_deadline=_bounded(env, "OPTRACK_REQUEST_DEADLINE", 30.0, 1.0, 300.0),
         max_inplace_wait=_bounded(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0, 0.0, 30.0),
         batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50, 1, 1000),
         poll_strategy=_choice(env, "OPTRACK_POLL_STRATEGY", POLL_STRATEGIES),
