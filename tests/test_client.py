@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -20,7 +20,7 @@ from worker.errors import (
     TransportError,
     UnexpectedRedirect,
 )
-from worker.operation import Status
+from worker.operation import Status, parse_served_at
 from worker.retry_after import RetryPolicy
 from worker.sandbox import Fault, SandboxServer
 
@@ -236,6 +236,46 @@ def test_a_slow_answer_within_the_deadline_is_read_whole(
     sandbox.add_fault(Fault(kind="trickle", interval=0.001))
     page = make_client(timeouts=Timeouts(connect=2, read=2, deadline=20)).list_page()
     assert {o.id for o in page.operations} == ids
+
+
+def test_each_answer_carries_its_date_header(
+    sandbox: SandboxServer, make_client, clock: FakeClock
+) -> None:
+    op = sandbox.add_operation(total=3, duration=3600)
+    client = make_client()
+    clock.advance(0.6)  # the header has whole seconds
+    second = clock.now().replace(microsecond=0)
+    assert client.fetch(op.id).served_at == second
+    page = client.list_page()
+    assert page.served_at == second and [o.served_at for o in page.operations] == [second]
+    sandbox.add_fault(Fault(kind="future_updated_at", offset=0, date_offset=-600, count=2))
+    assert client.fetch(op.id).served_at == second - timedelta(seconds=600)
+    assert client.list_page().operations[0].served_at == second - timedelta(seconds=600)
+    # served_at is about the answer, not the operation: equal operations stay equal.
+    assert client.fetch(op.id) == page.operations[0]
+
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "served_at"),
+    [
+        ("Thu, 01 Jan 2026 12:00:05 GMT", NOW + timedelta(seconds=5)),
+        ("Thu, 01 Jan 2026 13:00:05 +0100", NOW + timedelta(seconds=5)),
+        ("Thursday, 01-Jan-26 12:00:05 GMT", NOW + timedelta(seconds=5)),
+        ("Thu Jan  1 12:00:05 2026", NOW + timedelta(seconds=5)),
+        (None, None),
+        ("", None),
+        ("yesterday", None),
+        ("Thu, 01 Jan 2026 12:00:05 IST", None),  # India, Ireland or Israel: unknown
+        ("Fri, 01 Jan 10000 00:00:00 GMT", None),  # no API answers from year 10000
+        ("Sat, 01 Jan 1000 00:00:00 GMT", None),
+        ("x" * 10_000, None),
+    ],
+)
+def test_a_date_header_is_an_aware_instant_or_none(header: str | None, served_at: object) -> None:
+    assert parse_served_at(header, NOW) == served_at
 
 
 class RecordingGate(LocalGate):

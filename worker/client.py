@@ -44,6 +44,7 @@ from worker.operation import (
     format_datetime,
     parse_operation,
     parse_page,
+    parse_served_at,
     validate_operation_id,
 )
 from worker.retry_after import RetryPolicy
@@ -178,10 +179,13 @@ class ApiClient:
         self.close()
 
     def fetch(self, operation_id: str) -> Operation:
-        """Fetch one operation; the ID is validated before it reaches the URL."""
+        """Fetch one operation; the ID is validated before it reaches the URL.
+
+        Its ``served_at`` is the answer's `Date` header (None if absent or unusable).
+        """
         op_id = validate_operation_id(operation_id)
-        data = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
-        return parse_operation(data, expected_id=op_id)
+        data, served_at = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
+        return parse_operation(data, expected_id=op_id, served_at=served_at)
 
     def list_page(
         self,
@@ -192,7 +196,7 @@ class ApiClient:
         page_size: int = 50,
         page_token: str | None = None,
     ) -> Page:
-        """Fetch one page of the List endpoint with the given filters."""
+        """Fetch one page of the List endpoint; the page and each operation carry ``served_at``."""
         if not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be 1..1000, got {page_size}")
         params: dict[str, str] = {"pageSize": str(page_size)}
@@ -204,7 +208,8 @@ class ApiClient:
             params["endDate"] = format_datetime(end_date)
         if page_token is not None:
             params["pageToken"] = page_token
-        return parse_page(self._get("/SenderPools/Operations", params, "list"))
+        data, served_at = self._get("/SenderPools/Operations", params, "list")
+        return parse_page(data, served_at=served_at)
 
     def iter_operations(
         self,
@@ -243,7 +248,10 @@ class ApiClient:
             return
         raise RetryLater(until, reason)
 
-    def _get(self, path: str, params: Mapping[str, str] | None, endpoint: str) -> Any:
+    def _get(
+        self, path: str, params: Mapping[str, str] | None, endpoint: str
+    ) -> tuple[Any, datetime | None]:
+        """The JSON body of a 200 answer and its `Date`; every other answer raises."""
         url = self.base_url + path
         for attempt in range(1, self.max_inplace_retries + 2):
             self._wait_for_gate(self.max_inplace_retries + 1 - attempt)
@@ -256,7 +264,8 @@ class ApiClient:
             if self.observer is not None:
                 self.observer.answered(endpoint, response.status)
             if response.status == 200:
-                return _json_body(response)
+                served_at = parse_served_at(response.headers.get("Date"), self.clock.now())
+                return _json_body(response), served_at
             if 300 <= response.status < 400:
                 # Never followed: another host's answer must not be recorded as the API's.
                 raise UnexpectedRedirect(response.status, response.headers.get("Location"), url)
