@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.conftest import SID, TOKEN, InventedApi
-from worker.client import LocalGate, Timeouts
+from worker.client import ApiClient, LocalGate, Timeouts
 from worker.clock import FakeClock
 from worker.errors import (
     AuthError,
@@ -19,6 +21,7 @@ from worker.errors import (
     ServerError,
     TransportError,
     UnexpectedRedirect,
+    WrongBaseUrl,
 )
 from worker.operation import Status, parse_served_at
 from worker.retry_after import RetryPolicy
@@ -59,6 +62,55 @@ def test_404_is_operation_not_found(sandbox: SandboxServer, make_client) -> None
         make_client().fetch(MISSING)
     assert info.value.status == 404
     assert info.value.errors[0].code == 20404
+
+
+def test_a_404_from_the_list_endpoint_means_a_wrong_base_url(
+    sandbox: SandboxServer, make_client
+) -> None:
+    sandbox.add_fault(Fault(kind="status", status=404))  # the API's own 20404 body
+    with pytest.raises(WrongBaseUrl, match="OPTRACK_API_BASE_URL") as info:
+        make_client().list_page()
+    assert not isinstance(info.value, OperationNotFound) and info.value.status == 404
+
+
+def test_a_base_url_without_v1_gives_wrong_base_url_on_list(
+    sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    op = sandbox.add_operation(total=1, duration=60)
+    client = ApiClient(sandbox.root_url, SID, TOKEN, clock=clock)
+    with client:
+        with pytest.raises(WrongBaseUrl):
+            client.list_page()
+        # Every fetch answers the API's 20404 too: only the caller, seeing all of them fail at
+        # once while List says the base URL is wrong, can tell (issue 11).
+        with pytest.raises(OperationNotFound):
+            client.fetch(op.id)
+
+
+def test_a_404_that_is_not_the_apis_is_not_operation_not_found(clock: FakeClock) -> None:
+    class NotTheApi(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>404 page not found</html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTheApi)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with ApiClient(url, SID, TOKEN, clock=clock) as client, pytest.raises(WrongBaseUrl):
+            client.fetch(MISSING)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def test_400_carries_the_error_list(sandbox: SandboxServer, make_client) -> None:

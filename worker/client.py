@@ -36,6 +36,7 @@ from worker.errors import (
     ServerError,
     TransportError,
     UnexpectedRedirect,
+    WrongBaseUrl,
 )
 from worker.operation import (
     Operation,
@@ -281,7 +282,7 @@ class ApiClient:
                 if self.observer is not None:
                     self.observer.paused(delay, status)
                 continue
-            raise _http_error(status, errors, url, self.clock.now(), self.gate)
+            raise _http_error(status, errors, url, endpoint, self.clock.now(), self.gate)
         until = self.gate.paused_until(self.clock.now())
         raise RetryLater(until[0] if until else self.clock.now(), "still throttled after retries")
 
@@ -383,6 +384,7 @@ def _http_error(
     status: int,
     errors: tuple[ApiErrorDetail, ...],
     url: str,
+    endpoint: str,
     now: datetime,
     gate: AccountGate,
 ) -> HttpError:
@@ -392,7 +394,10 @@ def _http_error(
         reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); check TWILIO_*"
         gate.pause(now + timedelta(seconds=AUTH_PAUSE_SECONDS), reason, status)
         return AuthError(status, errors, url)
-    if status == 404 and any(e.code == NOT_FOUND_CODE for e in errors):
-        return OperationNotFound(status, errors, url)
-    # Any other 404 (a proxy, a wrong OPTRACK_API_BASE_URL) says nothing about the operation.
+    if status == 404:
+        # The List endpoint has no 404, and a 404 without the API's 20404 is not the API's
+        # answer (a proxy, a wrong path): the base URL is wrong, the operation is not gone.
+        if endpoint == "fetch" and any(e.code == NOT_FOUND_CODE for e in errors):
+            return OperationNotFound(status, errors, url)
+        return WrongBaseUrl(status, errors, url)
     return ServerError(status, errors, url)

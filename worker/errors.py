@@ -10,7 +10,9 @@
         └── HttpError                 an error status; carries the API's error list
             ├── BadRequest            400: our request was wrong; do not retry
             ├── AuthError             401/403: credentials rejected; pause the account
-            ├── OperationNotFound     404: the operation does not exist (fetch only)
+            ├── OperationNotFound     404 (20404) from a fetch: the API does not know the ID
+            ├── WrongBaseUrl          404 from List (which has none), or a 404 without 20404:
+            │                         OPTRACK_API_BASE_URL is wrong; says nothing of operations
             ├── UnexpectedRedirect    3xx: never followed; what it points to is not the API
             └── ServerError           500 (and other 5xx but 503): never retried in place
     RetryLater                        409/429/503 paused the account past what may be waited
@@ -96,7 +98,24 @@ class AuthError(HttpError):
 
 
 class OperationNotFound(HttpError):
-    """Raised on 404 from a fetch: the operation does not exist."""
+    """Raised on 404 (20404) from a fetch: the API does not know the operation (yet, or now).
+
+    Not proof on its own: a new operation may not be replicated yet, and a base URL without
+    ``/v1`` makes every route answer 20404; the caller decides when it is true.
+    """
+
+
+class WrongBaseUrl(HttpError):
+    """Raised on a 404 that cannot be about one operation: from the List endpoint (which has no
+    404) or without the API's 20404 code. The base URL is wrong; no operation ends because of it.
+    """
+
+    def __init__(self, status: int, errors: tuple[ApiErrorDetail, ...], url: str) -> None:
+        super().__init__(status, errors, url)
+        self.args = (
+            f"{self.args[0]} (a 404 no API route gives: check OPTRACK_API_BASE_URL, "
+            "which must end with the API root, /v1)",
+        )
 
 
 class UnexpectedRedirect(HttpError):
