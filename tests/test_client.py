@@ -172,27 +172,64 @@ def test_http_date_retry_after(
     assert len(api_requests(sandbox)) == 1
 
 
-def test_long_retry_after_is_capped(sandbox: SandboxServer, make_client, clock: FakeClock) -> None:
+def test_long_retry_after_is_capped_with_a_warning(
+    sandbox: SandboxServer, make_client, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
     sandbox.add_fault(Fault(kind="status", status=429, retry_after="86400"))
     policy = RetryPolicy(max_retry_after=120, max_inplace_wait=5)
-    with pytest.raises(RetryLater) as info:
+    with caplog.at_level("WARNING", logger="worker.client"), pytest.raises(RetryLater) as info:
         make_client(policy=policy).fetch(MISSING)
     assert info.value.not_before - clock.now() == timedelta(seconds=120)
+    assert "capped at 120 s" in info.value.reason
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "'86400'" in record.getMessage() and "waits 120 s" in record.getMessage()
+
+
+def test_retry_after_900_is_honored_whole(
+    sandbox: SandboxServer, make_client, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="900"))
+    with caplog.at_level("WARNING"), pytest.raises(RetryLater) as info:
+        make_client(policy=RetryPolicy()).fetch(MISSING)  # the default cap: 6 hours
+    assert info.value.not_before - clock.now() == timedelta(seconds=900)
+    assert caplog.records == []  # nothing was capped
 
 
 @pytest.mark.parametrize("raw", ["soon", "-3", ""])
-def test_garbage_retry_after_falls_back_to_backoff(
+def test_garbage_retry_after_gets_the_minimum_wait(
     sandbox: SandboxServer, make_client, clock: FakeClock, raw: str
 ) -> None:
     sandbox.add_fault(
         Fault(kind="status", status=429, retry_after=raw, retry_after_form="raw", count=10)
     )
-    policy = RetryPolicy(backoff_base=60, max_inplace_wait=5)
+    policy = RetryPolicy(min_throttle_wait=60, max_inplace_wait=5)
     with pytest.raises(RetryLater) as info:
         make_client(policy=policy).fetch(MISSING)
     wait = (info.value.not_before - clock.now()).total_seconds()
-    assert 30 <= wait <= 60  # first backoff step: 60 s jittered to 30..60
+    assert 60 <= wait <= 90  # the first minimum wait: 60 s jittered up to 90
+    assert "a minimum wait" in info.value.reason
     assert len(api_requests(sandbox)) == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "form"),
+    [("0", "seconds"), ("Thu, 01 Jan 2004 00:00:00 GMT", "raw"), ("0.01", "seconds")],
+)
+def test_a_retry_after_zero_storm_costs_a_handful_of_requests(
+    sandbox: SandboxServer, make_client, clock: FakeClock, retry_after: str, form: str
+) -> None:
+    sandbox.add_fault(
+        Fault(kind="status", status=429, retry_after=retry_after, retry_after_form=form, count=50)
+    )
+    began = clock.now()
+    with pytest.raises(RetryLater) as info:
+        make_client().fetch(MISSING)
+    statuses = [r["status"] for r in api_requests(sandbox)]
+    assert statuses == [429] * len(statuses) and 3 <= len(statuses) <= 4
+    # No two requests at the same instant: each wait at least doubles the one before.
+    assert clock.slept[0] >= 1.0
+    assert all(b >= 2 * a / 1.5 for a, b in zip(clock.slept, clock.slept[1:], strict=False))
+    assert (info.value.not_before - began).total_seconds() >= 1 + 2 + 4
 
 
 def test_a_running_pause_stops_calls_before_they_start(

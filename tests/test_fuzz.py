@@ -37,6 +37,7 @@ from worker.errors import (
     SchemaError,
     ServerError,
 )
+from worker.http_date import parse_http_date
 from worker.operation import (
     ID_PATTERN,
     Operation,
@@ -46,7 +47,7 @@ from worker.operation import (
     parse_page,
     validate_operation_id,
 )
-from worker.retry_after import RetryPolicy, parse_retry_after
+from worker.retry_after import TOO_LARGE, RetryPolicy, parse_retry_after
 from worker.sandbox import SandboxServer
 
 GOOD_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
@@ -273,6 +274,57 @@ def test_throttle_delay_is_always_between_zero_and_the_cap(
     policy = RetryPolicy(max_retry_after=cap, backoff_base=base, backoff_max=backoff_max)
     delay = policy.throttle_delay(header, NOW, attempt)
     assert math.isfinite(delay) and 0 <= delay <= cap
+
+
+@given(retry_after_values, st.integers(-(10**6), 10**9), st.floats(60, 1e6))
+def test_a_throttle_never_means_call_at_once(
+    header: str | None, throttles: int, cap: float
+) -> None:
+    policy = RetryPolicy(max_retry_after=cap)
+    wait = policy.throttle_wait(header, NOW, throttles)
+    assert policy.min_throttle_wait <= wait.seconds <= cap
+    seconds = parse_retry_after(header, NOW)
+    if wait.source == "header":  # honored as given, or the cap when it asked for more
+        assert seconds is not None and wait.seconds == min(seconds, cap)
+        assert wait.capped == (seconds > cap)
+
+
+@given(st.integers(1, 40), st.floats(0.1, 10), st.floats(1, 1e4))
+def test_the_minimum_wait_grows_with_consecutive_throttles_and_is_bounded(
+    throttles: int, minimum: float, ceiling: float
+) -> None:
+    policy = RetryPolicy(min_throttle_wait=minimum, throttle_wait_max=ceiling)
+    low, high = policy.minimum_wait(throttles), policy.minimum_wait(throttles + 1)
+    floor = min(ceiling, minimum * 2.0 ** (throttles - 1))
+    assert floor <= low <= 1.5 * floor
+    assert high >= low / 1.5  # the next floor is never lower
+    assert high <= 1.5 * ceiling
+
+
+two_digit_years = st.datetimes(
+    min_value=datetime(1977, 1, 2), max_value=datetime(2076, 12, 30), timezones=st.just(UTC)
+)
+offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timedelta(minutes=m))
+
+
+@given(two_digit_years, offsets)
+def test_every_http_date_form_names_the_same_instant(when: datetime, offset: timedelta) -> None:
+    when = when.replace(microsecond=0)
+    imf = format_datetime(when, usegmt=True)
+    rfc850 = when.strftime("%A, %d-%b-%y %H:%M:%S GMT")
+    asctime = when.strftime("%a %b ") + f"{when.day:2d}" + when.strftime(" %H:%M:%S %Y")
+    local = when + offset
+    minutes = int(offset.total_seconds() // 60)
+    zone = f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    numeric = local.strftime("%a, %d %b %Y %H:%M:%S ") + zone
+    for text in (imf, rfc850, asctime, numeric):
+        assert parse_http_date(text, NOW) == when, text
+
+
+@given(st.integers(13, 5000))
+def test_a_number_too_large_to_represent_is_the_cap(digits: int) -> None:
+    assert parse_retry_after("9" * digits, NOW) == TOO_LARGE
+    assert RetryPolicy(max_retry_after=600).throttle_wait("9" * digits, NOW, 1).capped
 
 
 # --- the response parser --------------------------------------------------------------------

@@ -13,6 +13,8 @@ socket read per call) and the socket's timeout set to what is left of the deadli
 from __future__ import annotations
 
 import json
+import logging
+import random
 import socket
 import threading
 import time
@@ -48,8 +50,9 @@ from worker.operation import (
     parse_served_at,
     validate_operation_id,
 )
-from worker.retry_after import RetryPolicy
+from worker.retry_after import RetryPolicy, ThrottleWait
 
+log = logging.getLogger(__name__)
 THROTTLE_STATUSES = frozenset({409, 429, 503})
 NOT_FOUND_CODE = 20404  # the API's "resource not found": only this ends an operation
 MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never ends is a bug
@@ -154,6 +157,7 @@ class ApiClient:
         session: requests.Session | None = None,
         max_inplace_retries: int = 3,
         observer: ApiObserver | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
@@ -163,6 +167,7 @@ class ApiClient:
         self.max_inplace_retries = max_inplace_retries
         self.requests_sent = 0  # every HTTP request made, in-place retries included
         self.observer = observer
+        self.rng = rng or random.Random()  # jitter of waits; seeded in tests
         self.session = session or requests.Session()
         self.session.auth = (account_sid, auth_token)
         self.session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
@@ -274,13 +279,21 @@ class ApiClient:
             status = response.status
             if status in THROTTLE_STATUSES:
                 now = self.clock.now()
-                delay = self.policy.throttle_delay(
-                    response.headers.get("Retry-After"), now, attempt
-                )
-                reason = f"HTTP {status} ({_first_message(errors)}); Retry-After honored"
-                self.gate.pause(now + timedelta(seconds=delay), reason, status)
+                header = response.headers.get("Retry-After")
+                wait = self.policy.throttle_wait(header, now, attempt, self.rng)
+                if wait.capped:
+                    log.warning(
+                        "HTTP %d on %s asked for Retry-After %.40r, longer than "
+                        "OPTRACK_MAX_RETRY_AFTER: the account waits %g s instead",
+                        status,
+                        path,
+                        header,
+                        wait.seconds,
+                    )
+                reason = f"HTTP {status} ({_first_message(errors)}); {_wait_reason(header, wait)}"
+                self.gate.pause(now + timedelta(seconds=wait.seconds), reason, status)
                 if self.observer is not None:
-                    self.observer.paused(delay, status)
+                    self.observer.paused(wait.seconds, status)
                 continue
             raise _http_error(status, errors, url, endpoint, self.clock.now(), self.gate)
         until = self.gate.paused_until(self.clock.now())
@@ -374,6 +387,16 @@ def _error_list(raw: bytes) -> tuple[ApiErrorDetail, ...]:
             )
         )
     return tuple(details)
+
+
+def _wait_reason(header: str | None, wait: ThrottleWait) -> str:
+    """Why the account waits this long, for the pause's reason (`optrack status`)."""
+    if wait.capped:
+        return f"Retry-After {header!r:.40} capped at {wait.seconds:g} s"
+    if wait.source == "header":
+        return "Retry-After honored"
+    shown = "none" if header is None else repr(header[:40])
+    return f"Retry-After {shown}: a minimum wait of {wait.seconds:.1f} s"
 
 
 def _first_message(errors: tuple[ApiErrorDetail, ...]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
-from worker.retry_after import DEFAULT_MAX_RETRY_AFTER
+from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
 
 DEFAULT_API_BASE_URL = "https://comms.twilio.com/v1"
 DEFAULT_HOME = Path(".optrack")
@@ -124,6 +124,18 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
     return value
 
 
+def _max_retry_after(env: Mapping[str, str]) -> float:
+    value = _float(env, "OPTRACK_MAX_RETRY_AFTER", DEFAULT_MAX_RETRY_AFTER)
+    if value < MIN_MAX_RETRY_AFTER:
+        raise ConfigError(
+            f"OPTRACK_MAX_RETRY_AFTER={value:g} is below {MIN_MAX_RETRY_AFTER:g} s: it caps only "
+            "absurd Retry-After values, and a lower cap would call the API before it allows. "
+            f"Leave it unset ({DEFAULT_MAX_RETRY_AFTER:g} s) or set at least "
+            f"{MIN_MAX_RETRY_AFTER:g}."
+        )
+    return value
+
+
 def _optional_float(env: Mapping[str, str], name: str, minimum: float) -> float | None:
     if not env.get(name, "").strip():
         return None
@@ -217,7 +229,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
         auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
         poll_interval=_float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
-        max_retry_after=_float(env, "OPTRACK_MAX_RETRY_AFTER", DEFAULT_MAX_RETRY_AFTER),
+        max_retry_after=_max_retry_after(env),
         tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0, minimum=0.2),
         connect_timeout=_float(env, "OPTRACK_CONNECT_TIMEOUT", 5.0, minimum=0.1),
         read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0, minimum=0.1),
