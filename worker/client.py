@@ -16,7 +16,6 @@ import json
 import logging
 import random
 import socket
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from worker.errors import (
     UnexpectedRedirect,
     WrongBaseUrl,
 )
+from worker.gate import AccountGate, LocalGate
 from worker.operation import (
     Operation,
     Page,
@@ -63,18 +63,6 @@ MAX_BODY_BYTES = 64 << 20  # a List page of 1,000 operations is about 250 KB
 _READ_CHUNK = 64 << 10
 
 
-class AccountGate(Protocol):
-    """Where the account's pause is kept, shared by every process that calls the API."""
-
-    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
-        """Return (until, reason) if the account must not call the API at ``now``."""
-        ...
-
-    def pause(self, until: datetime, reason: str, status: int) -> None:
-        """Record that nobody may call the API before ``until`` (keeps a later pause)."""
-        ...
-
-
 class ApiObserver(Protocol):
     """Told about every API answer and account pause (metrics); must not raise."""
 
@@ -95,28 +83,6 @@ def next_page_token(page: Page, seen: set[str]) -> str:
         raise SchemaError(f"pagination.next repeats or never ends (after {len(seen)} pages)")
     seen.add(token)
     return token
-
-
-class LocalGate:
-    """An in-process gate, for one-off use of the client outside the tracker."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._until: datetime | None = None
-        self._reason = ""
-
-    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
-        """Return the pause if it is still running."""
-        with self._lock:
-            if self._until is not None and self._until > now:
-                return self._until, self._reason
-            return None
-
-    def pause(self, until: datetime, reason: str, status: int) -> None:
-        """Record a pause, keeping the later of two."""
-        with self._lock:
-            if self._until is None or until > self._until:
-                self._until, self._reason = until, reason
 
 
 @dataclass(frozen=True)
@@ -242,17 +208,24 @@ class ApiClient:
             token = next_page_token(page, seen)
 
     def _wait_for_gate(self, retries_left: int) -> None:
-        """Honor the account's pause: wait in place if short, else raise RetryLater."""
-        now = self.clock.now()
-        paused = self.gate.paused_until(now)
-        if paused is None:
-            return
-        until, reason = paused
-        remaining = (until - now).total_seconds()
-        if remaining <= self.policy.max_inplace_wait and retries_left > 0:
-            self.clock.sleep(remaining)
-            return
-        raise RetryLater(until, reason)
+        """Honor the account's pause: wait in place if short, else raise RetryLater.
+
+        After each wait the pause is read again before anything is sent (another process may
+        have recorded a longer one meanwhile), and waits end with jitter so that every waiting
+        process does not call at the same instant.
+        """
+        waited = 0.0
+        while True:
+            now = self.clock.now()
+            paused = self.gate.paused_until(now)
+            if paused is None:
+                return
+            until, reason = paused
+            remaining = (until - now).total_seconds()
+            if retries_left <= 0 or waited + remaining > self.policy.max_inplace_wait:
+                raise RetryLater(until, reason)
+            self.clock.sleep(self.policy.wake_after(remaining, self.rng))
+            waited += remaining
 
     def _get(
         self, path: str, params: Mapping[str, str] | None, endpoint: str
@@ -270,6 +243,7 @@ class ApiClient:
             if self.observer is not None:
                 self.observer.answered(endpoint, response.status)
             if response.status == 200:
+                self.gate.reset_throttles()
                 served_at = parse_served_at(response.headers.get("Date"), self.clock.now())
                 return _json_body(response), served_at
             if 300 <= response.status < 400:
@@ -280,7 +254,9 @@ class ApiClient:
             if status in THROTTLE_STATUSES:
                 now = self.clock.now()
                 header = response.headers.get("Retry-After")
-                wait = self.policy.throttle_wait(header, now, attempt, self.rng)
+                # Counted for the account, by every process: a storm grows its waits.
+                throttles = self.gate.count_throttle(now, status)
+                wait = self.policy.throttle_wait(header, now, throttles, self.rng)
                 if wait.capped:
                     log.warning(
                         "HTTP %d on %s asked for Retry-After %.40r, longer than "

@@ -73,12 +73,21 @@ class RetryPolicy:
     # throttle up to throttle_wait_max, and jittered up to half again.
     min_throttle_wait: float = 1.0
     throttle_wait_max: float = 300.0
+    # A wait in place ends up to this much late (a quarter of the wait at most): processes
+    # waiting out the same pause do not all call at the same instant.
+    max_wake_jitter: float = 1.0
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Jittered exponential backoff for the ``attempt``-th consecutive failure (1-based)."""
         ceiling = min(self.backoff_max, self.backoff_base * 2.0 ** max(0, min(attempt, 32) - 1))
         jitter: float = (rng or random).uniform(0.5, 1.0)
         return ceiling * jitter
+
+    def wake_after(self, remaining: float, rng: random.Random | None = None) -> float:
+        """How long to sleep to wait out ``remaining`` seconds of a pause, with jitter."""
+        spread = min(self.max_wake_jitter, 0.25 * max(0.0, remaining))
+        jitter: float = (rng or random).uniform(0.0, spread)
+        return max(0.0, remaining) + jitter
 
     def minimum_wait(self, throttles: int, rng: random.Random | None = None) -> float:
         """The wait after the ``throttles``-th consecutive throttle without a usable Retry-After."""
