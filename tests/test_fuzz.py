@@ -30,6 +30,7 @@ from tests.processes import base_env
 from worker.client import ApiClient, Timeouts
 from worker.db import make_engine
 from worker.errors import (
+    ConfigError,
     InvalidOperationId,
     OperationNotFound,
     OptrackError,
@@ -49,6 +50,7 @@ from worker.operation import (
 )
 from worker.retry_after import TOO_LARGE, RetryPolicy, parse_retry_after
 from worker.sandbox import SandboxServer
+from worker.settings import check_base_url, mask_url
 
 GOOD_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 # Pieces an attacker or a broken upstream would slip into an ID.
@@ -559,3 +561,33 @@ def test_a_broken_upstream_gives_only_documented_errors(
     assert_one_clear_line(info.value)
     expected = SchemaError if status == 200 else ServerError if status == 500 else RetryLater
     assert isinstance(info.value, expected)
+
+
+# --- OPTRACK_API_BASE_URL -----------------------------------------------------------------
+
+userinfo_text = st.text(
+    st.characters(codec="ascii", exclude_characters="@/?#\\[]", exclude_categories=("Cc",)),
+    min_size=6,
+    max_size=30,
+).filter(lambda t: t.strip() == t and " " not in t)
+
+
+@given(userinfo_text, st.sampled_from(["", "user:", ":", "AC" + "0" * 32 + ":"]))
+@example("s3cret", "")
+def test_credentials_in_the_base_url_are_refused_and_never_shown(secret: str, before: str) -> None:
+    url = f"https://{before}{secret}@comms.twilio.com/v1"
+    with pytest.raises(ConfigError) as info:
+        check_base_url(url, allow_insecure_http=False)
+    assert secret not in str(info.value)
+    assert secret not in mask_url(url)
+
+
+@given(st.text(max_size=80))
+def test_any_base_url_is_the_api_root_or_a_config_error(text: str) -> None:
+    try:
+        accepted = check_base_url(text, allow_insecure_http=True)
+    except ConfigError as exc:
+        assert_one_clear_line(exc)
+        return
+    assert accepted.startswith(("http://", "https://")) and accepted.endswith("/v1")
+    assert "@" not in accepted.split("/")[2] and "?" not in accepted and "#" not in accepted

@@ -200,15 +200,58 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def mask_url(url: str) -> str:
+    """``url`` as it may be shown: credentials, query and fragment replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    found = re.search(r"[?#]", tail)
+    path, mark = (tail[: found.start()], found.group()) if found else (tail, "")
+    return f"{scheme}{sep}{netloc}{path}" + (f"{mark}***" if mark else "")
+
+
 def check_base_url(url: str, allow_insecure_http: bool) -> str:
-    """Return ``url`` without a trailing slash if it is https, loopback http, or allowed http."""
-    parts = urlsplit(url)
+    """Return the API root ``url`` without a trailing slash, or raise ConfigError.
+
+    It must be http(s) with a host, name the API root (a path ending with ``/v1``) and hold no
+    credentials, query or fragment. Plain http only to loopback, or when allowed. Messages show
+    the URL masked: credentials in it are never echoed.
+    """
+    name = "OPTRACK_API_BASE_URL"
+    shown = mask_url(url)
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{name}={shown!r} holds spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number 0-65535
+    except ValueError:
+        raise ConfigError(f"{name}={shown!r} is not a URL such as {DEFAULT_API_BASE_URL}") from None
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{name}={shown} holds credentials; remove them from the URL: optrack sends "
+            "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN itself, and a URL is shown in logs"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OPTRACK_API_BASE_URL={url!r} must be an http(s) URL")
+        raise ConfigError(f"{name}={shown!r} must be an http(s) URL")
     if parts.scheme == "http" and not (_is_loopback(parts.hostname) or allow_insecure_http):
         raise ConfigError(
-            f"OPTRACK_API_BASE_URL={url!r} is plain http to a non-loopback host; the auth token "
+            f"{name}={shown!r} is plain http to a non-loopback host; the auth token "
             "would travel in clear. Use https, or set OPTRACK_ALLOW_INSECURE_HTTP=1 if you mean it."
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ConfigError(
+            f"{name}={shown!r} must not have a query or fragment: it is the API root, "
+            f"such as {DEFAULT_API_BASE_URL}"
+        )
+    segments = parts.path.rstrip("/").split("/")
+    if segments[-1] != "v1" or any(seg in (".", "..") for seg in segments):
+        raise ConfigError(
+            f"{name}={shown!r} must be the API root, its path ending with /v1 "
+            f"(such as {DEFAULT_API_BASE_URL}): any other path makes every route answer 404"
         )
     return url.rstrip("/")
 
