@@ -6,8 +6,11 @@ with CI=true it fails them, so a green CI run always means they ran.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -56,6 +59,53 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class InventedApi(http.server.ThreadingHTTPServer):
+    """Another host that answers every GET with invented stats and no auth: where a
+    redirect leads. ``paths`` records what reached it."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.operation: dict[str, object] = {}
+        super().__init__(("127.0.0.1", 0), _InventedHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _InventedHandler(http.server.BaseHTTPRequestHandler):
+    server: InventedApi
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        path = self.path.split("?", 1)[0]
+        op = {**self.server.operation, "id": path.rsplit("/", 1)[-1]}
+        page = {"operations": [self.server.operation], "pagination": {"next": None, "self": "x"}}
+        body = json.dumps(op if "/Operations/" in path else page).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def invented_api() -> Iterator[InventedApi]:
+    """A second server on a free port, serving invented stats to whoever comes."""
+    server = InventedApi()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -142,12 +192,17 @@ def make_client(sandbox: SandboxServer, clock: FakeClock):  # type: ignore[no-un
     """Build an ApiClient on the sandbox with a fake clock and an optional gate."""
     clients: list[ApiClient] = []
 
-    def build(gate=None, policy: RetryPolicy | None = None, token: str = TOKEN) -> ApiClient:  # type: ignore[no-untyped-def]
+    def build(  # type: ignore[no-untyped-def]
+        gate=None,
+        policy: RetryPolicy | None = None,
+        token: str = TOKEN,
+        timeouts: Timeouts | None = None,
+    ) -> ApiClient:
         client = ApiClient(
             sandbox.base_url,
             SID,
             token,
-            timeouts=Timeouts(connect=2, read=2),
+            timeouts=timeouts or Timeouts(connect=2, read=2, deadline=10),
             policy=policy or RetryPolicy(max_inplace_wait=5.0),
             gate=gate,
             clock=clock,

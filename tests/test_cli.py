@@ -122,6 +122,33 @@ def test_bad_setting_is_a_clear_usage_error(env: dict[str, str]) -> None:
     assert "OPTRACK_POLL_INTERVAL='soon' is not a number" in result.stderr
 
 
+@pytest.mark.parametrize("raw", ["0", "30"])
+def test_a_retry_after_cap_under_a_minute_is_refused_at_start(
+    env: dict[str, str], raw: str
+) -> None:
+    env["OPTRACK_MAX_RETRY_AFTER"] = raw
+    result = optrack(env, "status")
+    assert result.returncode == 2
+    assert f"OPTRACK_MAX_RETRY_AFTER={raw} is below 60 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_credentials_in_the_base_url_exit_2_and_are_not_echoed(env: dict[str, str]) -> None:
+    env["OPTRACK_API_BASE_URL"] = f"https://{env['TWILIO_ACCOUNT_SID']}:{TOKEN}@comms.twilio.com/v1"
+    result = optrack(env, "status")
+    assert result.returncode == 2
+    assert "OPTRACK_API_BASE_URL=https://***@comms.twilio.com/v1 holds credentials" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout
+    assert env["TWILIO_ACCOUNT_SID"] not in result.stderr
+
+
+def test_a_base_url_without_v1_exits_2(env: dict[str, str]) -> None:
+    env["OPTRACK_API_BASE_URL"] = "https://comms.twilio.com"
+    result = optrack(env, "status")
+    assert result.returncode == 2
+    assert "must be the API root, its path ending with /v1" in result.stderr
+
+
 def test_plain_http_to_a_remote_host_is_refused(env: dict[str, str]) -> None:
     env["OPTRACK_API_BASE_URL"] = "http://api.example.com/v1"
     result = optrack(env, "status")

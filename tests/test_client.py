@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import http.server
+import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import SID, TOKEN
-from worker.client import LocalGate
+from tests.conftest import SID, TOKEN, InventedApi
+from worker.client import ApiClient, LocalGate, Timeouts
 from worker.clock import FakeClock
 from worker.errors import (
     AuthError,
@@ -18,8 +20,10 @@ from worker.errors import (
     SchemaError,
     ServerError,
     TransportError,
+    UnexpectedRedirect,
+    WrongBaseUrl,
 )
-from worker.operation import Status
+from worker.operation import Status, parse_served_at
 from worker.retry_after import RetryPolicy
 from worker.sandbox import Fault, SandboxServer
 
@@ -60,6 +64,55 @@ def test_404_is_operation_not_found(sandbox: SandboxServer, make_client) -> None
     assert info.value.errors[0].code == 20404
 
 
+def test_a_404_from_the_list_endpoint_means_a_wrong_base_url(
+    sandbox: SandboxServer, make_client
+) -> None:
+    sandbox.add_fault(Fault(kind="status", status=404))  # the API's own 20404 body
+    with pytest.raises(WrongBaseUrl, match="OPTRACK_API_BASE_URL") as info:
+        make_client().list_page()
+    assert not isinstance(info.value, OperationNotFound) and info.value.status == 404
+
+
+def test_a_base_url_without_v1_gives_wrong_base_url_on_list(
+    sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    op = sandbox.add_operation(total=1, duration=60)
+    client = ApiClient(sandbox.root_url, SID, TOKEN, clock=clock)
+    with client:
+        with pytest.raises(WrongBaseUrl):
+            client.list_page()
+        # Every fetch answers the API's 20404 too: only the caller, seeing all of them fail at
+        # once while List says the base URL is wrong, can tell (issue 11).
+        with pytest.raises(OperationNotFound):
+            client.fetch(op.id)
+
+
+def test_a_404_that_is_not_the_apis_is_not_operation_not_found(clock: FakeClock) -> None:
+    class NotTheApi(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>404 page not found</html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTheApi)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with ApiClient(url, SID, TOKEN, clock=clock) as client, pytest.raises(WrongBaseUrl):
+            client.fetch(MISSING)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_400_carries_the_error_list(sandbox: SandboxServer, make_client) -> None:
     sandbox.add_fault(Fault(kind="status", status=400))
     with pytest.raises(BadRequest) as info:
@@ -96,9 +149,11 @@ def test_short_retry_after_pauses_then_waits_in_place(
     gate = RecordingGate(clock)
     fetched = make_client(gate=gate).fetch(op.id)
     assert fetched.id == op.id
-    # The pause was recorded for the account before the client slept, and it slept 3 s.
+    # The pause was recorded for the account before the client slept, and it slept 3 s (and a
+    # jitter of at most a quarter of that).
     assert gate.events[0][0] == "pause" and gate.events[0][1] == 3.0
-    assert clock.slept == [3.0]
+    [slept] = clock.slept
+    assert 3.0 <= slept <= 3.75
     assert [r["status"] for r in api_requests(sandbox)] == [429, 200]
 
 
@@ -119,27 +174,64 @@ def test_http_date_retry_after(
     assert len(api_requests(sandbox)) == 1
 
 
-def test_long_retry_after_is_capped(sandbox: SandboxServer, make_client, clock: FakeClock) -> None:
+def test_long_retry_after_is_capped_with_a_warning(
+    sandbox: SandboxServer, make_client, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
     sandbox.add_fault(Fault(kind="status", status=429, retry_after="86400"))
     policy = RetryPolicy(max_retry_after=120, max_inplace_wait=5)
-    with pytest.raises(RetryLater) as info:
+    with caplog.at_level("WARNING", logger="worker.client"), pytest.raises(RetryLater) as info:
         make_client(policy=policy).fetch(MISSING)
     assert info.value.not_before - clock.now() == timedelta(seconds=120)
+    assert "capped at 120 s" in info.value.reason
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "'86400'" in record.getMessage() and "waits 120 s" in record.getMessage()
+
+
+def test_retry_after_900_is_honored_whole(
+    sandbox: SandboxServer, make_client, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="900"))
+    with caplog.at_level("WARNING"), pytest.raises(RetryLater) as info:
+        make_client(policy=RetryPolicy()).fetch(MISSING)  # the default cap: 6 hours
+    assert info.value.not_before - clock.now() == timedelta(seconds=900)
+    assert caplog.records == []  # nothing was capped
 
 
 @pytest.mark.parametrize("raw", ["soon", "-3", ""])
-def test_garbage_retry_after_falls_back_to_backoff(
+def test_garbage_retry_after_gets_the_minimum_wait(
     sandbox: SandboxServer, make_client, clock: FakeClock, raw: str
 ) -> None:
     sandbox.add_fault(
         Fault(kind="status", status=429, retry_after=raw, retry_after_form="raw", count=10)
     )
-    policy = RetryPolicy(backoff_base=60, max_inplace_wait=5)
+    policy = RetryPolicy(min_throttle_wait=60, max_inplace_wait=5)
     with pytest.raises(RetryLater) as info:
         make_client(policy=policy).fetch(MISSING)
     wait = (info.value.not_before - clock.now()).total_seconds()
-    assert 30 <= wait <= 60  # first backoff step: 60 s jittered to 30..60
+    assert 60 <= wait <= 90  # the first minimum wait: 60 s jittered up to 90
+    assert "a minimum wait" in info.value.reason
     assert len(api_requests(sandbox)) == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "form"),
+    [("0", "seconds"), ("Thu, 01 Jan 2004 00:00:00 GMT", "raw"), ("0.01", "seconds")],
+)
+def test_a_retry_after_zero_storm_costs_a_handful_of_requests(
+    sandbox: SandboxServer, make_client, clock: FakeClock, retry_after: str, form: str
+) -> None:
+    sandbox.add_fault(
+        Fault(kind="status", status=429, retry_after=retry_after, retry_after_form=form, count=50)
+    )
+    began = clock.now()
+    with pytest.raises(RetryLater) as info:
+        make_client().fetch(MISSING)
+    statuses = [r["status"] for r in api_requests(sandbox)]
+    assert statuses == [429] * len(statuses) and 3 <= len(statuses) <= 4
+    # No two requests at the same instant: each wait at least doubles the one before.
+    assert clock.slept[0] >= 1.0
+    assert all(b >= 2 * a / 1.5 for a, b in zip(clock.slept, clock.slept[1:], strict=False))
+    assert (info.value.not_before - began).total_seconds() >= 1 + 2 + 4
 
 
 def test_a_running_pause_stops_calls_before_they_start(
@@ -181,6 +273,100 @@ def test_slow_answer_times_out(sandbox: SandboxServer, make_client) -> None:
     sandbox.add_fault(Fault(kind="slow", delay=3.0))
     with pytest.raises(TransportError, match="timed out"):
         make_client().fetch(MISSING)  # read timeout is 2 s in these tests
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed(
+    sandbox: SandboxServer, make_client, invented_api: InventedApi, status: int
+) -> None:
+    op = sandbox.add_operation(total=10, duration=3600)
+    invented_api.operation = {**op.to_api(0), "stats": {"total": 1010, "queued": 1010}}
+    sandbox.add_fault(Fault(kind="redirect", status=status, location=invented_api.url, count=2))
+    client = make_client()
+    with pytest.raises(UnexpectedRedirect) as fetched:
+        client.fetch(op.id)
+    with pytest.raises(UnexpectedRedirect) as listed:
+        client.list_page(page_size=10)
+    assert invented_api.paths == []  # nothing was asked of the other host
+    port = invented_api.server_address[1]
+    for info in (fetched, listed):
+        assert info.value.status == status
+        assert f"HTTP {status}" in str(info.value) and f"127.0.0.1:{port}" in str(info.value)
+    assert [r["status"] for r in api_requests(sandbox)] == [status, status]  # no retry either
+    assert client.fetch(op.id).stats.total == 10
+
+
+def test_a_redirect_error_never_shows_credentials(sandbox: SandboxServer, make_client) -> None:
+    location = f"https://{SID}:{TOKEN}@evil.example:8443/v1/steal?token={TOKEN}"
+    sandbox.add_fault(Fault(kind="redirect", location=location))
+    with pytest.raises(UnexpectedRedirect) as info:
+        make_client().fetch(MISSING)
+    shown = str(info.value) + repr(info.value) + repr(vars(info.value))
+    assert "evil.example:8443" in str(info.value)
+    assert TOKEN not in shown and SID not in shown and "steal" not in shown
+
+
+@pytest.mark.parametrize("listing", [False, True])
+def test_a_trickled_body_ends_at_the_deadline(
+    sandbox: SandboxServer, make_client, listing: bool
+) -> None:
+    op = sandbox.add_operation(total=3, duration=3600)
+    # One byte every 0.1 s: each read is far within the 2 s read timeout, and the body (about
+    # 200 bytes) would take 20 s. The deadline of 1 s ends it.
+    sandbox.add_fault(Fault(kind="trickle", interval=0.1))
+    client = make_client(timeouts=Timeouts(connect=2, read=2, deadline=1))
+    with pytest.raises(TransportError, match=r"within the 1 s deadline"):
+        client.list_page() if listing else client.fetch(op.id)
+    assert client.fetch(op.id).id == op.id  # the next request is answered at once
+
+
+def test_a_slow_answer_within_the_deadline_is_read_whole(
+    sandbox: SandboxServer, make_client
+) -> None:
+    ids = {sandbox.add_operation(total=3, duration=3600).id for _ in range(3)}
+    sandbox.add_fault(Fault(kind="trickle", interval=0.001))
+    page = make_client(timeouts=Timeouts(connect=2, read=2, deadline=20)).list_page()
+    assert {o.id for o in page.operations} == ids
+
+
+def test_each_answer_carries_its_date_header(
+    sandbox: SandboxServer, make_client, clock: FakeClock
+) -> None:
+    op = sandbox.add_operation(total=3, duration=3600)
+    client = make_client()
+    clock.advance(0.6)  # the header has whole seconds
+    second = clock.now().replace(microsecond=0)
+    assert client.fetch(op.id).served_at == second
+    page = client.list_page()
+    assert page.served_at == second and [o.served_at for o in page.operations] == [second]
+    sandbox.add_fault(Fault(kind="future_updated_at", offset=0, date_offset=-600, count=2))
+    assert client.fetch(op.id).served_at == second - timedelta(seconds=600)
+    assert client.list_page().operations[0].served_at == second - timedelta(seconds=600)
+    # served_at is about the answer, not the operation: equal operations stay equal.
+    assert client.fetch(op.id) == page.operations[0]
+
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "served_at"),
+    [
+        ("Thu, 01 Jan 2026 12:00:05 GMT", NOW + timedelta(seconds=5)),
+        ("Thu, 01 Jan 2026 13:00:05 +0100", NOW + timedelta(seconds=5)),
+        ("Thursday, 01-Jan-26 12:00:05 GMT", NOW + timedelta(seconds=5)),
+        ("Thu Jan  1 12:00:05 2026", NOW + timedelta(seconds=5)),
+        (None, None),
+        ("", None),
+        ("yesterday", None),
+        ("Thu, 01 Jan 2026 12:00:05 IST", None),  # India, Ireland or Israel: unknown
+        ("Fri, 01 Jan 10000 00:00:00 GMT", None),  # no API answers from year 10000
+        ("Sat, 01 Jan 1000 00:00:00 GMT", None),
+        ("x" * 10_000, None),
+    ],
+)
+def test_a_date_header_is_an_aware_instant_or_none(header: str | None, served_at: object) -> None:
+    assert parse_served_at(header, NOW) == served_at
 
 
 class RecordingGate(LocalGate):

@@ -30,6 +30,7 @@ from tests.processes import base_env
 from worker.client import ApiClient, Timeouts
 from worker.db import make_engine
 from worker.errors import (
+    ConfigError,
     InvalidOperationId,
     OperationNotFound,
     OptrackError,
@@ -37,6 +38,7 @@ from worker.errors import (
     SchemaError,
     ServerError,
 )
+from worker.http_date import parse_http_date
 from worker.operation import (
     ID_PATTERN,
     Operation,
@@ -46,8 +48,9 @@ from worker.operation import (
     parse_page,
     validate_operation_id,
 )
-from worker.retry_after import RetryPolicy, parse_retry_after
+from worker.retry_after import TOO_LARGE, RetryPolicy, parse_retry_after
 from worker.sandbox import SandboxServer
+from worker.settings import check_base_url, mask_url
 
 GOOD_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 # Pieces an attacker or a broken upstream would slip into an ID.
@@ -273,6 +276,57 @@ def test_throttle_delay_is_always_between_zero_and_the_cap(
     policy = RetryPolicy(max_retry_after=cap, backoff_base=base, backoff_max=backoff_max)
     delay = policy.throttle_delay(header, NOW, attempt)
     assert math.isfinite(delay) and 0 <= delay <= cap
+
+
+@given(retry_after_values, st.integers(-(10**6), 10**9), st.floats(60, 1e6))
+def test_a_throttle_never_means_call_at_once(
+    header: str | None, throttles: int, cap: float
+) -> None:
+    policy = RetryPolicy(max_retry_after=cap)
+    wait = policy.throttle_wait(header, NOW, throttles)
+    assert policy.min_throttle_wait <= wait.seconds <= cap
+    seconds = parse_retry_after(header, NOW)
+    if wait.source == "header":  # honored as given, or the cap when it asked for more
+        assert seconds is not None and wait.seconds == min(seconds, cap)
+        assert wait.capped == (seconds > cap)
+
+
+@given(st.integers(1, 40), st.floats(0.1, 10), st.floats(1, 1e4))
+def test_the_minimum_wait_grows_with_consecutive_throttles_and_is_bounded(
+    throttles: int, minimum: float, ceiling: float
+) -> None:
+    policy = RetryPolicy(min_throttle_wait=minimum, throttle_wait_max=ceiling)
+    low, high = policy.minimum_wait(throttles), policy.minimum_wait(throttles + 1)
+    floor = min(ceiling, minimum * 2.0 ** (throttles - 1))
+    assert floor <= low <= 1.5 * floor
+    assert high >= low / 1.5  # the next floor is never lower
+    assert high <= 1.5 * ceiling
+
+
+two_digit_years = st.datetimes(
+    min_value=datetime(1977, 1, 2), max_value=datetime(2076, 12, 30), timezones=st.just(UTC)
+)
+offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timedelta(minutes=m))
+
+
+@given(two_digit_years, offsets)
+def test_every_http_date_form_names_the_same_instant(when: datetime, offset: timedelta) -> None:
+    when = when.replace(microsecond=0)
+    imf = format_datetime(when, usegmt=True)
+    rfc850 = when.strftime("%A, %d-%b-%y %H:%M:%S GMT")
+    asctime = when.strftime("%a %b ") + f"{when.day:2d}" + when.strftime(" %H:%M:%S %Y")
+    local = when + offset
+    minutes = int(offset.total_seconds() // 60)
+    zone = f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    numeric = local.strftime("%a, %d %b %Y %H:%M:%S ") + zone
+    for text in (imf, rfc850, asctime, numeric):
+        assert parse_http_date(text, NOW) == when, text
+
+
+@given(st.integers(13, 5000))
+def test_a_number_too_large_to_represent_is_the_cap(digits: int) -> None:
+    assert parse_retry_after("9" * digits, NOW) == TOO_LARGE
+    assert RetryPolicy(max_retry_after=600).throttle_wait("9" * digits, NOW, 1).capped
 
 
 # --- the response parser --------------------------------------------------------------------
@@ -507,3 +561,33 @@ def test_a_broken_upstream_gives_only_documented_errors(
     assert_one_clear_line(info.value)
     expected = SchemaError if status == 200 else ServerError if status == 500 else RetryLater
     assert isinstance(info.value, expected)
+
+
+# --- OPTRACK_API_BASE_URL -----------------------------------------------------------------
+
+userinfo_text = st.text(
+    st.characters(codec="ascii", exclude_characters="@/?#\\[]", exclude_categories=("Cc",)),
+    min_size=6,
+    max_size=30,
+).filter(lambda t: t.strip() == t and " " not in t)
+
+
+@given(userinfo_text, st.sampled_from(["", "user:", ":", "AC" + "0" * 32 + ":"]))
+@example("s3cret", "")
+def test_credentials_in_the_base_url_are_refused_and_never_shown(secret: str, before: str) -> None:
+    url = f"https://{before}{secret}@comms.twilio.com/v1"
+    with pytest.raises(ConfigError) as info:
+        check_base_url(url, allow_insecure_http=False)
+    assert secret not in str(info.value)
+    assert secret not in mask_url(url)
+
+
+@given(st.text(max_size=80))
+def test_any_base_url_is_the_api_root_or_a_config_error(text: str) -> None:
+    try:
+        accepted = check_base_url(text, allow_insecure_http=True)
+    except ConfigError as exc:
+        assert_one_clear_line(exc)
+        return
+    assert accepted.startswith(("http://", "https://")) and accepted.endswith("/v1")
+    assert "@" not in accepted.split("/")[2] and "?" not in accepted and "#" not in accepted

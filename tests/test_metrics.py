@@ -73,7 +73,7 @@ def test_values_after_a_known_sequence_of_polls(
         SID,
         TOKEN,
         timeouts=Timeouts(2, 2),
-        policy=RetryPolicy(max_inplace_wait=5),
+        policy=RetryPolicy(max_inplace_wait=5, max_wake_jitter=0),  # an exact wait, for sums
         gate=db_gate,
         clock=clock,
         observer=metrics,

@@ -14,6 +14,7 @@ from worker.errors import (
     OperationNotFound,
     SchemaError,
     ServerError,
+    WrongBaseUrl,
 )
 from worker.operation import Status, parse_operation, parse_page, validate_operation_id
 
@@ -151,5 +152,8 @@ def test_only_the_apis_not_found_code_ends_an_operation() -> None:
     gate = LocalGate()
     now = datetime(2026, 1, 1, tzinfo=UTC)
     twilio = (ApiErrorDetail(code=20404, message="The resource was not found."),)
-    assert isinstance(_http_error(404, twilio, "u", now, gate), OperationNotFound)
-    assert isinstance(_http_error(404, (), "u", now, gate), ServerError)
+    assert isinstance(_http_error(404, twilio, "u", "fetch", now, gate), OperationNotFound)
+    assert isinstance(_http_error(404, (), "u", "fetch", now, gate), WrongBaseUrl)
+    # The List endpoint has no 404: even the API's 20404 there means a wrong base URL.
+    assert isinstance(_http_error(404, twilio, "u", "list", now, gate), WrongBaseUrl)
+    assert isinstance(_http_error(500, twilio, "u", "fetch", now, gate), ServerError)

@@ -20,6 +20,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import InventedApi
 from worker.sandbox import Fault, SandboxServer, SimulatedOperation
 from worker.sandbox.simulation import OPERATION_ID_RE, Outcome, Simulation, format_instant
 
@@ -414,6 +415,14 @@ def test_fault_queue_over_http(
         {"kind": "malformed", "variant": "weird"},
         {"kind": "status", "count": 0},
         {"kind": "status", "colour": "red"},
+        {"kind": "redirect", "status": 503},
+        {"kind": "status", "status": 302},
+        {"kind": "redirect", "location": "javascript:alert(1)"},
+        {"kind": "redirect", "location": "http://x/\r\nX-Evil: 1"},
+        {"kind": "trickle", "interval": 0},
+        {"kind": "stale", "lag": -1},
+        {"kind": "future_updated_at", "offset": 1e12},
+        {"kind": "status", "date_offset": "soon"},
         [1, 2],
     ],
 )
@@ -613,3 +622,127 @@ def test_serve_forever_in_a_subprocess() -> None:
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert err == "" and TOKEN not in out
+
+
+# --- faults of a misbehaving API (issue 11) --------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 307])
+def test_redirect_fault_points_elsewhere(
+    sandbox: SandboxServer, http: requests.Session, invented_api: InventedApi, status: int
+) -> None:
+    op = sandbox.add_operation(total=10, duration=100)
+    invented_api.operation = {**op.to_api(T0), "stats": {**op.to_api(T0)["stats"], "total": 1010}}
+    sandbox.add_fault(Fault("redirect", status=status, location=invented_api.url, count=2))
+    listing = list_url(sandbox) + "?pageSize=5"
+    resp = http.get(listing, timeout=5, allow_redirects=False)
+    assert resp.status_code == status
+    assert resp.headers["Location"] == f"{invented_api.url}/v1/SenderPools/Operations?pageSize=5"
+    assert invented_api.paths == []
+    followed = http.get(listing, timeout=5)  # what a client that follows redirects records
+    assert followed.json()["operations"][0]["stats"]["total"] == 1010
+    assert invented_api.paths == ["/v1/SenderPools/Operations?pageSize=5"]
+    assert http.get(listing, timeout=5).json()["operations"][0]["stats"]["total"] == 10
+
+
+def test_redirect_fault_defaults_to_a_port_where_nothing_answers(
+    sandbox: SandboxServer, http: requests.Session
+) -> None:
+    sandbox.add_fault(Fault("redirect"))
+    resp = http.get(list_url(sandbox), timeout=5, allow_redirects=False)
+    assert resp.status_code == 302
+    assert resp.headers["Location"] == "http://127.0.0.1:9/v1/SenderPools/Operations"
+
+
+def test_date_header_follows_the_simulation_clock(
+    sandbox: SandboxServer, http: requests.Session, clock: FakeClock
+) -> None:
+    clock.now = T0 + 42.7
+    resp = http.get(list_url(sandbox), timeout=5)
+    assert parsedate_to_datetime(resp.headers["Date"]).timestamp() == T0 + 42
+
+
+def test_future_updated_at_fault_and_a_wrong_date_header(
+    sandbox: SandboxServer, http: requests.Session, clock: FakeClock
+) -> None:
+    op = sandbox.add_operation(total=10, duration=10)
+    clock.now = T0 + 3.5
+    sandbox.add_fault(Fault("future_updated_at", offset=30 * 86400, match=op.id))
+    sandbox.add_fault(Fault("future_updated_at", offset=600, date_offset=-3600, count=1))
+    shifted = http.get(op_url(sandbox, op.id), timeout=5)
+    assert shifted.json()["updatedAt"] == format_instant(T0 + 3 + 30 * 86400)
+    assert shifted.json()["stats"]["created"] == 3  # the stats are today's
+    assert parsedate_to_datetime(shifted.headers["Date"]).timestamp() == T0 + 3
+    page = http.get(list_url(sandbox), timeout=5)
+    assert page.json()["operations"][0]["updatedAt"] == format_instant(T0 + 3 + 600)
+    assert parsedate_to_datetime(page.headers["Date"]).timestamp() == T0 + 3 - 3600
+    assert http.get(op_url(sandbox, op.id), timeout=5).json()["updatedAt"] == format_instant(T0 + 3)
+
+
+@pytest.mark.parametrize("listing", [False, True])
+def test_stale_fault_shows_the_past_with_todays_updated_at(
+    sandbox: SandboxServer, http: requests.Session, clock: FakeClock, listing: bool
+) -> None:
+    op = sandbox.add_operation(total=10, duration=10)
+    clock.now = T0 + 8.5
+    url = list_url(sandbox) if listing else op_url(sandbox, op.id)
+
+    def shown() -> dict[str, Any]:
+        body = http.get(url, timeout=5).json()
+        return dict(body["operations"][0] if listing else body)
+
+    current = shown()
+    sandbox.add_fault(Fault("stale", lag=2))
+    stale = shown()
+    assert current["stats"]["created"] == 8 and stale["stats"]["created"] == 6
+    assert stale["updatedAt"] == current["updatedAt"] == format_instant(T0 + 8)
+    clock.now = T0 + 10.5  # ended: a stale answer can show it PROCESSING again
+    sandbox.add_fault(Fault("stale", lag=1))
+    assert shown()["status"] == "PROCESSING" and shown()["status"] == "COMPLETED"
+
+
+def test_a_new_operation_answers_404_until_replicated(
+    sandbox: SandboxServer, http: requests.Session, clock: FakeClock
+) -> None:
+    control = sandbox.root_url + "/_sandbox/operations"
+    created = http.post(control, json={"total": 3, "not_found_for": 5}, timeout=5).json()
+    url = op_url(sandbox, created["id"])
+    for t in (0, 4.9):
+        clock.now = T0 + t
+        resp = http.get(url, timeout=5)
+        assert resp.status_code == 404 and only_error(resp)["code"] == 20404
+        assert http.get(list_url(sandbox), timeout=5).json()["operations"] == []
+    clock.now = T0 + 5
+    assert http.get(url, timeout=5).json()["id"] == created["id"]
+    assert [o["id"] for o in http.get(list_url(sandbox), timeout=5).json()["operations"]] == [
+        created["id"]
+    ]
+    bad = http.post(control, json={"not_found_for": -1}, timeout=5)
+    assert bad.status_code == 400 and only_error(bad)["context"] == "not_found_for"
+
+
+def test_trickle_fault_sends_the_body_byte_by_byte(
+    sandbox: SandboxServer, http: requests.Session
+) -> None:
+    op = sandbox.add_operation(total=3, duration=60)
+    sandbox.add_fault(Fault("trickle", interval=0.005, match=op.id))
+    began = time.monotonic()
+    resp = http.get(op_url(sandbox, op.id), timeout=5, stream=True)
+    chunks = list(resp.raw.stream(1024, decode_content=False))
+    # Never faster than one byte per interval; each read gets whatever arrived (one byte or so).
+    assert time.monotonic() - began >= 0.005 * (len(b"".join(chunks)) - 1)
+    assert json.loads(b"".join(chunks))["id"] == op.id
+    assert http.get(op_url(sandbox, op.id), timeout=5).json()["id"] == op.id  # used up
+
+
+def test_a_retry_after_zero_storm_is_expressible(
+    sandbox: SandboxServer, http: requests.Session
+) -> None:
+    control = sandbox.root_url + "/_sandbox/faults"
+    fault = {"kind": "status", "status": 429, "retry_after": "0", "count": 25}
+    assert http.post(control, json=fault, timeout=5).status_code == 201
+    answers = [http.get(list_url(sandbox), timeout=5) for _ in range(26)]
+    assert [(r.status_code, r.headers.get("Retry-After")) for r in answers[:25]] == [
+        (429, "0")
+    ] * 25
+    assert answers[25].status_code == 200

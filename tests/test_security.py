@@ -246,6 +246,7 @@ def test_no_exception_or_repr_shows_the_token(sandbox: SandboxServer, make_clien
         Fault(kind="drop"),
         Fault(kind="slow", delay=3.0),
         Fault(kind="malformed", variant="not_json"),
+        Fault(kind="redirect", location=f"https://{SID}:{TOKEN}@elsewhere.example/{TOKEN}"),
     ):
         sandbox.add_fault(fault)
         with pytest.raises(OptrackError) as info:

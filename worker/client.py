@@ -3,17 +3,27 @@
 Every 409/429/503 pauses the whole account through an ``AccountGate`` *before* anything waits,
 so no other process calls during the pause. A pause short enough is waited in place; a longer
 one is raised as ``RetryLater(not_before)``. A 500 is never retried here.
+
+Every request has an overall deadline (``Timeouts.deadline``: connect, headers and the whole
+body). requests' and urllib3's read timeout applies to each socket read, so a body trickled one
+byte at a time would never time out; the body is therefore streamed with ``read1`` (at most one
+socket read per call) and the socket's timeout set to what is left of the deadline before each.
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import logging
+import random
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import requests
+import urllib3
 
 from worker.clock import Clock, SystemClock
 from worker.errors import (
@@ -26,7 +36,10 @@ from worker.errors import (
     SchemaError,
     ServerError,
     TransportError,
+    UnexpectedRedirect,
+    WrongBaseUrl,
 )
+from worker.gate import AccountGate, LocalGate
 from worker.operation import (
     Operation,
     Page,
@@ -34,28 +47,20 @@ from worker.operation import (
     format_datetime,
     parse_operation,
     parse_page,
+    parse_served_at,
     validate_operation_id,
 )
-from worker.retry_after import RetryPolicy
+from worker.retry_after import RetryPolicy, ThrottleWait
 
+log = logging.getLogger(__name__)
 THROTTLE_STATUSES = frozenset({409, 429, 503})
 NOT_FOUND_CODE = 20404  # the API's "resource not found": only this ends an operation
 MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never ends is a bug
 # How long credentials rejected by the API stop all polling before one more try.
 AUTH_PAUSE_SECONDS = 60.0
 USER_AGENT = "optrack/0.1 (+requests)"
-
-
-class AccountGate(Protocol):
-    """Where the account's pause is kept, shared by every process that calls the API."""
-
-    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
-        """Return (until, reason) if the account must not call the API at ``now``."""
-        ...
-
-    def pause(self, until: datetime, reason: str, status: int) -> None:
-        """Record that nobody may call the API before ``until`` (keeps a later pause)."""
-        ...
+MAX_BODY_BYTES = 64 << 20  # a List page of 1,000 operations is about 250 KB
+_READ_CHUNK = 64 << 10
 
 
 class RequestBudget(Protocol):
@@ -88,34 +93,26 @@ def next_page_token(page: Page, seen: set[str]) -> str:
     return token
 
 
-class LocalGate:
-    """An in-process gate, for one-off use of the client outside the tracker."""
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect and read timeouts, and the deadline of a whole request, in seconds."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._until: datetime | None = None
-        self._reason = ""
-
-    def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
-        """Return the pause if it is still running."""
-        with self._lock:
-            if self._until is not None and self._until > now:
-                return self._until, self._reason
-            return None
-
-    def pause(self, until: datetime, reason: str, status: int) -> None:
-        """Record a pause, keeping the later of two."""
-        with self._lock:
-            if self._until is None or until > self._until:
-                self._until, self._reason = until, reason
+    connect: float = 5.0
+    read: float = 15.0  # between two socket reads
+    deadline: float = 30.0  # connect + headers + the last byte of the body
 
 
 @dataclass(frozen=True)
-class Timeouts:
-    """Connect and read timeouts in seconds."""
+class _Answer:
+    """An HTTP answer read whole within the deadline."""
 
-    connect: float = 5.0
-    read: float = 15.0
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class _DeadlinePassed(Exception):
+    """The request's overall deadline passed before its answer was whole."""
 
 
 class ApiClient:
@@ -135,6 +132,7 @@ class ApiClient:
         max_inplace_retries: int = 3,
         observer: ApiObserver | None = None,
         budget: RequestBudget | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
@@ -145,6 +143,7 @@ class ApiClient:
         self.requests_sent = 0  # every HTTP request made, in-place retries included
         self.observer = observer
         self.budget = budget
+        self.rng = rng or random.Random()  # jitter of waits; seeded in tests
         self.session = session or requests.Session()
         self.session.auth = (account_sid, auth_token)
         self.session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
@@ -162,10 +161,13 @@ class ApiClient:
         self.close()
 
     def fetch(self, operation_id: str) -> Operation:
-        """Fetch one operation; the ID is validated before it reaches the URL."""
+        """Fetch one operation; the ID is validated before it reaches the URL.
+
+        Its ``served_at`` is the answer's `Date` header (None if absent or unusable).
+        """
         op_id = validate_operation_id(operation_id)
-        data = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
-        return parse_operation(data, expected_id=op_id)
+        data, served_at = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
+        return parse_operation(data, expected_id=op_id, served_at=served_at)
 
     def list_page(
         self,
@@ -176,7 +178,7 @@ class ApiClient:
         page_size: int = 50,
         page_token: str | None = None,
     ) -> Page:
-        """Fetch one page of the List endpoint with the given filters."""
+        """Fetch one page of the List endpoint; the page and each operation carry ``served_at``."""
         if not 1 <= page_size <= 1000:
             raise ValueError(f"page_size must be 1..1000, got {page_size}")
         params: dict[str, str] = {"pageSize": str(page_size)}
@@ -188,7 +190,8 @@ class ApiClient:
             params["endDate"] = format_datetime(end_date)
         if page_token is not None:
             params["pageToken"] = page_token
-        return parse_page(self._get("/SenderPools/Operations", params, "list"))
+        data, served_at = self._get("/SenderPools/Operations", params, "list")
+        return parse_page(data, served_at=served_at)
 
     def iter_operations(
         self,
@@ -215,19 +218,29 @@ class ApiClient:
             token = next_page_token(page, seen)
 
     def _wait_for_gate(self, retries_left: int) -> None:
-        """Honor the account's pause: wait in place if short, else raise RetryLater."""
-        now = self.clock.now()
-        paused = self.gate.paused_until(now)
-        if paused is None:
-            return
-        until, reason = paused
-        remaining = (until - now).total_seconds()
-        if remaining <= self.policy.max_inplace_wait and retries_left > 0:
-            self.clock.sleep(remaining)
-            return
-        raise RetryLater(until, reason)
+        """Honor the account's pause: wait in place if short, else raise RetryLater.
 
-    def _get(self, path: str, params: Mapping[str, str] | None, endpoint: str) -> Any:
+        After each wait the pause is read again before anything is sent (another process may
+        have recorded a longer one meanwhile), and waits end with jitter so that every waiting
+        process does not call at the same instant.
+        """
+        waited = 0.0
+        while True:
+            now = self.clock.now()
+            paused = self.gate.paused_until(now)
+            if paused is None:
+                return
+            until, reason = paused
+            remaining = (until - now).total_seconds()
+            if retries_left <= 0 or waited + remaining > self.policy.max_inplace_wait:
+                raise RetryLater(until, reason)
+            self.clock.sleep(self.policy.wake_after(remaining, self.rng))
+            waited += remaining
+
+    def _get(
+        self, path: str, params: Mapping[str, str] | None, endpoint: str
+    ) -> tuple[Any, datetime | None]:
+        """The JSON body of a 200 answer and its `Date`; every other answer raises."""
         url = self.base_url + path
         for attempt in range(1, self.max_inplace_retries + 2):
             self._wait_for_gate(self.max_inplace_retries + 1 - attempt)
@@ -242,51 +255,108 @@ class ApiClient:
                     self.observer.answered(endpoint, None)
                 raise
             if self.observer is not None:
-                self.observer.answered(endpoint, response.status_code)
-            if response.status_code == 200:
-                return _json_body(response)
-            errors = _error_list(response)
-            status = response.status_code
+                self.observer.answered(endpoint, response.status)
+            if response.status == 200:
+                self.gate.reset_throttles()
+                served_at = parse_served_at(response.headers.get("Date"), self.clock.now())
+                return _json_body(response), served_at
+            if 300 <= response.status < 400:
+                # Never followed: another host's answer must not be recorded as the API's.
+                raise UnexpectedRedirect(response.status, response.headers.get("Location"), url)
+            errors = _error_list(response.body)
+            status = response.status
             if status in THROTTLE_STATUSES:
                 now = self.clock.now()
-                delay = self.policy.throttle_delay(
-                    response.headers.get("Retry-After"), now, attempt
-                )
-                reason = f"HTTP {status} ({_first_message(errors)}); Retry-After honored"
-                self.gate.pause(now + timedelta(seconds=delay), reason, status)
+                header = response.headers.get("Retry-After")
+                # Counted for the account, by every process: a storm grows its waits.
+                throttles = self.gate.count_throttle(now, status)
+                wait = self.policy.throttle_wait(header, now, throttles, self.rng)
+                if wait.capped:
+                    log.warning(
+                        "HTTP %d on %s asked for Retry-After %.40r, longer than "
+                        "OPTRACK_MAX_RETRY_AFTER: the account waits %g s instead",
+                        status,
+                        path,
+                        header,
+                        wait.seconds,
+                    )
+                reason = f"HTTP {status} ({_first_message(errors)}); {_wait_reason(header, wait)}"
+                self.gate.pause(now + timedelta(seconds=wait.seconds), reason, status)
                 if self.observer is not None:
-                    self.observer.paused(delay, status)
+                    self.observer.paused(wait.seconds, status)
                 continue
-            raise _http_error(status, errors, url, self.clock.now(), self.gate)
+            raise _http_error(status, errors, url, endpoint, self.clock.now(), self.gate)
         until = self.gate.paused_until(self.clock.now())
         raise RetryLater(until[0] if until else self.clock.now(), "still throttled after retries")
 
-    def _send(self, url: str, params: Mapping[str, str] | None) -> requests.Response:
+    def _send(self, url: str, params: Mapping[str, str] | None) -> _Answer:
         self.requests_sent += 1
+        limit = self.timeouts.deadline
+        ends = time.monotonic() + limit
         try:
-            return self.session.get(
-                url, params=params, timeout=(self.timeouts.connect, self.timeouts.read)
+            response = self.session.get(
+                url,
+                params=params,
+                timeout=(min(self.timeouts.connect, limit), min(self.timeouts.read, limit)),
+                allow_redirects=False,
+                stream=True,
             )
         except requests.Timeout as exc:
             raise TransportError(f"timed out calling {url}: {type(exc).__name__}") from None
         except requests.RequestException as exc:
             raise TransportError(f"no answer from {url}: {type(exc).__name__}") from None
+        try:
+            body = _read_body(response, ends, self.timeouts.read)
+        except _DeadlinePassed:
+            raise TransportError(
+                f"timed out calling {url}: no whole answer within the {limit:g} s deadline"
+            ) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() >= ends:
+                raise TransportError(
+                    f"timed out calling {url}: no whole answer within the {limit:g} s deadline"
+                ) from None
+            raise TransportError(f"answer from {url} cut short: {type(exc).__name__}") from None
+        finally:
+            response.close()
+        return _Answer(response.status_code, response.headers, body)
 
 
-def _json_body(response: requests.Response) -> Any:
+def _read_body(response: requests.Response, ends: float, read_timeout: float) -> bytes:
+    """The whole body, or _DeadlinePassed once the monotonic clock reaches ``ends``."""
+    raw: urllib3.BaseHTTPResponse = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlinePassed
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket too
+            sock.settimeout(min(read_timeout, remaining))
+        chunk = raw.read1(_READ_CHUNK, decode_content=True)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise SchemaError(f"the answer's body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        parts.append(chunk)
+
+
+def _json_body(response: _Answer) -> Any:
     content_type = response.headers.get("Content-Type", "")
     if "json" not in content_type.lower():
         raise SchemaError(f"expected a JSON answer, got Content-Type {content_type[:60]!r}")
     try:
-        return response.json()
+        return json.loads(response.body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise SchemaError("the answer's body is not valid JSON") from None
 
 
-def _error_list(response: requests.Response) -> tuple[ApiErrorDetail, ...]:
+def _error_list(raw: bytes) -> tuple[ApiErrorDetail, ...]:
     """The API's ``{"errors": [...]}`` list; tolerant, since error bodies are best effort."""
     try:
-        body = response.json()
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         return ()
     items = body.get("errors") if isinstance(body, dict) else None
@@ -309,6 +379,16 @@ def _error_list(response: requests.Response) -> tuple[ApiErrorDetail, ...]:
     return tuple(details)
 
 
+def _wait_reason(header: str | None, wait: ThrottleWait) -> str:
+    """Why the account waits this long, for the pause's reason (`optrack status`)."""
+    if wait.capped:
+        return f"Retry-After {header!r:.40} capped at {wait.seconds:g} s"
+    if wait.source == "header":
+        return "Retry-After honored"
+    shown = "none" if header is None else repr(header[:40])
+    return f"Retry-After {shown}: a minimum wait of {wait.seconds:.1f} s"
+
+
 def _first_message(errors: tuple[ApiErrorDetail, ...]) -> str:
     return errors[0].message if errors else "no error body"
 
@@ -317,6 +397,7 @@ def _http_error(
     status: int,
     errors: tuple[ApiErrorDetail, ...],
     url: str,
+    endpoint: str,
     now: datetime,
     gate: AccountGate,
 ) -> HttpError:
@@ -326,7 +407,10 @@ def _http_error(
         reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); check TWILIO_*"
         gate.pause(now + timedelta(seconds=AUTH_PAUSE_SECONDS), reason, status)
         return AuthError(status, errors, url)
-    if status == 404 and any(e.code == NOT_FOUND_CODE for e in errors):
-        return OperationNotFound(status, errors, url)
-    # Any other 404 (a proxy, a wrong OPTRACK_API_BASE_URL) says nothing about the operation.
+    if status == 404:
+        # The List endpoint has no 404, and a 404 without the API's 20404 is not the API's
+        # answer (a proxy, a wrong path): the base URL is wrong, the operation is not gone.
+        if endpoint == "fetch" and any(e.code == NOT_FOUND_CODE for e in errors):
+            return OperationNotFound(status, errors, url)
+        return WrongBaseUrl(status, errors, url)
     return ServerError(status, errors, url)

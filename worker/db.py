@@ -182,6 +182,9 @@ class AccountPause(Base):
     reason: Mapped[str] = mapped_column(Text)
     status_code: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime]
+    # 409/429/503 answers in a row, whoever got them; a 200 sets it back to 0. A Retry-After
+    # of 0 (or none usable) waits longer with each (migration 0005).
+    consecutive_throttles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RequestBudget(Base):

@@ -11,7 +11,10 @@
         └── HttpError                 an error status; carries the API's error list
             ├── BadRequest            400: our request was wrong; do not retry
             ├── AuthError             401/403: credentials rejected; pause the account
-            ├── OperationNotFound     404: the operation does not exist (fetch only)
+            ├── OperationNotFound     404 (20404) from a fetch: the API does not know the ID
+            ├── WrongBaseUrl          404 from List (which has none), or a 404 without 20404:
+            │                         OPTRACK_API_BASE_URL is wrong; says nothing of operations
+            ├── UnexpectedRedirect    3xx: never followed; what it points to is not the API
             └── ServerError           500 (and other 5xx but 503): never retried in place
     RetryLater                        409/429/503 paused the account past what may be waited
                                       in place: "call again not before T"
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import urlsplit
 
 
 class OptrackError(Exception):
@@ -99,7 +103,51 @@ class AuthError(HttpError):
 
 
 class OperationNotFound(HttpError):
-    """Raised on 404 from a fetch: the operation does not exist."""
+    """Raised on 404 (20404) from a fetch: the API does not know the operation (yet, or now).
+
+    Not proof on its own: a new operation may not be replicated yet, and a base URL without
+    ``/v1`` makes every route answer 20404; the caller decides when it is true.
+    """
+
+
+class WrongBaseUrl(HttpError):
+    """Raised on a 404 that cannot be about one operation: from the List endpoint (which has no
+    404) or without the API's 20404 code. The base URL is wrong; no operation ends because of it.
+    """
+
+    def __init__(self, status: int, errors: tuple[ApiErrorDetail, ...], url: str) -> None:
+        super().__init__(status, errors, url)
+        self.args = (
+            f"{self.args[0]} (a 404 no API route gives: check OPTRACK_API_BASE_URL, "
+            "which must end with the API root, /v1)",
+        )
+
+
+class UnexpectedRedirect(HttpError):
+    """Raised on a 3xx: redirects are never followed, so nothing from another host is recorded.
+
+    The message names the status and the Location's host (never its credentials, path or query).
+    """
+
+    def __init__(self, status: int, location: str | None, url: str) -> None:
+        self.location_host = redirect_target(location)
+        super().__init__(status, (), url)
+        self.args = (f"HTTP {status} from {url}: a redirect to {self.location_host}, not followed",)
+
+
+def redirect_target(location: str | None) -> str:
+    """The host (and port) a Location header points to, for messages; never its userinfo."""
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        parts = urlsplit(location.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a broken port or IPv6 literal
+        return "an unreadable Location"
+    if not host:
+        return "a path on the same host"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if port is not None else shown
 
 
 class ServerError(HttpError):

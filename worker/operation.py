@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from worker.errors import InvalidOperationId, SchemaError
+from worker.http_date import parse_http_date
 
 ID_PREFIX = "comms_operation_"
 # The reference's pattern has no `$`; we accept only the whole string (fullmatch) and ASCII.
@@ -70,6 +71,9 @@ class Operation:
     stats: Stats
     created_at: datetime
     updated_at: datetime
+    # The answer's `Date` header (aware UTC; None if absent or unusable): when the API says it
+    # served this, to judge an updatedAt that runs ahead. Not part of what the API says about it.
+    served_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,7 @@ class Page:
     # Items that broke the schema, as messages: skipped, so one bad item (perhaps of an
     # operation nobody tracks) does not fail the page; a tracked one falls back to a GET.
     rejected: tuple[str, ...] = ()
+    served_at: datetime | None = field(default=None, compare=False)  # as on Operation
 
 
 def parse_datetime(value: object, field: str) -> datetime:
@@ -115,7 +120,9 @@ def _count(stats: dict[str, Any], name: str) -> int:
     return value
 
 
-def parse_operation(data: object, expected_id: str | None = None) -> Operation:
+def parse_operation(
+    data: object, expected_id: str | None = None, served_at: datetime | None = None
+) -> Operation:
     """Validate one SenderPoolOperation object; raise SchemaError on any breach."""
     if not isinstance(data, dict):
         raise SchemaError(f"operation: expected an object, got {type(data).__name__}")
@@ -144,10 +151,11 @@ def parse_operation(data: object, expected_id: str | None = None) -> Operation:
         ),
         created_at=parse_datetime(data.get("createdAt"), "createdAt"),
         updated_at=parse_datetime(data.get("updatedAt"), "updatedAt"),
+        served_at=served_at,
     )
 
 
-def parse_page(data: object) -> Page:
+def parse_page(data: object, served_at: datetime | None = None) -> Page:
     """Validate a List answer: ``operations`` and ``pagination`` are required."""
     if not isinstance(data, dict):
         raise SchemaError(f"page: expected an object, got {type(data).__name__}")
@@ -164,7 +172,7 @@ def parse_page(data: object) -> Page:
     rejected: list[str] = []
     for index, item in enumerate(operations):
         try:
-            parsed.append(parse_operation(item))
+            parsed.append(parse_operation(item, served_at=served_at))
         except SchemaError as exc:
             rejected.append(f"operations[{index}]: {exc}")
     return Page(
@@ -172,6 +180,7 @@ def parse_page(data: object) -> Page:
         next_token=_page_token(next_url),
         next_url=next_url,
         rejected=tuple(rejected),
+        served_at=served_at,
     )
 
 
@@ -186,6 +195,16 @@ def _page_token(next_url: str | None) -> str | None:
         raise SchemaError(f"pagination.next: {next_url[:60]!r} is not a URL or token") from None
     tokens = query.get("pageToken")
     return tokens[0] if tokens else next_url
+
+
+def parse_served_at(value: str | None, now: datetime) -> datetime | None:
+    """The instant of a `Date` header, aware UTC; None if absent, unparsable or out of range."""
+    if value is None:
+        return None
+    when = parse_http_date(value, now)
+    if when is None or not MIN_YEAR <= when.year <= MAX_YEAR:
+        return None
+    return when
 
 
 def format_datetime(value: datetime) -> str:

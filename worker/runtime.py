@@ -78,7 +78,11 @@ class Runtime:
             self.settings.api_base_url,
             self.settings.account_sid,
             self.settings.auth_token,
-            timeouts=Timeouts(self.settings.connect_timeout, self.settings.read_timeout),
+            timeouts=Timeouts(
+                self.settings.connect_timeout,
+                self.settings.read_timeout,
+                self.settings.request_deadline,
+            ),
             policy=self.retry_policy,
             gate=self.gate,
             clock=self.clock,

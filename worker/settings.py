@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
-from worker.retry_after import DEFAULT_MAX_RETRY_AFTER
+from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
 
 DEFAULT_API_BASE_URL = "https://comms.twilio.com/v1"
 DEFAULT_HOME = Path(".optrack")
@@ -39,6 +39,8 @@ class Settings:
     tick_interval: float = 2.0
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
+    # One request, whole: connect, headers and the last byte of the body.
+    request_deadline: float = 30.0
     max_inplace_wait: float = 5.0
     batch_size: int = 50
     allow_insecure_http: bool = False
@@ -124,6 +126,18 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
     return value
 
 
+def _max_retry_after(env: Mapping[str, str]) -> float:
+    value = _float(env, "OPTRACK_MAX_RETRY_AFTER", DEFAULT_MAX_RETRY_AFTER)
+    if value < MIN_MAX_RETRY_AFTER:
+        raise ConfigError(
+            f"OPTRACK_MAX_RETRY_AFTER={value:g} is below {MIN_MAX_RETRY_AFTER:g} s: it caps only "
+            "absurd Retry-After values, and a lower cap would call the API before it allows. "
+            f"Leave it unset ({DEFAULT_MAX_RETRY_AFTER:g} s) or set at least "
+            f"{MIN_MAX_RETRY_AFTER:g}."
+        )
+    return value
+
+
 def _optional_float(env: Mapping[str, str], name: str, minimum: float) -> float | None:
     if not env.get(name, "").strip():
         return None
@@ -203,15 +217,58 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def mask_url(url: str) -> str:
+    """``url`` as it may be shown: credentials, query and fragment replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    found = re.search(r"[?#]", tail)
+    path, mark = (tail[: found.start()], found.group()) if found else (tail, "")
+    return f"{scheme}{sep}{netloc}{path}" + (f"{mark}***" if mark else "")
+
+
 def check_base_url(url: str, allow_insecure_http: bool) -> str:
-    """Return ``url`` without a trailing slash if it is https, loopback http, or allowed http."""
-    parts = urlsplit(url)
+    """Return the API root ``url`` without a trailing slash, or raise ConfigError.
+
+    It must be http(s) with a host, name the API root (a path ending with ``/v1``) and hold no
+    credentials, query or fragment. Plain http only to loopback, or when allowed. Messages show
+    the URL masked: credentials in it are never echoed.
+    """
+    name = "OPTRACK_API_BASE_URL"
+    shown = mask_url(url)
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{name}={shown!r} holds spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number 0-65535
+    except ValueError:
+        raise ConfigError(f"{name}={shown!r} is not a URL such as {DEFAULT_API_BASE_URL}") from None
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{name}={shown} holds credentials; remove them from the URL: optrack sends "
+            "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN itself, and a URL is shown in logs"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OPTRACK_API_BASE_URL={url!r} must be an http(s) URL")
+        raise ConfigError(f"{name}={shown!r} must be an http(s) URL")
     if parts.scheme == "http" and not (_is_loopback(parts.hostname) or allow_insecure_http):
         raise ConfigError(
-            f"OPTRACK_API_BASE_URL={url!r} is plain http to a non-loopback host; the auth token "
+            f"{name}={shown!r} is plain http to a non-loopback host; the auth token "
             "would travel in clear. Use https, or set OPTRACK_ALLOW_INSECURE_HTTP=1 if you mean it."
+        )
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ConfigError(
+            f"{name}={shown!r} must not have a query or fragment: it is the API root, "
+            f"such as {DEFAULT_API_BASE_URL}"
+        )
+    segments = parts.path.rstrip("/").split("/")
+    if segments[-1] != "v1" or any(seg in (".", "..") for seg in segments):
+        raise ConfigError(
+            f"{name}={shown!r} must be the API root, its path ending with /v1 "
+            f"(such as {DEFAULT_API_BASE_URL}): any other path makes every route answer 404"
         )
     return url.rstrip("/")
 
@@ -232,10 +289,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
         auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
         poll_interval=_float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
-        max_retry_after=_float(env, "OPTRACK_MAX_RETRY_AFTER", DEFAULT_MAX_RETRY_AFTER),
+        max_retry_after=_max_retry_after(env),
         tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0, minimum=0.2),
         connect_timeout=_float(env, "OPTRACK_CONNECT_TIMEOUT", 5.0, minimum=0.1),
         read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0, minimum=0.1),
+        request_deadline=_bounded(env, "OPTRACK_REQUEST_DEADLINE", 30.0, 1.0, 300.0),
         max_inplace_wait=_bounded(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0, 0.0, 30.0),
         batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50, 1, 1000),
         poll_strategy=_choice(env, "OPTRACK_POLL_STRATEGY", POLL_STRATEGIES),

@@ -4,7 +4,9 @@ API requests are every path outside ``/_sandbox``; only they are logged, and onl
 authenticated ones consume faults (auth is checked first, then faults, then validation).
 Page tokens are urlsafe base64 (no padding) of JSON holding the filters and the sort key
 (createdAt second, id) of the last operation served: keyset pagination, so pages stay
-stable while operations progress. Connections are kept alive (HTTP/1.1).
+stable while operations progress. Connections are kept alive (HTTP/1.1). The ``Date``
+header follows the simulation's clock (shifted by a fault's ``date_offset``), as a real
+API's Date agrees with the updatedAt it serves.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
@@ -38,6 +40,7 @@ from worker.sandbox.simulation import (
     Simulation,
     SimulationError,
     SortKey,
+    format_instant,
     parse_instant,
 )
 
@@ -63,6 +66,7 @@ _NUMBER = (int, float)
 _OP_FIELDS: dict[str, type | tuple[type, ...]] = {
     **{"total": int, "count": int, "outcome": str, "id": str, "created_at": _NUMBER},
     **{"duration": _NUMBER, "fail_ratio": _NUMBER, "cancel_at": _NUMBER},
+    "not_found_for": _NUMBER,
 }
 
 
@@ -80,6 +84,7 @@ class _Reply:
     payload: Any
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    trickle: float | None = None  # seconds between two bytes of the body
 
     def body(self) -> bytes:
         if isinstance(self.payload, bytes):
@@ -134,6 +139,12 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 300  # idle keep-alive connections end eventually
     disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stalls
     server: _Server
+    date_offset = 0.0  # of the request being answered (a fault's ``date_offset``)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header: the simulation's clock, not the machine's."""
+        when = self.server.sim.clock() if timestamp is None else timestamp
+        return formatdate(when + self.date_offset, usegmt=True)
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -154,6 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         sim = self.server.sim
         arrived = sim.clock()
+        self.date_offset = 0.0
         parts = urlsplit(self.path)
         path, query = parts.path, parts.query
         is_api = not path.startswith(CONTROL_PREFIX)
@@ -210,23 +222,53 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if reply.trickle is None:
+            self.wfile.write(data)
+            return
+        self.wfile.flush()
+        for i in range(len(data)):  # a client that hangs up ends it (BrokenPipeError)
+            if self.server.stopping.wait(reply.trickle if i else 0):
+                self.close_connection = True
+                return
+            self.wfile.write(data[i : i + 1])
+            self.wfile.flush()
 
     # --- the documented API -------------------------------------------------------------
 
     def _api(self, method: str, path: str, query: str) -> _Reply | None:
+        sim = self.server.sim
         # A fault may match the query too (one List window by its startDate, say).
-        fault = self.server.sim.take_fault(f"{path}?{query}" if query else path)
-        if fault is not None:
-            if fault.kind == "drop":
-                return None
-            if fault.kind == "slow" and self.server.stopping.wait(fault.delay):
-                return None
-            if fault.kind == "status":
-                return self._fault_reply(fault)
-        reply = self._route(method, path, query)
-        if fault is not None and fault.kind == "malformed":
-            reply = _malformed(fault.variant, reply, path, self.server.sim.clock())
+        fault = sim.take_fault(f"{path}?{query}" if query else path)
+        now = sim.clock()
+        if fault is None:
+            return self._route(method, path, query, now)
+        self.date_offset = fault.date_offset
+        if fault.kind == "drop":
+            return None
+        if fault.kind == "slow" and self.server.stopping.wait(fault.delay):
+            return None
+        if fault.kind == "status":
+            return self._fault_reply(fault)
+        if fault.kind == "redirect":
+            location = {"Location": fault.effective_location(path, query)}
+            return _Reply(fault.status, {"moved": location["Location"]}, location)
+        if fault.kind == "stale":
+            # A lagging replica: the state of ``lag`` seconds ago, with today's updatedAt.
+            reply = self._route(method, path, query, now - fault.lag)
+            current = self._route(method, path, query, now)
+            updated = {op["id"]: op["updatedAt"] for op in _items(current, path)}
+            for op in _items(reply, path):
+                op["updatedAt"] = updated.get(op["id"], op["updatedAt"])
+            return reply
+        reply = self._route(method, path, query, now)
+        if fault.kind == "malformed":
+            reply = _malformed(fault.variant, reply, path, now)
+        elif fault.kind == "future_updated_at":
+            for op in _items(reply, path):
+                shifted = parse_instant(op["updatedAt"].replace("Z", "+00:00")) + fault.offset
+                op["updatedAt"] = format_instant(max(0.0, shifted))
+        elif fault.kind == "trickle":
+            reply.trickle = fault.interval
         return reply
 
     def _fault_reply(self, fault: Fault) -> _Reply:
@@ -241,23 +283,24 @@ class _Handler(BaseHTTPRequestHandler):
             headers["WWW-Authenticate"] = 'Basic realm="Twilio"'
         return _Reply(fault.status, error_body(fault.status), headers)
 
-    def _route(self, method: str, path: str, query: str) -> _Reply:
+    def _route(self, method: str, path: str, query: str, now: float) -> _Reply:
+        """The API's answer to a request, as the operations stand at ``now``."""
         match = FETCH_RE.match(path)
         if path != LIST_PATH and match is None:
             return _Reply(404, error_body(404))
         if method != "GET":
             return _Reply(405, error_body(405), {"Allow": "GET"})
         if match is None:
-            return self._list(query)
+            return self._list(query, now)
         op_id = unquote(match.group(1))
         if not OPERATION_ID_RE.fullmatch(op_id):
             return _bad("operationId", "Invalid operationId: it must match the operation pattern.")
         op = self.server.sim.get(op_id)
-        if op is None:
+        if op is None or not op.visible_at(now):
             return _Reply(404, error_body(404))
-        return _Reply(200, op.to_api(self.server.sim.clock()))
+        return _Reply(200, op.to_api(now))
 
-    def _list(self, query: str) -> _Reply:
+    def _list(self, query: str, now: float) -> _Reply:
         params = parse_qs(query, keep_blank_values=True)
         raw = {name: values[-1] for name, values in params.items()}
         filters: dict[str, Any] = {}
@@ -280,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
             if after is None:
                 return _bad("pageToken", "Invalid pageToken for these filters.")
         ops, next_key = self.server.sim.list_page(
-            now=self.server.sim.clock(),
+            now=now,
             page_size=int(size_raw),
             start=filters.get("startDate"),
             end=filters.get("endDate"),
@@ -373,6 +416,15 @@ def _decode_token(token: str, filters: dict[str, Any]) -> SortKey | None:
         if isinstance(second, int) and not isinstance(second, bool) and isinstance(op_id, str):
             return (second, op_id)
     return None
+
+
+def _items(reply: _Reply, path: str) -> list[dict[str, Any]]:
+    """The operations in a 200 answer (one for a fetch, a page's for List); none otherwise."""
+    if reply.status != 200 or not isinstance(reply.payload, dict):
+        return []
+    if path == LIST_PATH:
+        return list(reply.payload["operations"])
+    return [reply.payload]
 
 
 def _malformed(variant: str, reply: _Reply, path: str, now: float) -> _Reply:

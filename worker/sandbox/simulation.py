@@ -14,7 +14,9 @@ Progress model of a `SimulatedOperation` (all derived from ``clock()``, nothing 
 * while PROCESSING, ``queued + created + failed == total``;
 * ``updatedAt`` is the instant of the last change of stats or status (never "now");
 * dates are rendered in whole UTC seconds, and list ordering and date filters use those
-  rendered seconds so that what a client sees is consistent with how it was filtered.
+  rendered seconds so that what a client sees is consistent with how it was filtered;
+* ``not_found_for`` seconds after ``created_at`` the operation is not replicated yet: a fetch
+  answers 404 (20404) and List pages leave it out.
 
 ``total == 0`` or ``duration == 0`` means the operation is already final at ``created_at``.
 """
@@ -36,7 +38,12 @@ from typing import Any, Literal, cast
 Clock = Callable[[], float]
 Outcome = Literal["COMPLETED", "CANCELED"]
 Status = Literal["PROCESSING", "COMPLETED", "CANCELED"]
-FaultKind = Literal["status", "slow", "drop", "malformed"]
+FaultKind = Literal[
+    "status", "slow", "drop", "malformed", "redirect", "future_updated_at", "stale", "trickle"
+]
+FAULT_KINDS: tuple[FaultKind, ...] = (
+    *("status", "slow", "drop", "malformed", "redirect", "future_updated_at", "stale", "trickle"),
+)
 
 # Use fullmatch: with re.match, "$" would also accept a trailing newline.
 OPERATION_ID_RE = re.compile(r"^comms_operation_[0-7][a-hjkmnpqrstv-z0-9]{25,34}$")
@@ -44,6 +51,10 @@ CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 STATUSES: tuple[Status, ...] = ("PROCESSING", "COMPLETED", "CANCELED")
 OUTCOMES: tuple[Outcome, ...] = ("COMPLETED", "CANCELED")
 FAULT_STATUSES = (400, 401, 403, 404, 409, 429, 500, 503)
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# Where a redirect fault points by default: the discard port, where nothing answers.
+DEFAULT_LOCATION = "http://127.0.0.1:9"
+MAX_SHIFT = 10 * 365 * 86400.0  # offsets of updatedAt and Date: up to ten years either way
 MALFORMED_VARIANTS = (
     *("not_json", "wrong_content_type", "missing_field", "negative_count"),
     *("unknown_status", "bad_date", "wrong_id"),
@@ -101,7 +112,7 @@ class OperationState:
 _NUMBER = (int, float)
 _OPERATION_TYPES: dict[str, type | tuple[type, ...]] = {
     **{"id": str, "created_at": _NUMBER, "total": int, "duration": _NUMBER},
-    **{"fail_ratio": _NUMBER, "outcome": str, "cancel_at": _NUMBER},
+    **{"fail_ratio": _NUMBER, "outcome": str, "cancel_at": _NUMBER, "not_found_for": _NUMBER},
 }
 
 
@@ -116,6 +127,8 @@ class SimulatedOperation:
     fail_ratio: float = 0.0
     outcome: Outcome = "COMPLETED"
     cancel_at: float = 0.5
+    # Seconds after creation during which the API does not know it yet (a lagging replica).
+    not_found_for: float = 0.0
 
     def __post_init__(self) -> None:
         _check_types(self, _OPERATION_TYPES)
@@ -128,6 +141,12 @@ class SimulatedOperation:
         _check(0.0 <= self.fail_ratio <= 1.0, "fail_ratio", "fail_ratio must be 0..1")
         _check(self.outcome in OUTCOMES, "outcome", "outcome must be COMPLETED or CANCELED")
         _check(0.0 <= self.cancel_at <= 1.0, "cancel_at", "cancel_at must be 0..1")
+        ok = math.isfinite(self.not_found_for) and 0 <= self.not_found_for <= 86400
+        _check(ok, "not_found_for", "not_found_for must be 0..86400 seconds")
+
+    def visible_at(self, now: float) -> bool:
+        """False while the API answers 404 for it (``not_found_for`` after creation)."""
+        return self.not_found_for == 0 or now >= self.created_at + self.not_found_for
 
     @property
     def created_second(self) -> int:
@@ -203,30 +222,61 @@ def _check(ok: bool, field_name: str, message: str) -> None:
 _FAULT_TYPES: dict[str, type | tuple[type, ...]] = {
     **{"kind": str, "status": int, "retry_after": (str, type(None)), "retry_after_form": str},
     **{"count": int, "match": (str, type(None)), "delay": _NUMBER, "variant": str},
+    **{"location": (str, type(None)), "offset": _NUMBER, "date_offset": _NUMBER},
+    **{"lag": _NUMBER, "interval": _NUMBER},
 }
 
 
 @dataclass
 class Fault:
-    """A queued misbehaviour, consumed by API requests whose path contains ``match``."""
+    """A queued misbehaviour, consumed by API requests whose path contains ``match``.
+
+    Kinds: ``status`` (an error answer), ``slow`` (answer after ``delay``), ``drop`` (close
+    without answering), ``malformed`` (a 200 that breaks the schema), ``redirect`` (a 3xx to
+    ``location`` + the request's path and query), ``future_updated_at`` (updatedAt shifted by
+    ``offset`` seconds), ``stale`` (the state of ``lag`` seconds ago with today's updatedAt),
+    ``trickle`` (the body one byte every ``interval`` seconds). ``date_offset`` shifts the
+    answer's ``Date`` header, whatever the kind.
+    """
 
     kind: FaultKind
-    status: int = 503
+    status: int = 0  # 0: the kind's default, 503 for ``status`` and 302 for ``redirect``
     retry_after: str | None = AUTO
     retry_after_form: str = "seconds"
     count: int = 1
     match: str | None = None
     delay: float = 0.0
     variant: str = "not_json"
+    location: str | None = None
+    offset: float = 0.0
+    date_offset: float = 0.0
+    lag: float = 0.0
+    interval: float = 0.5
 
     def __post_init__(self) -> None:
         _check_types(self, _FAULT_TYPES)
-        _check(self.kind in ("status", "slow", "drop", "malformed"), "kind", "unknown kind")
-        _check(self.status in FAULT_STATUSES, "status", f"status must be one of {FAULT_STATUSES}")
+        _check(self.kind in FAULT_KINDS, "kind", f"kind must be one of {FAULT_KINDS}")
+        if self.status == 0:
+            self.status = 302 if self.kind == "redirect" else 503
+        statuses = REDIRECT_STATUSES if self.kind == "redirect" else FAULT_STATUSES
+        _check(self.status in statuses, "status", f"status must be one of {statuses}")
         _check(self.retry_after_form in RETRY_AFTER_FORMS, "retry_after_form", "unknown form")
         _check(1 <= self.count <= MAX_BULK, "count", "count must be >= 1")
         _check(math.isfinite(self.delay) and 0 <= self.delay <= 3600, "delay", "delay 0..3600")
         _check(self.variant in MALFORMED_VARIANTS, "variant", "unknown malformed variant")
+        for name in ("offset", "date_offset"):
+            value = getattr(self, name)
+            ok = math.isfinite(value) and abs(value) <= MAX_SHIFT
+            _check(ok, name, f"{name} must be within {MAX_SHIFT:g} seconds")
+        _check(math.isfinite(self.lag) and 0 <= self.lag <= MAX_SHIFT, "lag", "lag must be >= 0")
+        ok = math.isfinite(self.interval) and 0 < self.interval <= 60
+        _check(ok, "interval", "interval must be 0..60 seconds")
+        if self.location is not None:
+            _check(
+                re.fullmatch(r"https?://[!-~]+", self.location) is not None,
+                "location",
+                "location must be an http(s) URL without spaces",
+            )
         if self.retry_after is None or self.retry_after == AUTO:
             return
         # A header value must stay one printable latin-1 line, even for "raw" garbage.
@@ -238,6 +288,11 @@ class Fault:
             except ValueError:
                 raise SimulationError("retry_after", "retry_after must be a number") from None
             _check(abs(seconds) <= 1e9, "retry_after", "retry_after must be within 1e9 s")
+
+    def effective_location(self, path: str, query: str) -> str:
+        """The Location header of a redirect fault for a request of ``path``/``query``."""
+        base = (self.location or DEFAULT_LOCATION).rstrip("/")
+        return f"{base}{path}" + (f"?{query}" if query else "")
 
     def effective_retry_after(self) -> str | None:
         """The retry_after value once the AUTO default is resolved."""
@@ -324,6 +379,7 @@ class Simulation:
         cancel_at: float = 0.5,
         op_id: str | None = None,
         created_at: float | None = None,
+        not_found_for: float = 0.0,
     ) -> list[SimulatedOperation]:
         """Add ``count`` operations sharing these settings (``op_id`` only when count is 1)."""
         _check(1 <= count <= MAX_BULK, "count", f"count must be 1..{MAX_BULK}")
@@ -335,7 +391,14 @@ class Simulation:
                 _check(op_id not in self._by_id, "id", "an operation with this id exists")
             ops = [
                 SimulatedOperation(
-                    op_id or self._fresh_id(), at, total, dur, fail_ratio, outcome, cancel_at
+                    op_id or self._fresh_id(),
+                    at,
+                    total,
+                    dur,
+                    fail_ratio,
+                    outcome,
+                    cancel_at,
+                    not_found_for,
                 )
                 for _ in range(count)
             ]
@@ -378,6 +441,8 @@ class Simulation:
         for op in tail:
             if end is not None and op.created_second >= end:
                 break
+            if not op.visible_at(now):
+                continue
             item = op.to_api(now)
             if status is not None and item["status"] != status:
                 continue
