@@ -17,6 +17,7 @@ from worker.clock import FakeClock
 from worker.db import HistoryEntry, PollGroup, TrackedOperation
 from worker.errors import InvalidOperationId
 from worker.operation import Operation, Stats, Status
+from worker.planning import FETCH, NewGroup
 from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.repository import DbGate, GroupClaim, Repository
@@ -372,3 +373,30 @@ def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClo
         clock.now() - timedelta(seconds=30),
     )
     assert observe(recorded, stale) is None
+
+
+def test_upkeep_never_regroups_a_group_a_poll_holds(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    ops = [sandbox.add_operation(total=2, duration=3600) for _ in range(2)]
+    answers = [poller.client.fetch(o.id) for o in ops]
+    sandbox.clear_requests()
+    with sessions.begin() as session:  # seen, in two GET groups small enough to merge
+        repo = Repository(session)
+        repo.add_seen(answers, clock.now())
+        for op in ops:
+            repo.create_group(NewGroup(FETCH, (op.id,)), clock.now())
+    with sessions.begin() as session:
+        held = Repository(session).claim_due(clock.now(), 10, POLICY.lease)
+    assert len(held) == 2
+    poll_all(poller, held[:1])  # one poll is done; the other still holds its group
+    clock.advance(10)
+    sweep.place(sessions, clock.now(), POLICY)
+    with sessions() as session:  # no merge moved members from under the running poll
+        assert session.get(PollGroup, held[1].group_id) is not None
+    poll_all(poller, held[1:])
+    asked = [r["path"].rsplit("/", 1)[1] for r in sandbox.requests_log()]
+    assert sorted(asked) == sorted(o.id for o in ops)  # each asked once
+    sweep.place(sessions, clock.now(), POLICY)  # both free now: merged
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(PollGroup)) == 1

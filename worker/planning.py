@@ -59,6 +59,8 @@ class GroupView:
     members: int
     listed: int | None = None
     pages: int | None = None
+    # A poll holds the group now: upkeep leaves it alone (its message read its members).
+    claimed: bool = False
 
     @property
     def span(self) -> float:
@@ -354,20 +356,22 @@ def _member_created(member: Member) -> datetime:
 
 def overspent(group: GroupView) -> bool:
     """True if the last listing of a window cost more requests than GETs of its members."""
-    return group.kind == LIST and group.pages is not None and group.pages > group.members > 0
+    if group.kind != LIST or group.claimed or group.pages is None:
+        return False
+    return group.pages > group.members > 0
 
 
 def too_big(group: GroupView, policy: PollPolicy) -> bool:
     """True if a window holds more members than one page should and spans more than one
     second (a window is never cut inside a second)."""
-    if group.kind != LIST or group.start_at is None or group.end_at is None:
+    if group.kind != LIST or group.claimed or group.start_at is None or group.end_at is None:
         return False
     return group.start_at < group.end_at and group.members > policy.list_group * 6 // 5
 
 
 def mergeable(a: GroupView, b: GroupView, gap: timedelta, policy: PollPolicy) -> bool:
     """True if two neighbouring groups of one kind are small enough to poll as one."""
-    if a.kind != b.kind or a.id == b.id:
+    if a.kind != b.kind or a.id == b.id or a.claimed or b.claimed:
         return False
     if a.kind == FETCH:
         return a.members + b.members <= policy.fetch_group

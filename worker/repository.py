@@ -261,10 +261,11 @@ class Repository:
         )
         return [Waiting(*row) for row in self.session.execute(stmt)]
 
-    def groups(self) -> list[GroupView]:
-        """Every poll group, as the planner reads them."""
+    def groups(self, now: datetime) -> list[GroupView]:
+        """Every poll group, as the planner reads them (claimed: a poll holds it at ``now``)."""
         g = PollGroup
-        stmt = select(g.id, g.kind, g.start_at, g.end_at, g.members, g.listed, g.pages)
+        claimed = and_(g.claim_token.is_not(None), g.claim_expires_at > now)
+        stmt = select(g.id, g.kind, g.start_at, g.end_at, g.members, g.listed, g.pages, claimed)
         return [GroupView(*row) for row in self.session.execute(stmt.order_by(g.id))]
 
     def place(self, plan: Placement, now: datetime) -> None:

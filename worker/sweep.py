@@ -61,7 +61,7 @@ def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) ->
         repo = Repository(session)
         if not repo.try_lock_placement():
             return 0
-        groups = repo.groups()
+        groups = repo.groups(now)
         waiting = repo.waiting(MAX_PLACED_PER_TICK)
         plan = planning.place(waiting, groups, policy) if waiting else planning.Placement()
         repo.place(plan, now)
