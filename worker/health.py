@@ -8,15 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, TrackedOperation
 
 BEAT = "beat"
 AUTH_STATUSES = (401, 403)
+
+
+def database_problem(engine: Engine) -> str | None:
+    """Why the database cannot be judged (down, or not migrated), or None."""
+    try:
+        if not inspect(engine).has_table("heartbeats"):
+            return "the database is not migrated to this version; run `optrack db upgrade`"
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0]
+        return f"the database does not answer: {reason}"
+    return None
 
 
 def beat_ticked(session: Session, now: datetime) -> None:
@@ -76,6 +89,15 @@ class HealthReport:
     def ok(self) -> bool:
         """True when nothing is wrong."""
         return not self.problems
+
+    def facts(self) -> dict[str, Any]:
+        """`optrack health --json` and the body of the HTTP app's ``/healthz``."""
+        return {
+            "ok": self.ok,
+            "beat_at": None if self.beat_at is None else self.beat_at.isoformat(),
+            "lag_seconds": self.lag,
+            "problems": list(self.problems),
+        }
 
 
 def check(

@@ -96,6 +96,15 @@ def _last_change() -> Any:
     )
 
 
+def one_snapshot(session: Session) -> None:
+    """Read every figure from one snapshot, so counts and lists agree while polls write.
+
+    PostgreSQL: REPEATABLE READ. SQLite's transaction is one snapshot already.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+
+
 # --- summary ------------------------------------------------------------------------------
 
 
