@@ -21,7 +21,7 @@ import requests
 from sqlalchemy import func, select
 
 from tests.conftest import SID, TOKEN
-from tests.processes import base_env
+from tests.processes import base_env, serve_process
 from worker import health, reports
 from worker.cli.render import operation_record as cli_record
 from worker.clock import FakeClock
@@ -442,35 +442,6 @@ def test_no_cors_unless_configured(api: Api) -> None:
 # --- `optrack serve` -----------------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[str]
-    url: str
-    lines: list[str]
-
-
-def start_serve(env: dict[str, str], *args: str) -> Served:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "serve", "--port", "0", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = [process.stdout.readline() for _ in range(3)]
-    if "listening on" not in lines[0]:
-        process.kill()
-        raise AssertionError(f"serve did not start: {lines} {process.stderr}")
-    return Served(process, lines[0].split("listening on", 1)[1].strip(), lines)
-
-
-def stop_serve(served: Served) -> str:
-    served.process.terminate()
-    _, err = served.process.communicate(timeout=20)
-    return err
-
-
 @pytest.fixture
 def serve_env(tmp_path: Path) -> dict[str, str]:
     return base_env(tmp_path, OPTRACK_HTTP_TOKEN=HTTP_TOKEN)
@@ -497,12 +468,12 @@ def test_serve_refuses_to_start_without_a_token(serve_env: dict[str, str]) -> No
 
 
 def test_serve_binds_loopback_and_keeps_the_token_out_of_output(
-    serve_env: dict[str, str],
+    serve_env: dict[str, str], tmp_path: Path
 ) -> None:
     from tests.test_security import listening_addresses
 
-    served = start_serve(serve_env)
-    try:
+    log = tmp_path / "serve.log"
+    with serve_process(serve_env, log) as served:
         port = int(served.url.rsplit(":", 1)[1])
         assert served.url.startswith("http://127.0.0.1:")
         assert listening_addresses(port) == {"0100007F"}
@@ -514,21 +485,17 @@ def test_serve_binds_loopback_and_keeps_the_token_out_of_output(
         ).json() == {"added": [GOOD], "already_tracked": []}
         wrong = {"Authorization": f"Bearer {HTTP_TOKEN}x"}
         assert requests.get(served.url + "/api/v1/report", headers=wrong, timeout=10).status_code
-    finally:
-        err = stop_serve(served)
+    err = log.read_text()
     assert '"POST /api/v1/operations HTTP/1.1" 200' in err
     out = "".join(served.lines) + err
     assert HTTP_TOKEN not in out and TOKEN not in out and SID not in out
 
 
-def test_serve_no_auth_on_loopback(serve_env: dict[str, str]) -> None:
-    served = start_serve(serve_env, "--no-auth")
-    try:
+def test_serve_no_auth_on_loopback(serve_env: dict[str, str], tmp_path: Path) -> None:
+    with serve_process(serve_env, tmp_path / "serve.log", "--no-auth") as served:
         assert "no auth: loopback only" in served.lines[1]
         answer = requests.get(served.url + "/api/v1/operations", timeout=10)
         assert answer.status_code == 200
-    finally:
-        stop_serve(served)
 
 
 def test_serve_says_when_the_port_is_taken(serve_env: dict[str, str]) -> None:
