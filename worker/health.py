@@ -63,6 +63,19 @@ def poll_lag(session: Session, now: datetime) -> float:
     return max(0.0, (now - oldest).total_seconds())
 
 
+def processing_unchanged(session: Session, now: datetime) -> float:
+    """Seconds since the PROCESSING operation that changed least recently last changed at the
+    API (its updatedAt; 0 if none): over the report's stuck-after, something is stuck."""
+    stalest = session.scalar(
+        select(func.min(TrackedOperation.remote_updated_at)).where(
+            TrackedOperation.status == "PROCESSING"
+        )
+    )
+    if stalest is None:
+        return 0.0
+    return max(0.0, (now - stalest).total_seconds())
+
+
 def operation_counts(session: Session) -> dict[str, int]:
     """How many tracked operations are in each status."""
     stmt = select(TrackedOperation.status, func.count()).group_by(TrackedOperation.status)
