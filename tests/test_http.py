@@ -540,3 +540,25 @@ def test_http_settings_defaults_and_the_token_is_a_secret() -> None:
     )
     assert settings.http_cors_origins == ("https://a.example", "https://b.example:8443")
     assert HTTP_TOKEN in settings.secrets and HTTP_TOKEN not in repr(settings)
+
+
+def test_the_listening_socket_says_tcp_so_answers_are_not_held_by_nagle() -> None:
+    # asyncio sets TCP_NODELAY on accepted sockets only when the socket's proto is TCP; with
+    # proto 0 every answer waited ~40 ms for delayed ACKs (bench/http.py found it).
+    from worker.http.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+
+
+def test_api_answers_are_not_cached_and_the_page_is_framed_by_nobody(api: Api) -> None:
+    answer = api.get("/api/v1/operations")
+    assert answer.headers["Cache-Control"] == "no-store"
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    page = requests.get(api.url + "/", timeout=10)
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    assert "server" not in {k.lower() for k in page.headers}

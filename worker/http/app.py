@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,6 +17,26 @@ from worker.runtime import Runtime
 MAX_BODY = 1024 * 1024
 OPENAPI_URL = "/api/v1/openapi.json"
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+class ApiHeaders:
+    """``Cache-Control: no-store`` and ``nosniff`` on every /api/ answer (plain ASGI: cheap)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(k.lower().encode(), v.encode()) for k, v in API_HEADERS.items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class BodyLimit:
@@ -117,13 +136,6 @@ def create_app(rt: Runtime, *, token: str | None, cors_origins: tuple[str, ...] 
     def openapi(request: Request) -> JSONResponse:
         return JSONResponse(request.app.openapi())
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        if request.url.path.startswith("/api/"):
-            response.headers.update(API_HEADERS)
-        return response
-
     if cors_origins:  # off unless OPTRACK_HTTP_CORS_ORIGINS names origins
         app.add_middleware(
             CORSMiddleware,
@@ -132,5 +144,6 @@ def create_app(rt: Runtime, *, token: str | None, cors_origins: tuple[str, ...] 
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    app.add_middleware(ApiHeaders)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     return app

@@ -46,6 +46,12 @@ api = APIRouter(prefix="/api/v1")
 public = APIRouter()
 
 
+def _json(payload: dict[str, Any]) -> JSONResponse:
+    """Our records are JSON-ready already: skip FastAPI's jsonable_encoder (a third of the
+    time of a page of 1,000 operations)."""
+    return JSONResponse(payload)
+
+
 def runtime(request: Request) -> Runtime:
     """The process's Runtime, put on the app by ``create_app``."""
     rt = request.app.state.runtime
@@ -122,9 +128,7 @@ async def track_request(request: Request) -> TrackRequest:
         }
     },
 )
-def track(
-    body: Annotated[TrackRequest, Depends(track_request)], request: Request
-) -> dict[str, Any]:
+def track(body: Annotated[TrackRequest, Depends(track_request)], request: Request) -> JSONResponse:
     """Validate every ID, then track the new ones: ``{"added": [...], "already_tracked": [...]}``.
 
     One invalid ID and nothing is written: 422 with ``{"errors": [{"id", "index", "reason"}]}``.
@@ -147,7 +151,7 @@ def track(
         raise Problem(422, errors)
     rt = runtime(request)
     result = tracking.track(rt.sessions, body.ids, rt.clock.now())
-    return {"added": list(result.added), "already_tracked": list(result.already_tracked)}
+    return _json({"added": list(result.added), "already_tracked": list(result.already_tracked)})
 
 
 @api.get("/operations", summary="List tracked operations")
@@ -156,7 +160,7 @@ def list_operations(
     statuses: Statuses = [],  # noqa: B006  (FastAPI copies Query defaults)
     limit: Annotated[int, Query(ge=1, le=listing.MAX_PAGE)] = DEFAULT_PAGE,
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
-) -> dict[str, Any]:
+) -> JSONResponse:
     """A page of operations in ID order (fields of `optrack status --json`) and the cursor of
     the next page (``next``: null on the last)."""
     wanted = _statuses(statuses)
@@ -166,18 +170,20 @@ def list_operations(
         raise Problem(422, [{"reason": str(exc)}]) from None
     with runtime(request).sessions() as session:
         found = listing.page(session, wanted, limit, after)
-    return {
-        "operations": [operation_record(op) for op in found.operations],
-        "next": None if found.after is None else paging.encode(found.after),
-    }
+    return _json(
+        {
+            "operations": [operation_record(op) for op in found.operations],
+            "next": None if found.after is None else paging.encode(found.after),
+        }
+    )
 
 
 @api.get("/operations/{operation_id}", summary="One tracked operation")
-def get_operation(operation_id: OperationId, request: Request) -> dict[str, Any]:
+def get_operation(operation_id: OperationId, request: Request) -> JSONResponse:
     """The operation's record; 404 if it is not tracked, 422 if it is not an operation ID."""
     op_id = _operation_id(operation_id)
     with runtime(request).sessions() as session:
-        return operation_record(reports.get_operation(session, op_id))
+        return _json(operation_record(reports.get_operation(session, op_id)))
 
 
 def _history(operation_id: str, request: Request) -> reports.HistoryReport:
@@ -188,9 +194,9 @@ def _history(operation_id: str, request: Request) -> reports.HistoryReport:
 
 
 @api.get("/operations/{operation_id}/history", summary="The history of one operation")
-def get_history(operation_id: OperationId, request: Request) -> dict[str, Any]:
+def get_history(operation_id: OperationId, request: Request) -> JSONResponse:
     """`optrack history ID --json`: the operation, each recorded change, the estimate."""
-    return history_record(_history(operation_id, request))
+    return _json(history_record(_history(operation_id, request)))
 
 
 @api.get(
@@ -242,10 +248,10 @@ def get_report(
     limit: Annotated[
         int, Query(ge=0, le=listing.MAX_PAGE, description="Operations per flagged list")
     ] = DEFAULT_REPORT_LIST,
-) -> dict[str, Any]:
+) -> JSONResponse:
     """`optrack report --json` (docs/reports.md); the flagged lists hold at most ``limit``
     operations each, their counts are complete."""
-    return summary_record(_summary(request, since, until, statuses, stuck_after, limit))
+    return _json(summary_record(_summary(request, since, until, statuses, stuck_after, limit)))
 
 
 @api.get("/report.csv", summary="The report as one CSV row", response_class=PlainTextResponse)
@@ -262,10 +268,10 @@ def get_report_csv(
 
 
 @api.get("/account", summary="The account pause or credentials error")
-def get_account(request: Request) -> dict[str, Any]:
+def get_account(request: Request) -> JSONResponse:
     """The ``account`` object of `optrack status --json`."""
     rt = runtime(request)
-    return account_record(rt.gate.current(), rt.clock.now())
+    return _json(account_record(rt.gate.current(), rt.clock.now()))
 
 
 @api.get("/progress", summary="Progress of the active and just-ended operations")
@@ -273,7 +279,7 @@ def get_progress(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_PROGRESS)] = 50,
     recent: Annotated[str, Query(description="Also operations ended this long ago")] = "10m",
-) -> dict[str, Any]:
+) -> JSONResponse:
     """What `optrack watch` shows: each operation and its completion estimate, the most
     recently tracked first."""
     rt = runtime(request)
@@ -282,13 +288,18 @@ def get_progress(
     with rt.sessions() as session:
         ids = listing.watched_ids(session, now, window, limit)
         items = reports.progress(session, ids)
-    return {
-        "now": iso(now),
-        "progress": [
-            {"operation": operation_record(p.operation), "estimate": estimate_record(p.estimate)}
-            for p in items
-        ],
-    }
+    return _json(
+        {
+            "now": iso(now),
+            "progress": [
+                {
+                    "operation": operation_record(p.operation),
+                    "estimate": estimate_record(p.estimate),
+                }
+                for p in items
+            ],
+        }
+    )
 
 
 @public.get("/healthz", summary="Health (no token)", response_model=None)
@@ -296,7 +307,7 @@ def healthz(
     request: Request,
     max_lag: Annotated[str, Query(description="Unhealthy if a due poll is later")] = "5m",
     max_beat_age: Annotated[str, Query(description="Unhealthy if beat is quieter")] = "1m",
-) -> dict[str, Any] | JSONResponse:
+) -> JSONResponse:
     """200 when `optrack health` would exit 0, else 503 with its reasons in ``problems``."""
     try:
         lag, beat_age = parse_duration(max_lag), parse_duration(max_beat_age)
@@ -317,4 +328,4 @@ def healthz(
         )
     if not report.ok:
         return JSONResponse(report.facts(), status_code=503)
-    return report.facts()
+    return _json(report.facts())

@@ -10,7 +10,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
@@ -76,9 +76,13 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
     return {k: iso(v) if isinstance(v, datetime) else v for k, v in record.items()}
 
 
+_STATE_FIELDS = tuple(f.name for f in fields(OperationState))
+
+
 def operation_record(op: OperationState) -> dict[str, Any]:
     """An operation with the fields of `optrack status --json`."""
-    return _plain(asdict(op))
+    # Not asdict: it deep-copies, ten times the cost on a page of 1,000 operations.
+    return _plain({name: getattr(op, name) for name in _STATE_FIELDS})
 
 
 def flagged_record(item: Flagged) -> dict[str, Any]:

@@ -271,9 +271,16 @@ async function refreshHistory() {
   const est = report.estimate;
   $("history-estimate").textContent = est.eta
     ? `estimated finish ${time(est.eta)} UTC: ${est.remaining} left at ` +
-      `${est.rate_per_minute} per minute (${est.note})`
-    : `estimated finish: none (${est.note})`;
+      `${est.rate_per_minute} per minute; ${est.note}`
+    : `estimated finish: none; ${est.note}`;
   drawChart(report);
+}
+
+// 1, 2 or 5 times a power of ten: axis ticks people read at a glance.
+function niceStep(rough) {
+  const power = 10 ** Math.floor(Math.log10(Math.max(rough, 1)));
+  const step = [1, 2, 5, 10].find((m) => m * power >= rough) * power;
+  return Math.max(1, step);
 }
 
 function drawChart(report) {
@@ -298,10 +305,9 @@ function drawChart(report) {
   const y = (v) => T + (1 - v / top) * (H - T - B);
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
     "aria-label": `history chart of ${op.id}` });
-  for (let i = 0; i <= 4; i++) {
-    const v = Math.round((top * i) / 4);
+  for (let v = 0; v <= top; v += niceStep(top / 4)) {
     root.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-      svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, String(v)));
+      svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, number(v)));
   }
   for (let i = 0; i <= 4; i++) {
     const t = t0 + ((t1 - t0) * i) / 4;
