@@ -562,3 +562,17 @@ def test_api_answers_are_not_cached_and_the_page_is_framed_by_nobody(api: Api) -
     assert page.headers["X-Frame-Options"] == "DENY"
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
     assert "server" not in {k.lower() for k in page.headers}
+
+
+def test_the_http_token_is_redacted_from_log_lines() -> None:
+    import io
+    import logging
+
+    from worker import logs
+
+    settings = load_settings({"OPTRACK_HTTP_TOKEN": HTTP_TOKEN})
+    out = io.StringIO()
+    handler = logs.make_handler(settings, out)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "sent %s", (HTTP_TOKEN,), None)
+    handler.handle(record)
+    assert HTTP_TOKEN not in out.getvalue() and "sent ***" in out.getvalue()
