@@ -139,6 +139,10 @@ def test_the_dashboard_follows_operations_to_completed_without_a_reload(
     )
     assert abs(sum(widths) - 100) < 0.01
 
+    page.click('#status-legend button[data-status="COMPLETED"]')  # that status's operations
+    page.wait_for_selector(f'#status-rows tr[data-op="{quick}"]')
+    assert page.locator("#status-rows tr").count() == 2
+
     assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
     assert int(page.evaluate("document.body.dataset.refreshed")) > 3
