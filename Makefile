@@ -12,8 +12,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,charts]'
 	@touch $@
 
+# `make demo SERVE=1` keeps the dashboard up after the demo, until Ctrl-C.
 demo: $(BIN)/.installed
-	$(BIN)/optrack demo
+	$(BIN)/optrack demo $(if $(SERVE),--serve)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff format --check worker tests migrations bench

@@ -9,7 +9,9 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -234,6 +236,27 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A vhost of its own on the shared RabbitMQ (other test runs use the same server)."""
+    if not _port_open("127.0.0.1", 5672):
+        service_missing("RabbitMQ on 127.0.0.1:5672")
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    if not Path(ctl).exists():
+        service_missing("rabbitmqctl (to create a test vhost)")
+    vhost = f"optrack-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def rabbitmqctl(*args: str) -> None:
+        subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

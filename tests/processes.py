@@ -146,3 +146,36 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+class Served:
+    """`optrack serve` running in its own process; ``lines`` are the first lines it printed."""
+
+    def __init__(self, process: subprocess.Popen[str], lines: list[str]) -> None:
+        self.process = process
+        self.lines = lines
+        self.url = lines[0].split("listening on", 1)[1].strip()
+
+
+@contextmanager
+def serve_process(env: dict[str, str], log: Path, *args: str) -> Iterator[Served]:
+    """Start `optrack serve --port 0 ARGS`, read the lines that give its address; its log (the
+    access log) goes to ``log``."""
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "serve", "--port", "0", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(3)]
+    if "listening on" not in lines[0]:
+        process.kill()
+        raise RuntimeError(f"optrack serve did not start: {lines!r}; see {log}")
+    try:
+        yield Served(process, lines)
+    finally:
+        stop(process)
+        process.stdout.close()

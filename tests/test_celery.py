@@ -1,4 +1,4 @@
-"""Celery with real brokers: Redis, and the embedded SQLAlchemy transport on SQLite.
+"""Celery with real brokers: Redis, RabbitMQ, and the embedded SQLAlchemy transport on SQLite.
 
 Another service enqueues by task name with plain JSON, without importing optrack.
 """
@@ -20,11 +20,12 @@ JSON_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 PICKLED_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
 
 
-@pytest.fixture(params=["redis", "embedded"])
+@pytest.fixture(params=["redis", "rabbitmq", "embedded"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """(broker URL, database URL): Redis + PostgreSQL, or SQLite broker + SQLite database."""
-    if request.param == "redis":
-        return request.getfixturevalue("redis_url"), request.getfixturevalue("pg_url")
+    """(broker URL, database URL): Redis or RabbitMQ + PostgreSQL, or SQLite + SQLite."""
+    if request.param in ("redis", "rabbitmq"):
+        broker = request.getfixturevalue(f"{request.param}_url")
+        return broker, request.getfixturevalue("pg_url")
     return f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}", request.getfixturevalue("sqlite_url")
 
 

@@ -1,4 +1,5 @@
-"""End to end: sandbox, two workers and beat as real processes on Redis and PostgreSQL."""
+"""End to end: sandbox, two workers and beat as real processes on Redis (or RabbitMQ) and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -83,20 +84,19 @@ class Stack:
 
 
 @pytest.fixture
-def stack(
-    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, pg_url: str
-) -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Stack]:
     """Sandbox + beat + two worker processes, polling every second.
 
-    The param is the strategy, then options: ``+2beats`` (a second beat), ``+budget`` (a
-    request budget of BUDGET a second).
+    The param: the strategy, then options: ``+2beats`` (a second beat), ``+budget`` (a
+    request budget of BUDGET a second), ``@rabbitmq`` (RabbitMQ as the broker, not Redis).
     """
     param = getattr(request, "param", "auto")
+    broker = "rabbitmq_url" if "@rabbitmq" in param else "redis_url"
     env = base_env(
         tmp_path,
-        OPTRACK_POLL_STRATEGY=param.split("+")[0],
+        OPTRACK_POLL_STRATEGY=param.split("+")[0].split("@")[0],
         OPTRACK_DATABASE_URL=pg_url,
-        OPTRACK_BROKER_URL=redis_url,
+        OPTRACK_BROKER_URL=str(request.getfixturevalue(broker)),
         OPTRACK_POLL_INTERVAL="1",
         OPTRACK_TICK_INTERVAL="0.5",
         OPTRACK_BATCH_SIZE="5",
@@ -135,7 +135,7 @@ def assert_history_is_true(stack: Stack, op_id: str) -> None:
     assert all(s[0] == "PROCESSING" for s in states[:-1])
 
 
-@pytest.mark.parametrize("stack", ["fetch", "list"], indirect=True)
+@pytest.mark.parametrize("stack", ["fetch", "list", "list@rabbitmq"], indirect=True)
 def test_tracks_to_the_end_through_429s_and_500s(stack: Stack) -> None:
     api = stack.sandbox
     ids = [

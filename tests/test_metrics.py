@@ -224,3 +224,45 @@ def test_a_real_worker_with_two_processes_serves_them(
         worker.terminate()
         worker.wait(60)
         log.close()
+
+
+def test_alerting_gauges_pause_credentials_stalest_change_dead_letters(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    db_gate: DbGate,
+    clock: FakeClock,
+    servers: list[MetricsServer],
+) -> None:
+    op = sandbox.add_operation(total=10, duration=3600)
+    with sessions.begin() as session:
+        Repository(session).add([op.id], clock.now())
+    registry = build_registry(sessions, clock, multiproc_dir=None, account_sid=SID)
+    servers.append(serve(registry, "127.0.0.1", 0))
+    port = servers[0].port
+    quiet = scrape(port)
+    for name in (
+        "optrack_account_paused",
+        "optrack_credentials_rejected",
+        "optrack_processing_unchanged_seconds",  # PENDING only: nothing PROCESSING yet
+        "optrack_dead_letters",
+    ):
+        assert (name, ()) in quiet and value(quiet, name) == 0, name
+
+    client = ApiClient(sandbox.base_url, SID, TOKEN, timeouts=Timeouts(2, 2), clock=clock)
+    Poller(sessions, client, POLICY, clock, Recorder(sessions, POLICY)).refresh([op.id])
+    client.close()
+    with sessions() as session:
+        changed = Repository(session).get(op.id)
+        assert changed is not None and changed.remote_updated_at is not None
+        stalest = changed.remote_updated_at
+    clock.advance(600)
+    db_gate.pause(clock.now() + timedelta(seconds=60), "credentials rejected (HTTP 401)", 401)
+    later = scrape(port)
+    expected = (clock.now() - stalest).total_seconds()
+    assert value(later, "optrack_processing_unchanged_seconds") == expected >= 600
+    assert value(later, "optrack_account_paused") == 1
+    assert value(later, "optrack_credentials_rejected") == 1
+    clock.advance(61)  # the pause is over
+    over = scrape(port)
+    assert value(over, "optrack_account_paused") == 0
+    assert value(over, "optrack_credentials_rejected") == 0

@@ -8,11 +8,13 @@ an HTTP-date Retry-After and a 500 along the way, so the demo shows them being h
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from worker.settings import load_settings
 DEMO_HOME = Path(".optrack") / "demo"
 DEMO_TOKEN = "demo-token-not-a-secret"
 DEMO_SID = "AC" + "d" * 32
+DEMO_PORT = 8080
 
 
 def _demo_env(base_url: str) -> dict[str, str]:
@@ -48,8 +51,12 @@ def _demo_env(base_url: str) -> dict[str, str]:
     return env
 
 
-def run_demo(timeout: float = 180.0) -> None:
-    """Run the whole demo in the foreground and print status and history at the end."""
+def run_demo(timeout: float = 180.0, *, serve: bool = False, port: int = DEMO_PORT) -> None:
+    """Run the whole demo in the foreground and print status and history at the end.
+
+    The dashboard is served for the demo's run on 127.0.0.1 (``port``, or a free one if it is
+    taken); with ``serve`` it stays up after the end, with the worker, until Ctrl-C.
+    """
     shutil.rmtree(DEMO_HOME, ignore_errors=True)
     DEMO_HOME.mkdir(parents=True)
     out = console()
@@ -67,28 +74,66 @@ def run_demo(timeout: float = 180.0) -> None:
         rt = Runtime(load_settings(env))
         upgrade(rt.settings.database_url)
         ids = [op.id for op in ops]
-        intake.track(rt.sessions, ids, rt.clock.now())
-        out.print(f"sandbox API on {api.base_url}; tracking {len(ids)} operations")
-        log_path = DEMO_HOME / "worker.log"
-        with log_path.open("w") as log_file:
+        with ExitStack() as stack:
+            link = _dashboard(stack, rt, port)
+            intake.track(rt.sessions, ids, rt.clock.now())
+            out.print(f"sandbox API on {api.base_url}; tracking {len(ids)} operations")
+            click.echo(f"dashboard: {link}")
+            log_path = DEMO_HOME / "worker.log"
+            log_file = stack.enter_context(log_path.open("w"))
             worker = subprocess.Popen(
                 [sys.executable, "-m", "worker", "run", "--concurrency", "2"],
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-            try:
-                _wait_until_ended(rt, ids, timeout, worker)
-            finally:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-        requests = api.requests_log()
-    _print_results(rt, ids, requests)
-    out.print(f"worker log: {log_path}; database: {rt.settings.database_url}")
+            stack.callback(_stop, worker)
+            _wait_until_ended(rt, ids, timeout, worker)
+            requests = api.requests_log()
+            _print_results(rt, ids, requests)
+            out.print(f"worker log: {log_path}; database: {rt.settings.database_url}")
+            if serve:
+                _keep_serving(link)
     rt.close()
+
+
+def _dashboard(stack: ExitStack, rt: Runtime, port: int) -> str:
+    """Serve the dashboard for the demo; the link carries a token made for this run only."""
+    from worker.http import create_app
+    from worker.http.server import running
+
+    token = secrets.token_urlsafe(24)
+    app = create_app(rt, token=token)
+    try:
+        served = stack.enter_context(running(app, "127.0.0.1", port))
+    except OSError:  # the usual port is taken: any free one will do
+        served = stack.enter_context(running(app, "127.0.0.1", 0))
+    return f"{served.url}/#token={token}"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _keep_serving(link: str) -> None:
+    click.echo(f"the dashboard stays up at {link}; Ctrl-C to stop")
+    # SIGTERM too (a supervisor, or a shell's background job): stop the worker on the way out.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        worker.kill()
 
 
 def _wait_until_ended(

@@ -8,15 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, PollGroup, TrackedOperation
 
 BEAT = "beat"
 AUTH_STATUSES = (401, 403)
+
+
+def database_problem(engine: Engine) -> str | None:
+    """Why the database cannot be judged (down, or not migrated), or None."""
+    try:
+        if not inspect(engine).has_table("heartbeats"):
+            return "the database is not migrated to this version; run `optrack db upgrade`"
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0]
+        return f"the database does not answer: {reason}"
+    return None
 
 
 def beat_ticked(session: Session, now: datetime) -> None:
@@ -53,6 +66,19 @@ def poll_lag(session: Session, now: datetime) -> float:
     return max(0.0, (now - oldest).total_seconds())
 
 
+def processing_unchanged(session: Session, now: datetime) -> float:
+    """Seconds since the PROCESSING operation that changed least recently last changed at the
+    API (its updatedAt; 0 if none): over the report's stuck-after, something is stuck."""
+    stalest = session.scalar(
+        select(func.min(TrackedOperation.remote_updated_at)).where(
+            TrackedOperation.status == "PROCESSING"
+        )
+    )
+    if stalest is None:
+        return 0.0
+    return max(0.0, (now - stalest).total_seconds())
+
+
 def operation_counts(session: Session) -> dict[str, int]:
     """How many tracked operations are in each status."""
     stmt = select(TrackedOperation.status, func.count()).group_by(TrackedOperation.status)
@@ -79,6 +105,15 @@ class HealthReport:
     def ok(self) -> bool:
         """True when nothing is wrong."""
         return not self.problems
+
+    def facts(self) -> dict[str, Any]:
+        """`optrack health --json` and the body of the HTTP app's ``/healthz``."""
+        return {
+            "ok": self.ok,
+            "beat_at": None if self.beat_at is None else self.beat_at.isoformat(),
+            "lag_seconds": self.lag,
+            "problems": list(self.problems),
+        }
 
 
 def check(

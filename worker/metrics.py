@@ -28,7 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from worker import health
 from worker.clock import Clock, SystemClock
-from worker.db import ALL_STATES, Notice, make_engine, make_sessionmaker
+from worker.db import ALL_STATES, AccountPause, Notice, make_engine, make_sessionmaker
 from worker.settings import Settings
 from worker.tracking import Outcome, PollCounts
 
@@ -107,9 +107,12 @@ class Metrics:
 class DatabaseCollector:
     """Gauges read from the database at scrape time."""
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Clock) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], clock: Clock, account_sid: str = ""
+    ) -> None:
         self.sessions = sessions
         self.clock = clock
+        self.account_sid = account_sid
 
     def collect(self) -> Iterator[Metric]:
         """Yield the gauges; only ``optrack_database_up 0`` if the database does not answer."""
@@ -123,6 +126,9 @@ class DatabaseCollector:
                 pending = session.scalar(
                     select(func.count()).select_from(Notice).where(Notice.delivered_at.is_(None))
                 )
+                unchanged = health.processing_unchanged(session, now)
+                pause = session.get(AccountPause, self.account_sid)
+                rejected = health.credentials_rejected(session, self.account_sid, now)
         except SQLAlchemyError as exc:
             log.warning("metrics: the database did not answer: %s", type(exc).__name__)
             up.add_metric([], 0)
@@ -142,6 +148,27 @@ class DatabaseCollector:
         yield GaugeMetricFamily(
             "optrack_notices_pending", "Completion notices not delivered yet", value=pending or 0
         )
+        yield GaugeMetricFamily(
+            "optrack_processing_unchanged_seconds",
+            "How long the least recently changed PROCESSING operation has not changed (API "
+            "updatedAt; 0: none)",
+            value=unchanged,
+        )
+        yield GaugeMetricFamily(
+            "optrack_account_paused",
+            "1 while the account is paused (409/429/503 Retry-After, or 401/403)",
+            value=1 if pause is not None and pause.paused_until > now else 0,
+        )
+        yield GaugeMetricFamily(
+            "optrack_credentials_rejected",
+            "1 while a 401/403 pause of the account runs",
+            value=0 if rejected is None else 1,
+        )
+        # Always 0 for now: the dead-letter table comes with another change; the name is
+        # fixed so the alert rules and the dashboard in deploy/ can use it already.
+        yield GaugeMetricFamily(
+            "optrack_dead_letters", "Poll messages given up on (dead letters)", value=0
+        )
         if beat_at is not None:
             yield GaugeMetricFamily(
                 "optrack_beat_last_tick_timestamp_seconds",
@@ -158,6 +185,7 @@ def build_registry(
     *,
     multiproc_dir: str | None,
     local: Metrics | None = None,
+    account_sid: str = "",
 ) -> CollectorRegistry:
     """What a scrape shows: every process's counters (or ``local``'s), and the DB gauges."""
     registry = CollectorRegistry()
@@ -166,7 +194,7 @@ def build_registry(
         MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     elif local is not None:
         registry.register(local.registry)
-    registry.register(DatabaseCollector(sessions, clock))
+    registry.register(DatabaseCollector(sessions, clock, account_sid))
     return registry
 
 
@@ -212,7 +240,10 @@ def start_worker_server(settings: Settings, clock: Clock | None = None) -> Metri
     # No pooled connection: forked children must not inherit a socket this thread uses.
     engine = make_engine(settings.database_url, poolclass=NullPool)
     registry = build_registry(
-        make_sessionmaker(engine), clock or SystemClock(), multiproc_dir=settings.metrics_dir
+        make_sessionmaker(engine),
+        clock or SystemClock(),
+        multiproc_dir=settings.metrics_dir,
+        account_sid=settings.account_sid,
     )
     server = serve(registry, settings.metrics_host, settings.metrics_port)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)

@@ -21,6 +21,9 @@ LOG_FORMATS = ("text", "json")
 # Not Celery's default queue: optrack's own workers consume that one and would drop the task.
 DEFAULT_NOTIFY_QUEUE = "optrack.notices"
 POLL_STRATEGIES = ("auto", "list", "fetch")
+DEFAULT_HTTP_PORT = 8080
+# A guessable token is no lock: at least this many characters (token_urlsafe(32) gives 43).
+MIN_HTTP_TOKEN = 16
 _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -66,6 +69,11 @@ class Settings:
     metrics_dir: str | None = None
     log_format: str = "text"
     prune_older_than: timedelta | None = None
+    # `optrack serve` (README "HTTP API and dashboard").
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    http_token: str = field(default="", repr=False)
+    http_cors_origins: tuple[str, ...] = ()
 
     @property
     def redacted_token(self) -> str:
@@ -75,7 +83,7 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line."""
-        return tuple(s for s in (self.auth_token, self.webhook_secret) if s)
+        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token) if s)
 
     @property
     def notices_enabled(self) -> bool:
@@ -180,7 +188,7 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str]:
             f"https://hooks.example.com/optrack (got scheme {scheme!r}, host {host!r})"
         )
     allow_http = env.get("OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
-    if scheme == "http" and not (_is_loopback(host) or allow_http):
+    if scheme == "http" and not (is_loopback(host) or allow_http):
         # Only the host: a webhook URL's path or query often holds a token of its own.
         raise ConfigError(
             f"OPTRACK_WEBHOOK_URL is plain http to the non-loopback host {host!r}: the notices "
@@ -206,7 +214,37 @@ def _metrics(env: Mapping[str, str]) -> tuple[int | None, str | None]:
     return port, folder
 
 
-def _is_loopback(host: str | None) -> bool:
+def _http_token(env: Mapping[str, str]) -> str:
+    token = env.get("OPTRACK_HTTP_TOKEN", "").strip()
+    if token and len(token) < MIN_HTTP_TOKEN:
+        # The message never shows the token itself.
+        raise ConfigError(
+            f"OPTRACK_HTTP_TOKEN is {len(token)} characters; use at least {MIN_HTTP_TOKEN}, "
+            "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError("OPTRACK_HTTP_TOKEN must not contain spaces or control characters")
+    return token
+
+
+def _cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    origins = []
+    for raw in env.get("OPTRACK_HTTP_CORS_ORIGINS", "").split(","):
+        origin = raw.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise ConfigError(
+                f"OPTRACK_HTTP_CORS_ORIGINS: {origin!r} is not an origin such as "
+                "https://ops.example.com (scheme and host, no path; no wildcard)"
+            )
+        origins.append(origin)
+    return tuple(dict.fromkeys(origins))
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for localhost and any loopback address (all of 127/8, ::1)."""
     if not host:
         return False
     if host == "localhost":
@@ -254,7 +292,7 @@ def check_base_url(url: str, allow_insecure_http: bool) -> str:
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}={shown!r} must be an http(s) URL")
-    if parts.scheme == "http" and not (_is_loopback(parts.hostname) or allow_insecure_http):
+    if parts.scheme == "http" and not (is_loopback(parts.hostname) or allow_insecure_http):
         raise ConfigError(
             f"{name}={shown!r} is plain http to a non-loopback host; the auth token "
             "would travel in clear. Use https, or set OPTRACK_ALLOW_INSECURE_HTTP=1 if you mean it."
@@ -321,6 +359,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         metrics_dir=metrics_dir,
         log_format=_choice(env, "OPTRACK_LOG_FORMAT", LOG_FORMATS),
         prune_older_than=_duration(env, "OPTRACK_PRUNE_OLDER_THAN"),
+        http_host=env.get("OPTRACK_HTTP_HOST", "").strip() or "127.0.0.1",
+        http_port=_int(env, "OPTRACK_HTTP_PORT", DEFAULT_HTTP_PORT, 0, 65535),
+        http_token=_http_token(env),
+        http_cors_origins=_cors_origins(env),
     )
 
 

@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import click
 
-from worker.cli import ops_cmds, report_cmds, service_cmds, tracking_cmds
+from worker.cli import http_cmds, ops_cmds, report_cmds, service_cmds, tracking_cmds
 from worker.cli.common import pass_runtime  # noqa: F401  (re-exported for command modules)
 from worker.errors import ConfigError, OptrackError
 
@@ -23,6 +23,7 @@ for command in (
     *report_cmds.COMMANDS,
     *service_cmds.COMMANDS,
     *ops_cmds.COMMANDS,
+    *http_cmds.COMMANDS,
 ):
     cli.add_command(command)
 

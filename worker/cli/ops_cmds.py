@@ -8,12 +8,9 @@ from datetime import timedelta
 from typing import Any
 
 import click
-from sqlalchemy import inspect
-from sqlalchemy.exc import SQLAlchemyError
 
 from worker import discovery, health
 from worker.cli.common import ensure_schema, get_runtime
-from worker.runtime import Runtime
 from worker.settings import parse_duration
 
 DEFAULT_WINDOW = "7d"
@@ -66,16 +63,6 @@ def discover(window: timedelta, page_size: int) -> None:
     sys.exit(1)
 
 
-def _db_problem(rt: Runtime) -> str | None:
-    try:
-        if not inspect(rt.engine).has_table("heartbeats"):
-            return "the database is not migrated to this version; run `optrack db upgrade`"
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0]
-        return f"the database does not answer: {reason}"
-    return None
-
-
 @click.command("health")
 @click.option(
     "--max-lag",
@@ -95,7 +82,7 @@ def _db_problem(rt: Runtime) -> str | None:
 def health_cmd(max_lag: timedelta, max_beat_age: timedelta, as_json: bool) -> None:
     """Exit 0 if beat ticks, polls are on time and the credentials work; else 1 and why."""
     rt = get_runtime(click.get_current_context())
-    problem = _db_problem(rt)
+    problem = health.database_problem(rt.engine)
     if problem is not None:
         click.echo(f"unhealthy: {problem}", err=True)
         sys.exit(EXIT_UNHEALTHY)
@@ -109,13 +96,7 @@ def health_cmd(max_lag: timedelta, max_beat_age: timedelta, as_json: bool) -> No
             max_lag=max_lag,
         )
     if as_json:
-        facts = {
-            "ok": report.ok,
-            "beat_at": None if report.beat_at is None else report.beat_at.isoformat(),
-            "lag_seconds": report.lag,
-            "problems": list(report.problems),
-        }
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json.dumps(report.facts(), indent=2))
     if not report.ok:
         for line in report.problems:
             click.echo(f"unhealthy: {line}", err=True)

@@ -12,7 +12,6 @@ from rich.console import Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy.orm import Session
 
 from worker import reports
 from worker.cli.common import ensure_schema, get_runtime, usage_error
@@ -148,15 +147,6 @@ def _flagged_table(title: str, flags: reports.Flags) -> Table:
     return table
 
 
-def _one_snapshot(session: Session) -> None:
-    """Read every figure from one snapshot, so counts and lists agree while polls write.
-
-    PostgreSQL: REPEATABLE READ. SQLite's transaction is one snapshot already.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-
-
 def _charted(
     summary: reports.Summary, recent: Sequence[reports.OperationState], n: int
 ) -> list[str]:
@@ -234,7 +224,7 @@ def report(
     if limit is None:
         limit = None if as_json else DEFAULT_LIST_LIMIT
     with rt.sessions() as session:
-        _one_snapshot(session)
+        reports.one_snapshot(session)
         summary = reports.summarize(session, period, stuck_span, now, wanted, limit)
         if html_path is not None:
             recent = reports.operations(session, period, wanted, limit=30)

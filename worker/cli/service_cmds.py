@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 
 import click
 
 from worker import retention
 from worker.cli.common import ensure_schema, get_runtime
+from worker.cli.http_cmds import auth_token
 from worker.cli.ops_cmds import DURATION
 from worker.migrate import upgrade
 
@@ -51,24 +54,43 @@ def db_prune(older_than: timedelta, batch_size: int) -> None:
 @click.command()
 @click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def run(concurrency: int, loglevel: str) -> None:
+@click.option("--serve", is_flag=True, help="Also run `optrack serve` (API and dashboard).")
+@click.option("--no-auth", is_flag=True, help="With --serve: no token (loopback only).")
+def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
     """Run a Celery worker with beat embedded: the one-machine default."""
     from worker.celery_app import app
 
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
+    server = None
+    if serve:
+        # Checked here, so a missing token stops `run` before the worker starts (exit 2).
+        auth_token(rt.settings, rt.settings.http_host, no_auth)
+        # Its own process: the worker forks its pool, which must not inherit a serving loop.
+        server = subprocess.Popen(
+            [sys.executable, "-m", "worker", "serve", f"--loglevel={loglevel}"]
+            + (["--no-auth"] if no_auth else [])
+        )
     rt.close()  # the worker's processes build their own connections after forking
-    app.worker_main(
-        [
-            "worker",
-            "--beat",
-            f"--concurrency={concurrency}",
-            f"--loglevel={loglevel}",
-            "--hostname=optrack@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--beat",
+                f"--concurrency={concurrency}",
+                f"--loglevel={loglevel}",
+                "--hostname=optrack@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 @click.command()
@@ -95,11 +117,19 @@ def sandbox(host: str, port: int, seed: int, duration: float) -> None:
 
 @click.command()
 @click.option("--timeout", default=180.0, show_default=True, help="Give up after seconds.")
-def demo(timeout: float) -> None:
+@click.option("--serve", is_flag=True, help="Keep the dashboard up after the end, until Ctrl-C.")
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the dashboard (a free one if taken).",
+)
+def demo(timeout: float, serve: bool, port: int) -> None:
     """Run sandbox + worker + beat, track a few operations to the end, print their history."""
     from worker.demo import run_demo
 
-    run_demo(timeout=timeout)
+    run_demo(timeout=timeout, serve=serve, port=port)
 
 
 COMMANDS = (db, run, sandbox, demo)

@@ -19,7 +19,7 @@ from worker.cli.report_cmds import follow
 from worker.errors import InvalidOperationId
 from worker.operation import validate_operation_id
 from worker.reports import queries
-from worker.reports.formats import to_json
+from worker.reports.formats import account_record, to_json
 
 WAIT_REREAD = 0.5  # seconds between reads of the database while `track --wait` waits
 
@@ -75,11 +75,7 @@ def status(as_json: bool) -> None:
     now = rt.clock.now()
     if as_json:
         payload = {
-            "account": {
-                "paused_until": None if pause is None else pause.paused_until.isoformat(),
-                "pause_reason": None if pause is None else pause.reason,
-                "pause_status_code": None if pause is None else pause.status_code,
-            },
+            "account": account_record(pause, now),
             "operations": [operation_record(row) for row in rows],
         }
         click.echo(to_json(payload))

@@ -10,11 +10,11 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
-from worker.db import ALL_STATES
+from worker.db import ALL_STATES, AccountPause
 from worker.reports.model import (
     Estimate,
     Flagged,
@@ -76,9 +76,13 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
     return {k: iso(v) if isinstance(v, datetime) else v for k, v in record.items()}
 
 
+_STATE_FIELDS = tuple(f.name for f in fields(OperationState))
+
+
 def operation_record(op: OperationState) -> dict[str, Any]:
     """An operation with the fields of `optrack status --json`."""
-    return _plain(asdict(op))
+    # Not asdict: it deep-copies, ten times the cost on a page of 1,000 operations.
+    return _plain({name: getattr(op, name) for name in _STATE_FIELDS})
 
 
 def flagged_record(item: Flagged) -> dict[str, Any]:
@@ -171,6 +175,21 @@ def history_record(report: HistoryReport) -> dict[str, Any]:
         "history": [history_row_record(r) for r in report.rows],
         "estimate": estimate_record(report.estimate),
         "now": iso(report.now),
+    }
+
+
+def account_record(pause: AccountPause | None, now: datetime) -> dict[str, Any]:
+    """The account object of `optrack status --json`: the last pause, and what holds at ``now``.
+
+    ``paused_until`` keeps its first form (``isoformat``, microseconds and ``+00:00``).
+    """
+    return {
+        "paused_until": None if pause is None else pause.paused_until.isoformat(),
+        "pause_reason": None if pause is None else pause.reason,
+        "pause_status_code": None if pause is None else pause.status_code,
+        "paused": pause is not None and pause.paused_until > now,
+        "pause_updated_at": None if pause is None else iso(pause.updated_at),
+        "credentials_rejected": pause is not None and pause.status_code in (401, 403),
     }
 
 

@@ -144,7 +144,7 @@ def _last_confirmed() -> Any:
 
 _COMPUTED = {"next_poll_at": _next_poll, "last_polled_at": _last_confirmed}
 # The operation's columns in OperationState's field order: reports read rows, not ORM objects.
-_STATE_COLUMNS = tuple(
+STATE_COLUMNS = tuple(
     _COMPUTED[f.name]() if f.name in _COMPUTED else getattr(TrackedOperation, f.name)
     for f in fields(OperationState)
 )
@@ -161,6 +161,15 @@ def _last_change() -> Any:
         .where(HistoryEntry.operation_id == TrackedOperation.id)
         .scalar_subquery()
     )
+
+
+def one_snapshot(session: Session) -> None:
+    """Read every figure from one snapshot, so counts and lists agree while polls write.
+
+    PostgreSQL: REPEATABLE READ. SQLite's transaction is one snapshot already.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
 # --- summary ------------------------------------------------------------------------------
@@ -311,7 +320,7 @@ def _stuck(
     last_change = func.coalesce(_last_change(), TrackedOperation.tracked_at).label("last_change")
     # MATERIALIZED: look the last change up once per operation, not again for the output.
     inner = (
-        select(*_STATE_COLUMNS, last_change)
+        select(*STATE_COLUMNS, last_change)
         .where(*scope, TrackedOperation.status == PROCESSING)
         .cte("processing")
         .prefix_with("MATERIALIZED")
@@ -334,7 +343,7 @@ def _flagged(
     limit: int | None,
 ) -> Flags:
     """Operations matching ``where``, the largest ``largest_first`` column first."""
-    source = select(*_STATE_COLUMNS, _last_change().label("last_change")).where(*where).subquery()
+    source = select(*STATE_COLUMNS, _last_change().label("last_change")).where(*where).subquery()
     order = (source.c[largest_first].desc(), source.c.id)
     return _flags(session, source, None, order, now, limit)
 
@@ -372,7 +381,7 @@ def _flags(
 
 def get_operation(session: Session, operation_id: str) -> OperationState:
     """One tracked operation; NotTracked if optrack does not follow it."""
-    found = _states(session, select(*_STATE_COLUMNS).where(TrackedOperation.id == operation_id))
+    found = _states(session, select(*STATE_COLUMNS).where(TrackedOperation.id == operation_id))
     if not found:
         raise NotTracked(operation_id)
     return found[0]
@@ -383,7 +392,7 @@ def operations(
 ) -> tuple[OperationState, ...]:
     """Operations tracked in ``period``, the most recently tracked first."""
     stmt = (
-        select(*_STATE_COLUMNS)
+        select(*STATE_COLUMNS)
         .where(*_scope(period, statuses))
         .order_by(TrackedOperation.tracked_at.desc(), TrackedOperation.id)
         .limit(limit)
@@ -393,7 +402,7 @@ def operations(
 
 def every_operation(session: Session) -> tuple[OperationState, ...]:
     """Every tracked operation, the most recently tracked last (`optrack status`)."""
-    stmt = select(*_STATE_COLUMNS).order_by(TrackedOperation.tracked_at, TrackedOperation.id)
+    stmt = select(*STATE_COLUMNS).order_by(TrackedOperation.tracked_at, TrackedOperation.id)
     return _states(session, stmt)
 
 
@@ -525,7 +534,7 @@ def _estimate(op: OperationState, recent: list[Any]) -> Estimate:
 def progress_states(session: Session, operation_ids: Sequence[str]) -> list[OperationState]:
     """The current state of the given operations, in the given order; NotTracked if one is
     not tracked."""
-    stmt = select(*_STATE_COLUMNS).where(TrackedOperation.id.in_(list(operation_ids)))
+    stmt = select(*STATE_COLUMNS).where(TrackedOperation.id.in_(list(operation_ids)))
     found = {op.id: op for op in _states(session, stmt)}
     missing = [op_id for op_id in operation_ids if op_id not in found]
     if missing:

@@ -1,0 +1,331 @@
+"""The JSON API (``/api/v1``) and ``/healthz``: thin calls into tracking, reports, listing, health.
+
+Records come from the formatters the CLI uses (``reports.formats``), so a field means the same
+in `optrack status --json`, `history --json`, `report --json` and here. No SQL lives here.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from worker import health, intake, listing, reports
+from worker.db import ALL_STATES
+from worker.errors import InvalidOperationId
+from worker.http import paging
+from worker.http.problems import Problem
+from worker.operation import validate_operation_id
+from worker.reports.formats import (
+    HISTORY_CSV_FIELDS,
+    SUMMARY_CSV_FIELDS,
+    account_record,
+    estimate_record,
+    history_record,
+    history_row_record,
+    iso,
+    operation_record,
+    summary_record,
+    summary_row,
+    to_csv,
+)
+from worker.runtime import Runtime
+from worker.settings import parse_duration
+
+MAX_IDS = 10_000  # per POST; more is a 413 that says to split the list
+DEFAULT_PAGE = 100
+DEFAULT_REPORT_LIST = 100
+MAX_PROGRESS = 200
+CSV = "text/csv; charset=utf-8"
+
+api = APIRouter(prefix="/api/v1")
+public = APIRouter()
+
+
+def _json(payload: dict[str, Any]) -> JSONResponse:
+    """Our records are JSON-ready already: skip FastAPI's jsonable_encoder (a third of the
+    time of a page of 1,000 operations)."""
+    return JSONResponse(payload)
+
+
+def runtime(request: Request) -> Runtime:
+    """The process's Runtime, put on the app by ``create_app``."""
+    rt = request.app.state.runtime
+    assert isinstance(rt, Runtime)
+    return rt
+
+
+def _operation_id(value: str) -> str:
+    try:
+        return validate_operation_id(value)
+    except InvalidOperationId as exc:
+        raise Problem(422, [{"id": exc.value, "reason": exc.reason}]) from None
+
+
+def _statuses(values: list[str]) -> tuple[str, ...]:
+    wanted = tuple(dict.fromkeys(v.strip().upper() for v in values if v.strip()))
+    unknown = [s for s in wanted if s not in ALL_STATES]
+    if unknown:
+        raise Problem(
+            422,
+            [{"reason": f"unknown status {', '.join(unknown)}; use {', '.join(ALL_STATES)}"}],
+        )
+    return wanted
+
+
+def _span(name: str, text: str) -> timedelta:
+    try:
+        return reports.parse_span(text)
+    except reports.BadPeriod as exc:
+        raise Problem(422, [{"reason": f"{name}: {exc}"}]) from None
+
+
+OperationId = Annotated[str, Path(description="A SenderPool operation ID (comms_operation_…)")]
+Statuses = Annotated[
+    list[str],
+    Query(
+        alias="status",
+        description=f"Only these statuses (repeat the parameter): {', '.join(ALL_STATES)}",
+    ),
+]
+
+
+class TrackRequest(BaseModel):
+    """IDs to track; every one is validated before anything is written."""
+
+    ids: list[Any] = Field(
+        description=f"Operation IDs, at most {MAX_IDS:,} per request",
+        examples=[["comms_operation_01h9krwprkeee8fzqspvwy6nq8"]],
+    )
+
+
+async def track_request(request: Request) -> TrackRequest:
+    """The body as JSON whatever its Content-Type (``curl -d`` sends a form type)."""
+    raw = await request.body()
+    try:
+        return TrackRequest.model_validate(json.loads(raw or b"null"))
+    except ValueError as exc:  # not JSON, or not {"ids": [...]}
+        reason = (
+            'body must be JSON like {"ids": ["comms_operation_…"]}'
+            if not isinstance(exc, ValidationError)
+            else 'body must be an object with a list "ids": '
+            + "; ".join(e["msg"] for e in exc.errors())
+        )
+        raise Problem(422, [{"reason": reason}]) from None
+
+
+@api.post(
+    "/operations",
+    summary="Track operation IDs",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TrackRequest.model_json_schema()}},
+        }
+    },
+)
+def track(body: Annotated[TrackRequest, Depends(track_request)], request: Request) -> JSONResponse:
+    """Validate every ID, then track the new ones: ``{"added": [...], "already_tracked": [...]}``.
+
+    One invalid ID and nothing is written: 422 with ``{"errors": [{"id", "index", "reason"}]}``.
+    """
+    if not body.ids:
+        raise Problem(422, [{"reason": "ids is empty: give at least one operation ID"}])
+    if len(body.ids) > MAX_IDS:
+        raise Problem(
+            413,
+            [{"reason": f"{len(body.ids):,} IDs; send at most {MAX_IDS:,} per request"}],
+        )
+    errors = []
+    for index, value in enumerate(body.ids):
+        try:
+            validate_operation_id(value)
+        except InvalidOperationId as exc:
+            shown = value[:100] if isinstance(value, str) else None
+            errors.append({"id": shown, "index": index, "reason": exc.reason})
+    if errors:
+        raise Problem(422, errors)
+    rt = runtime(request)
+    result = intake.track(rt.sessions, body.ids, rt.clock.now())
+    return _json({"added": list(result.added), "already_tracked": list(result.already_tracked)})
+
+
+@api.get("/operations", summary="List tracked operations")
+def list_operations(
+    request: Request,
+    statuses: Statuses = [],  # noqa: B006  (FastAPI copies Query defaults)
+    limit: Annotated[int, Query(ge=1, le=listing.MAX_PAGE)] = DEFAULT_PAGE,
+    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+) -> JSONResponse:
+    """A page of operations in ID order (fields of `optrack status --json`) and the cursor of
+    the next page (``next``: null on the last)."""
+    wanted = _statuses(statuses)
+    try:
+        after = None if cursor is None else paging.decode(cursor)
+    except paging.BadCursor as exc:
+        raise Problem(422, [{"reason": str(exc)}]) from None
+    with runtime(request).sessions() as session:
+        found = listing.page(session, wanted, limit, after)
+    return _json(
+        {
+            "operations": [operation_record(op) for op in found.operations],
+            "next": None if found.after is None else paging.encode(found.after),
+        }
+    )
+
+
+@api.get("/operations/{operation_id}", summary="One tracked operation")
+def get_operation(operation_id: OperationId, request: Request) -> JSONResponse:
+    """The operation's record; 404 if it is not tracked, 422 if it is not an operation ID."""
+    op_id = _operation_id(operation_id)
+    with runtime(request).sessions() as session:
+        return _json(operation_record(reports.get_operation(session, op_id)))
+
+
+def _history(operation_id: str, request: Request) -> reports.HistoryReport:
+    op_id = _operation_id(operation_id)
+    rt = runtime(request)
+    with rt.sessions() as session:
+        return reports.operation_history(session, op_id, rt.clock.now())
+
+
+@api.get("/operations/{operation_id}/history", summary="The history of one operation")
+def get_history(operation_id: OperationId, request: Request) -> JSONResponse:
+    """`optrack history ID --json`: the operation, each recorded change, the estimate."""
+    return _json(history_record(_history(operation_id, request)))
+
+
+@api.get(
+    "/operations/{operation_id}/history.csv",
+    summary="The history of one operation as CSV",
+    response_class=PlainTextResponse,
+)
+def get_history_csv(operation_id: OperationId, request: Request) -> PlainTextResponse:
+    """`optrack history ID --csv`."""
+    rows = [history_row_record(r) for r in _history(operation_id, request).rows]
+    return PlainTextResponse(to_csv(rows, HISTORY_CSV_FIELDS), media_type=CSV)
+
+
+def _summary(
+    request: Request,
+    since: str | None,
+    until: str | None,
+    statuses: list[str],
+    stuck_after: str,
+    limit: int | None,
+) -> reports.Summary:
+    rt = runtime(request)
+    now = rt.clock.now()
+    wanted = _statuses(statuses)
+    stuck = _span("stuck_after", stuck_after)
+    try:
+        period = reports.Period.parse(since, until, now)
+    except reports.BadPeriod as exc:
+        raise Problem(422, [{"reason": str(exc)}]) from None
+    with rt.sessions() as session:
+        reports.one_snapshot(session)
+        return reports.summarize(session, period, stuck, now, wanted, limit)
+
+
+Since = Annotated[
+    str | None, Query(description="Tracked at or after: 2026-01-31, an ISO datetime, or 7d ago")
+]
+Until = Annotated[str | None, Query(description="Tracked before (same forms as since)")]
+StuckAfter = Annotated[str, Query(description="PROCESSING unchanged this long is stuck")]
+
+
+@api.get("/report", summary="The report of a period")
+def get_report(
+    request: Request,
+    since: Since = None,
+    until: Until = None,
+    statuses: Statuses = [],  # noqa: B006
+    stuck_after: StuckAfter = "30m",
+    limit: Annotated[
+        int, Query(ge=0, le=listing.MAX_PAGE, description="Operations per flagged list")
+    ] = DEFAULT_REPORT_LIST,
+) -> JSONResponse:
+    """`optrack report --json` (docs/reports.md); the flagged lists hold at most ``limit``
+    operations each, their counts are complete."""
+    return _json(summary_record(_summary(request, since, until, statuses, stuck_after, limit)))
+
+
+@api.get("/report.csv", summary="The report as one CSV row", response_class=PlainTextResponse)
+def get_report_csv(
+    request: Request,
+    since: Since = None,
+    until: Until = None,
+    statuses: Statuses = [],  # noqa: B006
+    stuck_after: StuckAfter = "30m",
+) -> PlainTextResponse:
+    """`optrack report --csv`: a header and one row, to append daily."""
+    summary = _summary(request, since, until, statuses, stuck_after, 0)
+    return PlainTextResponse(to_csv([summary_row(summary)], SUMMARY_CSV_FIELDS), media_type=CSV)
+
+
+@api.get("/account", summary="The account pause or credentials error")
+def get_account(request: Request) -> JSONResponse:
+    """The ``account`` object of `optrack status --json`."""
+    rt = runtime(request)
+    return _json(account_record(rt.gate.current(), rt.clock.now()))
+
+
+@api.get("/progress", summary="Progress of the active and just-ended operations")
+def get_progress(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_PROGRESS)] = 50,
+    recent: Annotated[str, Query(description="Also operations ended this long ago")] = "10m",
+) -> JSONResponse:
+    """What `optrack watch` shows: each operation and its completion estimate, the most
+    recently tracked first."""
+    rt = runtime(request)
+    now = rt.clock.now()
+    window = _span("recent", recent)
+    with rt.sessions() as session:
+        ids = listing.watched_ids(session, now, window, limit)
+        items = reports.progress(session, ids)
+    return _json(
+        {
+            "now": iso(now),
+            "progress": [
+                {
+                    "operation": operation_record(p.operation),
+                    "estimate": estimate_record(p.estimate),
+                }
+                for p in items
+            ],
+        }
+    )
+
+
+@public.get("/healthz", summary="Health (no token)", response_model=None)
+def healthz(
+    request: Request,
+    max_lag: Annotated[str, Query(description="Unhealthy if a due poll is later")] = "5m",
+    max_beat_age: Annotated[str, Query(description="Unhealthy if beat is quieter")] = "1m",
+) -> JSONResponse:
+    """200 when `optrack health` would exit 0, else 503 with its reasons in ``problems``."""
+    try:
+        lag, beat_age = parse_duration(max_lag), parse_duration(max_beat_age)
+    except ValueError as exc:
+        raise Problem(422, [{"reason": str(exc)}]) from None
+    rt = runtime(request)
+    problem = health.database_problem(rt.engine)
+    if problem is not None:
+        facts: dict[str, Any] = {"ok": False, "beat_at": None, "lag_seconds": None}
+        return JSONResponse({**facts, "problems": [problem]}, status_code=503)
+    with rt.sessions() as session:
+        report = health.check(
+            session,
+            rt.clock.now(),
+            account_sid=rt.settings.account_sid,
+            max_beat_age=beat_age,
+            max_lag=lag,
+        )
+    if not report.ok:
+        return JSONResponse(report.facts(), status_code=503)
+    return _json(report.facts())

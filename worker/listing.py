@@ -1,0 +1,70 @@
+"""Read queries of the HTTP API: keyset pages of tracked operations, the dashboard's watch list.
+
+A store beside ``repository`` (which owns the writes and the poll queries): every function
+takes the caller's session and returns the reports' frozen ``OperationState`` values, so the
+adapters serialize them with the one formatter (``reports.formats.operation_record``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from worker.db import ACTIVE_STATES, TrackedOperation
+from worker.reports.model import OperationState
+from worker.reports.queries import STATE_COLUMNS
+
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Page:
+    """One keyset page of tracked operations; ``after`` is the last ID when there is more."""
+
+    operations: tuple[OperationState, ...]
+    after: str | None
+
+
+def _states(session: Session, stmt: Any) -> tuple[OperationState, ...]:
+    return tuple(OperationState(*row) for row in session.execute(stmt))
+
+
+def page(session: Session, statuses: Sequence[str], limit: int, after: str | None = None) -> Page:
+    """Up to ``limit`` operations with an ID greater than ``after``, in ID order.
+
+    Keyset by the primary key: a page costs the same at the millionth row as at the first,
+    and operations tracked while a client pages through never shift or repeat a page.
+    """
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+    stmt = select(*STATE_COLUMNS).order_by(TrackedOperation.id).limit(limit + 1)
+    if statuses:
+        stmt = stmt.where(TrackedOperation.status.in_(list(statuses)))
+    if after is not None:
+        stmt = stmt.where(TrackedOperation.id > after)
+    found = _states(session, stmt)
+    more = len(found) > limit
+    shown = found[:limit]
+    return Page(shown, shown[-1].id if more and shown else None)
+
+
+def watched_ids(session: Session, now: datetime, recent: timedelta, limit: int) -> tuple[str, ...]:
+    """The dashboard's progress list: operations still active or ended within ``recent``
+    of ``now`` (so a finish stays in sight), the most recently tracked first."""
+    stmt = (
+        select(TrackedOperation.id)
+        .where(
+            or_(
+                TrackedOperation.status.in_(ACTIVE_STATES),
+                TrackedOperation.ended_at >= now - recent,
+            )
+        )
+        .order_by(TrackedOperation.tracked_at.desc(), TrackedOperation.id)
+        .limit(limit)
+    )
+    return tuple(session.scalars(stmt))
