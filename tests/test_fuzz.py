@@ -9,6 +9,7 @@ Examples are derandomized under CI=true (the "ci" profile in tests/conftest.py).
 from __future__ import annotations
 
 import http.server
+import json
 import math
 import subprocess
 import sys
@@ -44,6 +45,8 @@ from worker.operation import (
     Operation,
     Page,
     Status,
+    decode_operation,
+    decode_page,
     parse_operation,
     parse_page,
     validate_operation_id,
@@ -486,6 +489,41 @@ def test_parse_page_returns_a_valid_page_or_a_schema_error(data: Any) -> None:
         check_operation(op)
     if page.next_token is not None:
         page.next_token.encode()  # it will go into a URL: it must be real text
+
+
+def _outcome(parse: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return parse(*args, **kwargs)
+    except SchemaError as exc:
+        return ("SchemaError", str(exc))
+
+
+@settings(max_examples=300)
+@example(edge(createdAt="9999-12-31T23:59:59-01:00"), None)
+@example(edge(id=GOOD_ID + "\n"), None)
+@example(edge(stats={"total": True, "queued": 0, "created": 0, "failed": 0}), None)
+@example(edge(updatedAt="2024-04-05 06:20:00+00:00"), None)
+@example(edge(), "comms_operation_7" + "z" * 25)
+@given(st.one_of(operations(), json_values), st.one_of(st.none(), valid_ids))
+def test_the_fast_decoder_agrees_with_the_parser_on_every_operation(
+    data: Any, asked: str | None
+) -> None:
+    body = json.dumps(data).encode()
+    assert _outcome(decode_operation, body, expected_id=asked) == _outcome(
+        parse_operation, data, expected_id=asked
+    )
+
+
+@settings(max_examples=200)
+@given(st.one_of(pages(), json_values))
+def test_the_fast_decoder_agrees_with_the_parser_on_every_page(data: Any) -> None:
+    assert _outcome(decode_page, json.dumps(data).encode()) == _outcome(parse_page, data)
+
+
+@given(st.binary(max_size=200))
+def test_the_fast_decoder_refuses_garbage_as_the_parser_does(body: bytes) -> None:
+    outcome = _outcome(decode_page, body)
+    assert isinstance(outcome, Page) or outcome[0] == "SchemaError"
 
 
 # --- the parser behind a real socket ---------------------------------------------------------

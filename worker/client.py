@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 import requests
 import urllib3
@@ -44,9 +44,9 @@ from worker.operation import (
     Operation,
     Page,
     Status,
+    decode_operation,
+    decode_page,
     format_datetime,
-    parse_operation,
-    parse_page,
     parse_served_at,
     validate_operation_id,
 )
@@ -166,8 +166,8 @@ class ApiClient:
         Its ``served_at`` is the answer's `Date` header (None if absent or unusable).
         """
         op_id = validate_operation_id(operation_id)
-        data, served_at = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
-        return parse_operation(data, expected_id=op_id, served_at=served_at)
+        body, served_at = self._get(f"/SenderPools/Operations/{op_id}", None, "fetch")
+        return decode_operation(body, expected_id=op_id, served_at=served_at)
 
     def list_page(
         self,
@@ -190,8 +190,8 @@ class ApiClient:
             params["endDate"] = format_datetime(end_date)
         if page_token is not None:
             params["pageToken"] = page_token
-        data, served_at = self._get("/SenderPools/Operations", params, "list")
-        return parse_page(data, served_at=served_at)
+        body, served_at = self._get("/SenderPools/Operations", params, "list")
+        return decode_page(body, served_at=served_at)
 
     def iter_operations(
         self,
@@ -239,7 +239,7 @@ class ApiClient:
 
     def _get(
         self, path: str, params: Mapping[str, str] | None, endpoint: str
-    ) -> tuple[Any, datetime | None]:
+    ) -> tuple[bytes, datetime | None]:
         """The JSON body of a 200 answer and its `Date`; every other answer raises."""
         url = self.base_url + path
         for attempt in range(1, self.max_inplace_retries + 2):
@@ -343,14 +343,12 @@ def _read_body(response: requests.Response, ends: float, read_timeout: float) ->
         parts.append(chunk)
 
 
-def _json_body(response: _Answer) -> Any:
+def _json_body(response: _Answer) -> bytes:
+    """The body of an answer that says it is JSON (the caller decodes and checks it)."""
     content_type = response.headers.get("Content-Type", "")
     if "json" not in content_type.lower():
         raise SchemaError(f"expected a JSON answer, got Content-Type {content_type[:60]!r}")
-    try:
-        return json.loads(response.body)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
-        raise SchemaError("the answer's body is not valid JSON") from None
+    return response.body
 
 
 def _error_list(raw: bytes) -> tuple[ApiErrorDetail, ...]:

@@ -8,11 +8,14 @@ required and checked.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
+
+import msgspec
 
 from worker.errors import InvalidOperationId, SchemaError
 from worker.http_date import parse_http_date
@@ -180,6 +183,99 @@ def parse_page(data: object, served_at: datetime | None = None) -> Page:
         next_token=_page_token(next_url),
         next_url=next_url,
         rejected=tuple(rejected),
+        served_at=served_at,
+    )
+
+
+# The fast path: msgspec decodes and checks a well-formed answer in one pass, without building
+# dicts (a page of 1,000 in about a fifth of the time). Whatever it refuses goes through the
+# parsers above, which say exactly what is wrong, and skip a bad item of a page instead of
+# the page: the two agree on every answer both accept (tests/test_operation.py).
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+_When = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class _WireStats(msgspec.Struct):
+    total: _Count
+    queued: _Count
+    created: _Count
+    failed: _Count
+
+
+class _WireOperation(msgspec.Struct):
+    id: Annotated[str, msgspec.Meta(pattern=rf"^{ID_PATTERN.pattern}\Z")]
+    status: Status
+    stats: _WireStats
+    createdAt: _When
+    updatedAt: _When
+
+
+class _WirePagination(msgspec.Struct):
+    next: str | None
+
+
+class _WirePage(msgspec.Struct):
+    operations: list[_WireOperation]
+    pagination: _WirePagination
+
+
+_OPERATION = msgspec.json.Decoder(_WireOperation)
+_PAGE = msgspec.json.Decoder(_WirePage)
+
+
+def _from_wire(wire: _WireOperation, served_at: datetime | None) -> Operation | None:
+    """The Operation, or None if the parser must judge it (a year out of range)."""
+    try:
+        created, updated = wire.createdAt.astimezone(UTC), wire.updatedAt.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is after year 9999 in UTC
+        return None
+    if not (MIN_YEAR <= created.year <= MAX_YEAR and MIN_YEAR <= updated.year <= MAX_YEAR):
+        return None
+    s = wire.stats
+    return Operation(
+        wire.id,
+        wire.status,
+        Stats(s.total, s.queued, s.created, s.failed),
+        created,
+        updated,
+        served_at,
+    )
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
+        raise SchemaError("the answer's body is not valid JSON") from None
+
+
+def decode_operation(
+    body: bytes, expected_id: str | None = None, served_at: datetime | None = None
+) -> Operation:
+    """Decode and validate one SenderPoolOperation answer; SchemaError on any breach."""
+    try:
+        op = _from_wire(_OPERATION.decode(body), served_at)
+    except (msgspec.DecodeError, RecursionError):
+        op = None
+    if op is None or (expected_id is not None and op.id != expected_id):
+        return parse_operation(_loads(body), expected_id=expected_id, served_at=served_at)
+    return op
+
+
+def decode_page(body: bytes, served_at: datetime | None = None) -> Page:
+    """Decode and validate a List answer; a bad item is skipped (``rejected``), not the page."""
+    try:
+        wire = _PAGE.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return parse_page(_loads(body), served_at=served_at)
+    ops = [_from_wire(item, served_at) for item in wire.operations]
+    if any(op is None for op in ops):
+        return parse_page(_loads(body), served_at=served_at)
+    next_url = wire.pagination.next
+    return Page(
+        operations=tuple(op for op in ops if op is not None),
+        next_token=_page_token(next_url),
+        next_url=next_url,
         served_at=served_at,
     )
 
