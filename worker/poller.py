@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient, next_page_token
@@ -23,7 +22,7 @@ from worker.clock import Clock
 from worker.errors import ApiError, AuthError, OperationNotFound, RetryLater, ServerError
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
-from worker.repository import Repository
+from worker.repository import PollTarget, Repository
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ class Poller:
         """Ask for the given active operations now, one GET each, whatever their groups'
         schedule (a refresh on demand); a pause of the account stops it."""
         with self.sessions() as session:
-            members = Repository(session).states(operation_ids)
+            members = Repository(session).targets(operation_ids)
         run = _Run(0, datetime.max.replace(tzinfo=self.clock.now().tzinfo))
         sent_before = self.client.requests_sent
         try:
@@ -134,7 +133,7 @@ class Poller:
         if self.clock.now() >= run.deadline:
             raise _OutOfTime
 
-    def _list(self, members: Sequence[Row[Any]], run: _Run) -> None:
+    def _list(self, members: Sequence[PollTarget], run: _Run) -> None:
         """Read the members' createdAt window page by page (no status filter: it would hide
         the operations that just ended), recording each page."""
         lookback = self.policy.pending_lookback
@@ -177,13 +176,13 @@ class Poller:
             log.warning("List page failed (%s); %d operation(s) backed off", exc, len(left))
             self._record(left, run)
 
-    def _fetch(self, members: Sequence[Row[Any]], run: _Run) -> None:
+    def _fetch(self, members: Sequence[PollTarget], run: _Run) -> None:
         """One GET per member that is not backing off; recorded together at the end."""
         now = self.clock.now()
         results: dict[str, Result] = {}
         try:
             for member in members:
-                if not is_due(member, now):
+                if not is_due(member.not_before, now):
                     run.counts.add(Outcome.SKIPPED)
                     continue
                 self._check_deadline(run)
@@ -211,7 +210,7 @@ class Poller:
         self,
         group: Any,
         token: str,
-        members: Sequence[Row[Any]],
+        members: Sequence[PollTarget],
         started: datetime,
         run: _Run,
     ) -> None:

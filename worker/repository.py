@@ -64,6 +64,16 @@ class GroupClaim:
     expires_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class PollTarget:
+    """What a poll needs to ask for one operation."""
+
+    id: str
+    remote_created_at: datetime | None
+    tracked_at: datetime
+    not_before: datetime | None
+
+
 @dataclass(frozen=True)
 class Written:
     """What ``apply`` wrote: rows updated, history rows added, operations that ended."""
@@ -193,15 +203,22 @@ class Repository:
         for start in range(0, len(ids), SQLITE_IN_CHUNK):
             yield _OPERATIONS.c.id.in_(ids[start : start + SQLITE_IN_CHUNK])
 
-    def members(self, group_id: int) -> list[Row[Any]]:
-        """The active operations a group polls, by id."""
+    def members(self, group_id: int) -> list[PollTarget]:
+        """The active operations a group polls, by id (the recorder reads their state)."""
+        t = TrackedOperation
         stmt = (
-            select(_OPERATIONS)
-            .where(_OPERATIONS.c.group_id == group_id)
-            .where(_OPERATIONS.c.status.in_(ACTIVE_STATES))
-            .order_by(_OPERATIONS.c.id)
+            select(t.id, t.remote_created_at, t.tracked_at, t.not_before)
+            .where(t.group_id == group_id, t.status.in_(ACTIVE_STATES))
+            .order_by(t.id)
         )
-        return list(self.session.execute(stmt).all())
+        return [PollTarget(*row) for row in self.session.execute(stmt)]
+
+    def targets(self, operation_ids: Iterable[str]) -> list[PollTarget]:
+        """The active operations among ``operation_ids``, as a poll asks for them."""
+        return [
+            PollTarget(r.id, r.remote_created_at, r.tracked_at, r.not_before)
+            for r in self.states(operation_ids)
+        ]
 
     def apply(self, changes: Sequence[Change], now: datetime) -> Written:
         """Write the decided changes: bookkeeping (version, polls, history seq) is kept here.

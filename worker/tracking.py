@@ -196,9 +196,9 @@ def not_found(known: Known, detail: str) -> Gone:
     return Gone(known, detail[:1000])
 
 
-def is_due(known: Known, now: datetime) -> bool:
+def is_due(not_before: datetime | None, now: datetime) -> bool:
     """True unless the operation is backing off past ``now``."""
-    return known.not_before is None or known.not_before <= now
+    return not_before is None or not_before <= now
 
 
 @dataclass
