@@ -37,7 +37,8 @@ from tests.processes import (
     wait_for,
     worker_args,
 )
-from worker.db import ENDED_STATES, HistoryEntry, TrackedOperation, make_engine, make_sessionmaker
+from worker.db import HistoryEntry, TrackedOperation, make_engine, make_sessionmaker
+from worker.tracking import ENDED_STATES
 
 FIGURES_ENV = "OPTRACK_FAULT_FIGURES"
 # Figures of this run, printed by tests/conftest.py's terminal summary.

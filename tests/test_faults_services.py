@@ -17,7 +17,7 @@ import pytest
 from tests.fault_stack import FaultStack, check_history, fault_stack
 from tests.private_services import private_postgres, private_redis
 from tests.processes import wait_for
-from worker.db import ENDED_STATES
+from worker.tracking import ENDED_STATES
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 REDIS_OUTAGE = 10.0  # seconds, as the issue asks

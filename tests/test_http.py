@@ -28,7 +28,12 @@ from worker.clock import FakeClock
 from worker.db import TrackedOperation
 from worker.http import create_app
 from worker.http.server import running
-from worker.reports.formats import SUMMARY_CSV_FIELDS, history_record, summary_record
+from worker.reports.formats import (
+    STATUS_COLORS,
+    SUMMARY_CSV_FIELDS,
+    history_record,
+    summary_record,
+)
 from worker.runtime import Runtime
 from worker.sandbox import SandboxServer
 from worker.settings import load_settings
@@ -574,3 +579,15 @@ def test_the_http_token_is_redacted_from_log_lines() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "sent %s", (HTTP_TOKEN,), None)
     handler.handle(record)
     assert HTTP_TOKEN not in out.getvalue() and "sent ***" in out.getvalue()
+
+
+def test_the_page_takes_the_statuses_colours_from_the_one_palette(api: Api) -> None:
+    page = requests.get(api.url + "/", timeout=10)
+    assert '<link rel="stylesheet" href="/palette.css">' in page.text
+    palette = requests.get(api.url + "/palette.css", timeout=10)
+    assert palette.status_code == 200
+    assert palette.headers["content-type"].startswith("text/css")
+    for status, color in STATUS_COLORS.items():
+        assert f"--{status.lower().replace('_', '-')}: {color};" in palette.text
+    css = requests.get(api.url + "/static/app.css", timeout=10).text
+    assert "--processing:" not in css  # one definition: the palette

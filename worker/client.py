@@ -27,6 +27,8 @@ import urllib3
 
 from worker.clock import Clock, SystemClock
 from worker.errors import (
+    AUTH_STATUSES,
+    THROTTLE_STATUSES,
     ApiErrorDetail,
     AuthError,
     BadRequest,
@@ -53,7 +55,6 @@ from worker.operation import (
 from worker.retry_after import RetryPolicy, ThrottleWait
 
 log = logging.getLogger(__name__)
-THROTTLE_STATUSES = frozenset({409, 429, 503})
 NOT_FOUND_CODE = 20404  # the API's "resource not found": only this ends an operation
 MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never ends is a bug
 # How long credentials rejected by the API stop all polling before one more try.
@@ -401,7 +402,7 @@ def _http_error(
 ) -> HttpError:
     if status == 400:
         return BadRequest(status, errors, url)
-    if status in (401, 403):
+    if status in AUTH_STATUSES:
         reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); check TWILIO_*"
         gate.pause(now + timedelta(seconds=AUTH_PAUSE_SECONDS), reason, status)
         return AuthError(status, errors, url)

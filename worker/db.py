@@ -24,9 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from worker.tracking import ACTIVE_STATES, ALL_STATES, ENDED_STATES, NOT_FOUND, PENDING
+from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
 
-__all__ = ["ACTIVE_STATES", "ALL_STATES", "ENDED_STATES", "NOT_FOUND", "PENDING"]
 GROUP_KINDS = ("list", "fetch")
 
 NAMING = {

@@ -22,7 +22,7 @@ import click
 
 from worker import intake
 from worker.cli.render import console, history_table, status_table
-from worker.errors import OptrackError
+from worker.errors import THROTTLE_STATUSES, OptrackError
 from worker.migrate import upgrade
 from worker.reports import queries
 from worker.repository import Repository
@@ -179,7 +179,7 @@ def describe_faults(requests: list[dict[str, Any]]) -> list[str]:
     for i, entry in enumerate(requests):
         status, path, at = entry["status"], str(entry["path"]), float(entry["t"])
         later = requests[i + 1 :]
-        if status in (409, 429, 503) and later:
+        if status in THROTTLE_STATUSES and later:
             gap = float(later[0]["t"]) - at
             lines.append(f"HTTP {status} on {path}: no API request for {gap:.1f}s")
         elif status == 500:

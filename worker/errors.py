@@ -29,6 +29,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
+# The answers the API documents as "wait, then call again" (with Retry-After) and "credentials
+# rejected": one definition each, for the client, health, reports and the CLI.
+THROTTLE_STATUSES = frozenset({409, 429, 503})
+AUTH_STATUSES = frozenset({401, 403})
+
 
 class OptrackError(Exception):
     """Raised for every failure optrack reports on purpose."""

@@ -15,10 +15,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, PollGroup, TrackedOperation
+from worker.db import AccountPause, Heartbeat, PollGroup, TrackedOperation
+from worker.errors import AUTH_STATUSES
+from worker.tracking import ACTIVE_STATES, PROCESSING
 
 BEAT = "beat"
-AUTH_STATUSES = (401, 403)
 
 
 def database_problem(engine: Engine) -> str | None:
@@ -71,7 +72,7 @@ def processing_unchanged(session: Session, now: datetime) -> float:
     API (its updatedAt; 0 if none): over the report's stuck-after, something is stuck."""
     stalest = session.scalar(
         select(func.min(TrackedOperation.remote_updated_at)).where(
-            TrackedOperation.status == "PROCESSING"
+            TrackedOperation.status == PROCESSING
         )
     )
     if stalest is None:

@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from worker.db import ACTIVE_STATES, TrackedOperation
+from worker.db import TrackedOperation
 from worker.reports.model import OperationState
 from worker.reports.queries import STATE_COLUMNS
+from worker.tracking import ACTIVE_STATES
 
 MAX_PAGE = 1000
 

@@ -28,9 +28,9 @@ from sqlalchemy.pool import NullPool
 
 from worker import health
 from worker.clock import Clock, SystemClock
-from worker.db import ALL_STATES, AccountPause, Notice, make_engine, make_sessionmaker
+from worker.db import AccountPause, Notice, make_engine, make_sessionmaker
 from worker.settings import Settings
-from worker.tracking import Outcome, PollCounts
+from worker.tracking import ALL_STATES, Outcome, PollCounts
 
 log = logging.getLogger(__name__)
 PAUSE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)

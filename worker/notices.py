@@ -32,7 +32,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.clock import Clock
-from worker.db import ENDED_STATES, Notice, TrackedOperation
+from worker.db import Notice, TrackedOperation
+from worker.tracking import ENDED_STATES
 from worker.webhooks import SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from worker.errors import RetryLater
 from worker.gate import LocalGate
 from worker.operation import Operation
 from worker.planning import GroupView, Member, NewGroup, Placement, Waiting
-from worker.tracking import ACTIVE_STATES, PENDING, Change, Failed, Gone, Observed
+from worker.tracking import ACTIVE_STATES, NOT_FOUND, PENDING, Change, Failed, Gone, Observed
 
 
 @dataclass(frozen=True)
@@ -510,7 +510,7 @@ def _gone_row(change: Gone, now: datetime) -> dict[str, Any]:
     known = change.known
     return {
         "id": known.id,
-        "status": "NOT_FOUND",
+        "status": NOT_FOUND,
         "ended_at": now,
         "last_polled_at": now,
         "polls": known.polls + 1,

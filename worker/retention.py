@@ -25,7 +25,8 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, delete, func, literal, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.db import ENDED_STATES, HistoryEntry, Notice, TrackedOperation
+from worker.db import HistoryEntry, Notice, TrackedOperation
+from worker.tracking import ENDED_STATES
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 5000

@@ -17,10 +17,15 @@ from worker.operation import Operation, Status
 from worker.retry_after import RetryPolicy
 
 # Local states beside the API's three: PENDING (tracked, never seen) and NOT_FOUND (404).
+# This is the one home of the status vocabulary: every other module imports it from here.
 PENDING = "PENDING"
+PROCESSING = Status.PROCESSING.value
+COMPLETED = Status.COMPLETED.value
+CANCELED = Status.CANCELED.value
 NOT_FOUND = "NOT_FOUND"
-ACTIVE_STATES = (PENDING, Status.PROCESSING.value)
-ENDED_STATES = (Status.COMPLETED.value, Status.CANCELED.value, NOT_FOUND)
+ACTIVE_STATES = (PENDING, PROCESSING)
+FINISHED_STATES = (COMPLETED, CANCELED)  # ended by the API; NOT_FOUND's end is ours
+ENDED_STATES = (*FINISHED_STATES, NOT_FOUND)
 ALL_STATES = ACTIVE_STATES + ENDED_STATES
 
 

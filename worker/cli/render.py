@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.db import AccountPause, HistoryEntry
-from worker.reports.formats import iso
+from worker.errors import AUTH_STATUSES
+from worker.reports.formats import STATUS_COLORS, iso
 from worker.reports.model import OperationState
 
 OPERATION_FIELDS = (
@@ -62,11 +63,10 @@ def status_table(rows: Sequence[OperationState]) -> Table:
     table.add_column("next poll / ended (UTC)", no_wrap=True)
     table.add_column("last error", overflow="fold", max_width=40)
     for row in rows:
-        style = {"COMPLETED": "green", "CANCELED": "yellow", "NOT_FOUND": "red"}.get(row.status)
         errors = f" ({row.consecutive_errors} in a row)" if row.consecutive_errors else ""
         table.add_row(
             row.id,
-            f"[{style}]{row.status}[/]" if style else row.status,
+            styled_status(row.status),
             _count(row.created),
             _count(row.failed),
             _count(row.queued),
@@ -98,13 +98,19 @@ def history_table(operation_id: str, entries: Sequence[HistoryEntry]) -> Table:
     return table
 
 
+def styled_status(status: str) -> str:
+    """The status in its palette colour, as rich markup."""
+    color = STATUS_COLORS.get(status)
+    return f"[{color}]{status}[/]" if color else status
+
+
 def pause_line(pause: AccountPause | None, now: datetime) -> str | None:
     """A sentence about the account pause, if one is running or was an auth failure."""
     if pause is None:
         return None
     if pause.paused_until > now:
         return f"Polling paused until {_short(pause.paused_until)} UTC: {pause.reason}"
-    if pause.status_code in (401, 403):
+    if pause.status_code in AUTH_STATUSES:
         return f"Last credentials error at {_short(pause.updated_at)} UTC: {pause.reason}"
     return None
 

@@ -15,8 +15,7 @@ from rich.text import Text
 
 from worker import reports
 from worker.cli.common import ensure_schema, get_runtime, usage_error
-from worker.cli.render import console
-from worker.db import ALL_STATES
+from worker.cli.render import console, styled_status
 from worker.errors import InvalidOperationId, NotTracked, OptrackError
 from worker.operation import validate_operation_id
 from worker.reports.formats import (
@@ -37,20 +36,10 @@ from worker.reports.formats import (
     to_json,
 )
 from worker.runtime import Runtime
+from worker.tracking import ALL_STATES, NOT_FOUND
 
-STATUS_STYLE = {
-    "COMPLETED": "green",
-    "CANCELED": "yellow",
-    "NOT_FOUND": "red",
-    "PROCESSING": "cyan",
-}
 DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_LIST_LIMIT = 20
-
-
-def _styled(status: str) -> str:
-    style = STATUS_STYLE.get(status)
-    return f"[{style}]{status}[/]" if style else status
 
 
 def _one_format(as_json: bool, as_csv: bool) -> None:
@@ -89,7 +78,7 @@ def summary_view(summary: reports.Summary) -> RenderableType:
     figures.add_column("note", style="dim")
     figures.add_row("operations", number_text(summary.operations), "")
     for name, count in summary.by_status.items():
-        figures.add_row(f"  {_styled(name)}", number_text(count), "")
+        figures.add_row(f"  {styled_status(name)}", number_text(count), "")
     figures.add_section()
     figures.add_row("senders", number_text(s.total), "requested")
     figures.add_row("  created", number_text(s.created), "")
@@ -137,7 +126,7 @@ def _flagged_table(title: str, flags: reports.Flags) -> Table:
         op = item.operation
         table.add_row(
             op.id,
-            _styled(op.status),
+            styled_status(op.status),
             "/".join(number_text(v) for v in (op.created, op.failed, op.queued, op.total)),
             time_text(item.last_change_at),
             span_text(item.unchanged_seconds),
@@ -258,7 +247,7 @@ def _with_delta(value: int, delta: int) -> str:
 def history_view(report: reports.HistoryReport) -> RenderableType:
     """One line per recorded change with its deltas and rate, then the estimate."""
     op = report.operation
-    table = Table(title=f"history of {op.id}: {_styled(op.status)}", title_justify="left")
+    table = Table(title=f"history of {op.id}: {styled_status(op.status)}", title_justify="left")
     table.add_column("observed (UTC)", no_wrap=True)
     table.add_column("API updated (UTC)", no_wrap=True)
     table.add_column("status", no_wrap=True)
@@ -271,7 +260,7 @@ def history_view(report: reports.HistoryReport) -> RenderableType:
         table.add_row(
             time_text(row.observed_at),
             time_text(row.remote_updated_at),
-            _styled(row.status),
+            styled_status(row.status),
             _with_delta(row.created, row.created_delta),
             _with_delta(row.failed, row.failed_delta),
             _with_delta(row.queued, row.queued_delta),
@@ -288,7 +277,7 @@ def history_view(report: reports.HistoryReport) -> RenderableType:
     else:
         line = f"estimated finish: none ({est.note})"
     took = ""
-    if op.ended_at is not None and op.remote_created_at is not None and op.status != "NOT_FOUND":
+    if op.ended_at is not None and op.remote_created_at is not None and op.status != NOT_FOUND:
         took = f"; took {span_text((op.ended_at - op.remote_created_at).total_seconds())}"
     facts = (
         f"created at {time_text(op.remote_created_at)} UTC, tracked at "
@@ -345,7 +334,11 @@ def _progress_fields(item: reports.Progress, now: datetime) -> dict[str, object]
         eta = "ETA " + eta_text(item.estimate, now)
     else:
         eta = f"ETA unknown ({item.estimate.note})"
-    fields: dict[str, object] = {"completed": op.done, "status": _styled(op.status), "eta": eta}
+    fields: dict[str, object] = {
+        "completed": op.done,
+        "status": styled_status(op.status),
+        "eta": eta,
+    }
     if op.total:  # unknown until the first poll: the bar pulses meanwhile
         fields["total"] = op.total
     return fields

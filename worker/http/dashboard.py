@@ -12,6 +12,8 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from worker.reports.formats import STATUS_COLORS
+
 STATIC = Path(__file__).with_name("static")
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -31,6 +33,15 @@ router = APIRouter(include_in_schema=False)
 def index() -> Response:
     """The dashboard page."""
     return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"), headers=PAGE_HEADERS)
+
+
+@router.get("/palette.css")
+def palette() -> Response:
+    """The status colours, from the one palette the charts, reports and terminal use."""
+    names = {status: status.lower().replace("_", "-") for status in STATUS_COLORS}
+    lines = "".join(f"  --{names[status]}: {color};\n" for status, color in STATUS_COLORS.items())
+    css = f":root {{\n{lines}}}\n"
+    return Response(css, media_type="text/css", headers={"Cache-Control": "no-cache"})
 
 
 def mount(app: FastAPI) -> None:

@@ -20,19 +20,14 @@ from matplotlib import dates as mdates
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from worker.reports.formats import STATUS_COLORS
 from worker.reports.model import HistoryReport, OperationState
+from worker.tracking import PROCESSING
 
 CREATED = "#2e7d32"
 FAILED = "#c62828"
 QUEUED = "#9e9e9e"
 TOTAL = "#37474f"
-STATUS_COLORS = {
-    "PENDING": "#90a4ae",
-    "PROCESSING": "#1e88e5",
-    "COMPLETED": "#2e7d32",
-    "CANCELED": "#f9a825",
-    "NOT_FOUND": "#c62828",
-}
 # Any: rc_context wants a dict keyed by a Literal of every rc name.
 _STYLE: Any = {
     "font.size": 10,
@@ -69,7 +64,7 @@ def _series(report: HistoryReport) -> tuple[list[datetime], list[int], list[int]
         failed.append(row.failed)
         queued.append(row.queued)
     # The last values still held when last polled: draw them up to then.
-    held = op.last_polled_at if op.status == "PROCESSING" else None
+    held = op.last_polled_at if op.status == PROCESSING else None
     if report.rows and held is not None and held > times[-1]:
         times.append(held)
         created.append(created[-1])

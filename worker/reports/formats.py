@@ -14,7 +14,8 @@ from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
-from worker.db import ALL_STATES, AccountPause
+from worker.db import AccountPause
+from worker.errors import AUTH_STATUSES
 from worker.reports.model import (
     Estimate,
     Flagged,
@@ -24,6 +25,18 @@ from worker.reports.model import (
     OperationState,
     Summary,
 )
+from worker.tracking import ALL_STATES
+
+# One colour per status for every picture of one: charts, the HTML report, the terminal, the
+# dashboard (served as /palette.css).
+STATUS_COLORS = {
+    "PENDING": "#90a4ae",
+    "PROCESSING": "#1e88e5",
+    "COMPLETED": "#2e7d32",
+    "CANCELED": "#f9a825",
+    "NOT_FOUND": "#c62828",
+}
+assert set(STATUS_COLORS) == set(ALL_STATES)
 
 # One row per report: append daily runs to a sheet and the columns line up.
 SUMMARY_CSV_FIELDS = (
@@ -189,7 +202,7 @@ def account_record(pause: AccountPause | None, now: datetime) -> dict[str, Any]:
         "pause_status_code": None if pause is None else pause.status_code,
         "paused": pause is not None and pause.paused_until > now,
         "pause_updated_at": None if pause is None else iso(pause.updated_at),
-        "credentials_rejected": pause is not None and pause.status_code in (401, 403),
+        "credentials_rejected": pause is not None and pause.status_code in AUTH_STATUSES,
     }
 
 

@@ -7,6 +7,7 @@ from html import escape
 
 from worker.reports import charts
 from worker.reports.formats import (
+    STATUS_COLORS,
     eta_text,
     number_text,
     percent_text,
@@ -16,6 +17,7 @@ from worker.reports.formats import (
     time_text,
 )
 from worker.reports.model import Flags, HistoryReport, OperationState, Summary
+from worker.tracking import NOT_FOUND, PROCESSING
 
 _CSS = """
 :root { --ink:#212121; --muted:#616161; --line:#e0e0e0; --bg:#fafafa; --card:#fff;
@@ -56,12 +58,14 @@ td.id { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; 
 .empty { color: var(--muted); font-style: italic; }
 .st { font: 600 11px system-ui, sans-serif; padding: 2px 6px; border-radius: 4px; color: #fff;
       background: #607d8b; vertical-align: 2px; margin-left: 6px; }
-.st-PROCESSING { background: #1e88e5; } .st-COMPLETED { background: #2e7d32; }
-.st-CANCELED { background: #f9a825; } .st-NOT_FOUND { background: #c62828; }
 .more { color: var(--muted); font-size: 13px; margin: 6px 0 0; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 code { font-family: ui-monospace, Menlo, Consolas, monospace; }
 """
+
+_STATUS_CSS = "".join(
+    f".st-{name} {{ background: {color}; }}\n" for name, color in STATUS_COLORS.items()
+)
 
 
 def _figure(field: str, text: str) -> str:
@@ -205,11 +209,11 @@ def _operation_card(report: HistoryReport) -> str:
             f"created {op.created:,} · failed {op.failed or 0:,} · queued {op.queued or 0:,}"
             f" of {op.total:,} · {len(report.rows)} change(s)"
         )
-    if op.status == "PROCESSING":
+    if op.status == PROCESSING:
         facts += f" · estimated finish {eta_text(report.estimate, report.now)}"
     elif op.ended_at is not None:
         facts += f" · ended {time_text(op.ended_at)} UTC"
-        if op.remote_created_at is not None and op.status != "NOT_FOUND":
+        if op.remote_created_at is not None and op.status != NOT_FOUND:
             facts += f" after {span_text((op.ended_at - op.remote_created_at).total_seconds())}"
     svg = charts.svg_text(charts.history_figure(report, compact=True))
     return (
@@ -245,7 +249,7 @@ def report_html(
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>optrack report · {escape(time_text(summary.now))} UTC</title>
-<style>{_CSS}</style>
+<style>{_CSS}{_STATUS_CSS}</style>
 </head>
 <body>
 <main>

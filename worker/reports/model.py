@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from worker.reports.period import Period
-from worker.tracking import ENDED_STATES
-
-PROCESSING = "PROCESSING"
+from worker.tracking import ACTIVE_STATES, ENDED_STATES
 
 
 @dataclass(frozen=True)
@@ -159,4 +157,4 @@ class Progress:
     @property
     def ended(self) -> bool:
         """True once the operation reached a final state."""
-        return self.operation.status not in ("PENDING", PROCESSING)
+        return self.operation.status not in ACTIVE_STATES

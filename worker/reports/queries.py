@@ -30,10 +30,6 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from worker.db import (
-    ACTIVE_STATES,
-    ALL_STATES,
-    ENDED_STATES,
-    NOT_FOUND,
     HistoryEntry,
     PollGroup,
     TrackedOperation,
@@ -41,7 +37,6 @@ from worker.db import (
 )
 from worker.errors import NotTracked
 from worker.reports.model import (
-    PROCESSING,
     Estimate,
     Flagged,
     Flags,
@@ -55,8 +50,16 @@ from worker.reports.model import (
     TimeToFinish,
 )
 from worker.reports.period import BadPeriod, Period
+from worker.tracking import (
+    ACTIVE_STATES,
+    ALL_STATES,
+    ENDED_STATES,
+    FINISHED_STATES,
+    NOT_FOUND,
+    PENDING,
+    PROCESSING,
+)
 
-FINISHED_STATES = ("COMPLETED", "CANCELED")  # ended by the API; NOT_FOUND's end is ours
 DEFAULT_STUCK_AFTER = timedelta(minutes=30)
 ESTIMATE_WINDOW = 5  # recorded changes the completion estimate looks back over
 
@@ -504,7 +507,7 @@ def estimates(session: Session, ops: Sequence[OperationState]) -> dict[str, Esti
 def _estimate(op: OperationState, recent: list[Any]) -> Estimate:
     none = Estimate(None, None, None, None, None, "")
     if op.status != PROCESSING:
-        ended = op.status != "PENDING"
+        ended = op.status != PENDING
         return replace(none, note="ended" if ended else "not fetched yet")
     if not recent:
         return replace(none, note="no recorded change yet")
@@ -553,7 +556,7 @@ def active_ids(session: Session) -> tuple[str, ...]:
     """IDs of the operations still PENDING or PROCESSING, the oldest tracked first."""
     stmt = (
         select(TrackedOperation.id)
-        .where(TrackedOperation.status.in_(("PENDING", PROCESSING)))
+        .where(TrackedOperation.status.in_(ACTIVE_STATES))
         .order_by(TrackedOperation.tracked_at, TrackedOperation.id)
     )
     return tuple(session.scalars(stmt))
