@@ -23,11 +23,11 @@ from sqlalchemy import func, select
 from tests.conftest import SID, TOKEN
 from tests.processes import base_env, serve_process
 from worker import health, reports
-from worker.cli.render import operation_record as cli_record
 from worker.clock import FakeClock
 from worker.db import TrackedOperation
 from worker.http import create_app
 from worker.http.server import running
+from worker.records import operation_record
 from worker.reports.formats import (
     STATUS_COLORS,
     SUMMARY_CSV_FIELDS,
@@ -232,7 +232,7 @@ def test_operation_and_history_match_the_cli(api: Api) -> None:
     record = api.get(f"/api/v1/operations/{op.id}").json()
     with api.rt.sessions() as session:
         row = reports.get_operation(session, op.id)
-        assert record == cli_record(row)  # the fields of `optrack status --json`, same values
+        assert record == operation_record(row)  # the fields of `optrack status --json`, same values
         expected = history_record(reports.operation_history(session, op.id, api.clock.now()))
     assert record["status"] == "PROCESSING" and record["polls"] == 2
     assert api.get(f"/api/v1/operations/{op.id}/history").json() == expected

@@ -333,3 +333,13 @@ def test_period_must_not_be_empty() -> None:
     with pytest.raises(reports.BadPeriod, match="is not a span"):
         reports.parse_span("half an hour")
     assert reports.parse_span("90s") == timedelta(seconds=90)
+
+
+def test_one_operation_record_for_status_reports_and_notices() -> None:
+    from dataclasses import fields
+
+    from worker.records import OPERATION_FIELDS
+    from worker.reports.model import OperationState
+
+    # status --json, the HTTP API, reports and notices share one serializer over these fields.
+    assert tuple(f.name for f in fields(OperationState)) == OPERATION_FIELDS

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from worker.db import AccountPause, Heartbeat, PollGroup, TrackedOperation
 from worker.errors import AUTH_STATUSES
+from worker.records import iso
 from worker.tracking import ACTIVE_STATES, PROCESSING
 
 BEAT = "beat"
@@ -111,7 +112,7 @@ class HealthReport:
         """`optrack health --json` and the body of the HTTP app's ``/healthz``."""
         return {
             "ok": self.ok,
-            "beat_at": None if self.beat_at is None else self.beat_at.isoformat(),
+            "beat_at": iso(self.beat_at),
             "lag_seconds": self.lag,
             "problems": list(self.problems),
         }

@@ -33,27 +33,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
+from worker.records import iso, operation_record
 from worker.tracking import ENDED_STATES
 from worker.webhooks import SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)
 
-RECORD_FIELDS = (
-    "id",
-    "status",
-    "total",
-    "queued",
-    "created",
-    "failed",
-    "remote_created_at",
-    "remote_updated_at",
-    "tracked_at",
-    "last_polled_at",
-    "polls",
-    "consecutive_errors",
-    "last_error",
-    "ended_at",
-)
 EVENT = "operation.ended"
 NOTICE_ID_HEADER = "X-Optrack-Notice-Id"
 
@@ -62,19 +47,6 @@ ChannelName = Literal["task", "webhook"]
 
 class DeliveryError(Exception):
     """Raised by a channel when a notice could not be handed over; it is retried later."""
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def final_record(row: TrackedOperation) -> dict[str, Any]:
-    """The operation as JSON-ready fields, named as in `optrack status --json`."""
-    record: dict[str, Any] = {}
-    for name in RECORD_FIELDS:
-        value = getattr(row, name)
-        record[name] = _iso(value) if isinstance(value, datetime) else value
-    return record
 
 
 def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
@@ -86,7 +58,7 @@ def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
         insert(Notice)
         .values(
             operation_id=row.id,
-            payload=json.dumps(final_record(row), sort_keys=True),
+            payload=json.dumps(operation_record(row), sort_keys=True),
             created_at=now,
             next_attempt_at=now,
             attempts=0,
@@ -127,7 +99,7 @@ class Message:
         payload = {
             "event": EVENT,
             "notice_id": self.notice_id,
-            "sent_at": _iso(self.sent_at),
+            "sent_at": iso(self.sent_at),
             "operation": self.record,
         }
         return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

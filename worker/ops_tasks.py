@@ -11,6 +11,7 @@ from typing import Any
 
 from worker import discovery, notices, retention
 from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
+from worker.records import iso
 from worker.runtime import Runtime
 from worker.tasks import runtime
 
@@ -44,7 +45,7 @@ def discover() -> dict[str, Any]:
     return {
         "seen": result.seen,
         "added": len(result.added),
-        "not_before": None if result.not_before is None else result.not_before.isoformat(),
+        "not_before": iso(result.not_before),
         "stopped_early": result.stopped_early,
     }
 

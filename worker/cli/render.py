@@ -5,42 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from worker.db import AccountPause, HistoryEntry
 from worker.errors import AUTH_STATUSES
-from worker.reports.formats import STATUS_COLORS, iso
+from worker.reports.formats import STATUS_COLORS
 from worker.reports.model import OperationState
-
-OPERATION_FIELDS = (
-    "id",
-    "status",
-    "total",
-    "queued",
-    "created",
-    "failed",
-    "remote_created_at",
-    "remote_updated_at",
-    "tracked_at",
-    "last_polled_at",
-    "next_poll_at",
-    "polls",
-    "consecutive_errors",
-    "last_error",
-    "ended_at",
-)
-
-
-def _plain(value: Any) -> Any:
-    return iso(value) if isinstance(value, datetime) else value
-
-
-def operation_record(row: OperationState) -> dict[str, Any]:
-    """A tracked operation as a JSON-ready dict with the documented field names."""
-    return {name: _plain(getattr(row, name)) for name in OPERATION_FIELDS}
 
 
 def _short(value: datetime | None) -> str:

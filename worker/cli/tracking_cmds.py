@@ -8,16 +8,11 @@ import click
 
 from worker import intake
 from worker.cli.common import ensure_schema, get_runtime, usage_error
-from worker.cli.render import (
-    OPERATION_FIELDS,
-    console,
-    operation_record,
-    pause_line,
-    status_table,
-)
+from worker.cli.render import console, pause_line, status_table
 from worker.cli.report_cmds import follow
 from worker.errors import InvalidOperationId
 from worker.operation import validate_operation_id
+from worker.records import operation_record
 from worker.reports import queries
 from worker.reports.formats import account_record, to_json
 
@@ -88,4 +83,4 @@ def status(as_json: bool) -> None:
 
 
 COMMANDS = (track, status)
-__all__ = ["COMMANDS", "OPERATION_FIELDS"]
+__all__ = ["COMMANDS"]

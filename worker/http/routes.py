@@ -19,6 +19,7 @@ from worker.errors import InvalidOperationId
 from worker.http import paging
 from worker.http.problems import Problem
 from worker.operation import validate_operation_id
+from worker.records import iso, operation_record
 from worker.reports.formats import (
     HISTORY_CSV_FIELDS,
     SUMMARY_CSV_FIELDS,
@@ -26,8 +27,6 @@ from worker.reports.formats import (
     estimate_record,
     history_record,
     history_row_record,
-    iso,
-    operation_record,
     summary_record,
     summary_row,
     to_csv,
