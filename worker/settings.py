@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from worker.durations import parse_duration
 from worker.errors import ConfigError
 from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
 
@@ -24,8 +25,6 @@ POLL_STRATEGIES = ("auto", "list", "fetch")
 DEFAULT_HTTP_PORT = 8080
 # A guessable token is no lock: at least this many characters (token_urlsafe(32) gives 43).
 MIN_HTTP_TOKEN = 16
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(frozen=True)
@@ -89,14 +88,6 @@ class Settings:
     def notices_enabled(self) -> bool:
         """True when completion notices have somewhere to go."""
         return bool(self.notify_task or self.webhook_url)
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or plain seconds; ValueError otherwise."""
-    match = _DURATION_RE.fullmatch(text.strip().lower())
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration such as 90d, 12h, 30m or 45s")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:

@@ -11,7 +11,7 @@ import click
 
 from worker import discovery, health
 from worker.cli.common import ensure_schema, get_runtime
-from worker.settings import parse_duration
+from worker.durations import parse_duration
 
 DEFAULT_WINDOW = "7d"
 DEFAULT_MAX_LAG = "5m"
@@ -20,7 +20,7 @@ EXIT_UNHEALTHY = 1
 
 
 class Duration(click.ParamType[timedelta]):
-    """A duration such as 90d, 12h, 30m, 45s or plain seconds."""
+    """A duration in the one grammar: 90, 90s, 15m, 1h30m, 7d."""
 
     name = "duration"
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from worker import health, intake, listing, reports
+from worker.durations import parse_duration
 from worker.errors import InvalidOperationId
 from worker.http import paging
 from worker.http.problems import Problem
@@ -32,7 +33,6 @@ from worker.reports.formats import (
     to_csv,
 )
 from worker.runtime import Runtime
-from worker.settings import parse_duration
 from worker.tracking import ALL_STATES
 
 MAX_IDS = 10_000  # per POST; more is a 413 that says to split the list

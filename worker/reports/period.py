@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+from worker.durations import EXAMPLES, has_units, parse_duration
 from worker.errors import OptrackError
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 
 class BadPeriod(OptrackError, ValueError):
@@ -17,12 +14,11 @@ class BadPeriod(OptrackError, ValueError):
 
 
 def parse_span(text: str) -> timedelta:
-    """A span like ``30m``, ``12h``, ``7d``, ``1h30m`` (units s, m, h, d, w)."""
-    raw = text.strip().lower()
-    parts = _SPAN.findall(raw)
-    if not raw or "".join(n + u for n, u in parts) != raw:
-        raise BadPeriod(f"{text!r} is not a span; use a number and a unit, like 30m, 12h or 7d")
-    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    """A span in the one duration grammar (``90``, ``30m``, ``1h30m``, ``7d``)."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise BadPeriod(f"{text!r} is not a span; use a duration such as {EXAMPLES}") from None
 
 
 def parse_when(text: str, now: datetime) -> datetime:
@@ -30,7 +26,7 @@ def parse_when(text: str, now: datetime) -> datetime:
     raw = text.strip()
     if raw.lower() == "now":
         return now
-    if re.fullmatch(r"(?:\d+(?:\.\d+)?[smhdw])+", raw.lower()):
+    if has_units(raw):
         return now - parse_span(raw)
     try:
         if len(raw) == 10:
