@@ -9,7 +9,7 @@ $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "optrack needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,charts]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
 # `make demo SERVE=1` keeps the dashboard up after the demo, until Ctrl-C.

@@ -277,7 +277,7 @@ def test_throttle_delay_is_always_between_zero_and_the_cap(
     header: str | None, attempt: int, cap: float, base: float, backoff_max: float
 ) -> None:
     policy = RetryPolicy(max_retry_after=cap, backoff_base=base, backoff_max=backoff_max)
-    delay = policy.throttle_delay(header, NOW, attempt)
+    delay = policy.throttle_wait(header, NOW, attempt).seconds
     assert math.isfinite(delay) and 0 <= delay <= cap
 
 

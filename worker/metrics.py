@@ -99,10 +99,6 @@ class Metrics:
                 self.polls.labels(outcome.value).inc(count)
         self.history_rows.inc(counts.history_rows)
 
-    def observe_history_rows(self, count: int) -> None:
-        """Count history rows written outside ``observe_polls``."""
-        self.history_rows.inc(count)
-
 
 class DatabaseCollector:
     """Gauges read from the database at scrape time."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Engine, inspect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,3 +23,8 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the database at ``database_url`` to ``revision``."""
     command.upgrade(alembic_config(database_url), revision)
+
+
+def is_migrated(engine: Engine) -> bool:
+    """True if the database behind ``engine`` has optrack's tables."""
+    return inspect(engine).has_table("tracked_operations")

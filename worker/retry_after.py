@@ -107,9 +107,3 @@ class RetryPolicy:
         if seconds > self.max_retry_after:
             return ThrottleWait(self.max_retry_after, "header", capped=True)
         return ThrottleWait(seconds, "header")
-
-    def throttle_delay(
-        self, header: str | None, now: datetime, throttles: int, rng: random.Random | None = None
-    ) -> float:
-        """Seconds to pause the account after 409/429/503 (see ``throttle_wait``)."""
-        return self.throttle_wait(header, now, throttles, rng).seconds

@@ -8,7 +8,6 @@ from typing import NoReturn
 import click
 
 from worker.cli import http_cmds, ops_cmds, report_cmds, service_cmds, tracking_cmds
-from worker.cli.common import pass_runtime  # noqa: F401  (re-exported for command modules)
 from worker.errors import ConfigError, OptrackError
 
 
