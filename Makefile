@@ -19,6 +19,7 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff format --check worker tests migrations bench
 	$(BIN)/ruff check worker tests migrations bench
+	$(BIN)/lint-imports
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy

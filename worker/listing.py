@@ -2,7 +2,7 @@
 
 A store beside ``repository`` (which owns the writes and the poll queries): every function
 takes the caller's session and returns the reports' frozen ``OperationState`` values, so the
-adapters serialize them with the one formatter (``reports.formats.operation_record``).
+adapters serialize them with the one formatter (``records.operation_record``).
 """
 
 from __future__ import annotations
