@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from worker.errors import ConfigError
@@ -15,6 +17,19 @@ def test_the_request_deadline_defaults_to_30_seconds_and_reaches_the_client() ->
     runtime = Runtime(settings)
     assert runtime.client.timeouts.deadline == 12.5
     runtime.close()
+
+
+def test_the_clock_allowance_defaults_to_a_minute_and_reaches_the_policy() -> None:
+    assert load_settings({}).clock_allowance == 60.0
+    runtime = Runtime(load_settings({"OPTRACK_CLOCK_ALLOWANCE": "5"}))
+    assert runtime.poll_policy.clock_allowance == timedelta(seconds=5)
+    runtime.close()
+
+
+@pytest.mark.parametrize("raw", ["-1", "3601", "soon", "inf"])
+def test_a_clock_allowance_out_of_bounds_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="OPTRACK_CLOCK_ALLOWANCE"):
+        load_settings({"OPTRACK_CLOCK_ALLOWANCE": raw})
 
 
 @pytest.mark.parametrize("raw", ["0", "0.5", "301", "-1", "soon", "inf", "nan"])

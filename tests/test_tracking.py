@@ -22,7 +22,7 @@ from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.repository import DbGate, GroupClaim, Repository
 from worker.sandbox import Fault, SandboxServer
-from worker.tracking import Outcome, PollCounts, PollPolicy, observe
+from worker.tracking import Outcome, PollCounts, PollPolicy, Stale, observe
 
 # GETs only: these tests are about one operation at a time (List windows: test_batch.py).
 POLICY = PollPolicy(interval=timedelta(seconds=10), lease=timedelta(seconds=60), strategy="fetch")
@@ -372,7 +372,8 @@ def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClo
         clock.now() - timedelta(hours=1),
         clock.now() - timedelta(seconds=30),
     )
-    assert observe(recorded, stale) is None
+    decided = observe(recorded, stale, clock.now())
+    assert isinstance(decided, Stale) and decided.lowers
 
 
 def test_upkeep_never_regroups_a_group_a_poll_holds(

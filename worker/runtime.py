@@ -64,6 +64,7 @@ class Runtime:
             strategy=s.poll_strategy,
             list_threshold=s.list_threshold,
             pending_lookback=timedelta(seconds=s.pending_lookback),
+            clock_allowance=timedelta(seconds=s.clock_allowance),
         )
 
     @cached_property

@@ -57,6 +57,9 @@ class Settings:
     max_due_per_tick: int = 20000
     # How long a sweep's claim holds its operations; a killed worker's operations wait this long.
     claim_lease: float = 120.0
+    # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
+    # order answers; past it the answer is judged by its counts alone.
+    clock_allowance: float = 60.0
     # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
     discovery_interval: float | None = None
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
@@ -347,6 +350,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0, minimum=0.0),
         max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000, 1, 1_000_000),
         claim_lease=_float(env, "OPTRACK_CLAIM_LEASE", 120.0, minimum=10.0),
+        clock_allowance=_bounded(env, "OPTRACK_CLOCK_ALLOWANCE", 60.0, 0.0, 3600.0),
         allow_insecure_http=allow_http,
         discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL", minimum=10.0),
         discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,
