@@ -26,6 +26,8 @@ POLICY = PollPolicy(
     max_interval=timedelta(seconds=10),
     lease=timedelta(seconds=60),
     list_threshold=5,
+    # The first 404 ends tracking: these tests are about pages (the grace: test_recording.py).
+    not_found_grace=timedelta(0),
 )
 MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 

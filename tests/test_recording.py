@@ -20,7 +20,16 @@ from worker.operation import Operation, Stats, Status
 from worker.poller import Poller
 from worker.repository import DbGate, Repository
 from worker.sandbox import Fault, SandboxServer
-from worker.tracking import ENDED_STATES, Observed, Outcome, PollPolicy, Stale, observe
+from worker.tracking import (
+    ENDED_STATES,
+    Gone,
+    Observed,
+    Outcome,
+    PollPolicy,
+    Stale,
+    observe,
+)
+from worker.tracking import not_found as not_found_decision
 
 OP_ID = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -149,6 +158,7 @@ class Record:
     version: int = 1
     polls: int = 0
     group_id: int | None = 1
+    not_found_since: datetime | None = None
 
     @classmethod
     def first(cls, at: datetime) -> Record:
@@ -275,3 +285,45 @@ def test_an_answer_that_lowers_created_or_failed_is_stale_whatever_its_date(
         assert isinstance(decided, Stale) and not decided.lowers
     else:
         assert not isinstance(decided, Stale)
+
+
+# --- NOT_FOUND only when it is true -----------------------------------------------------
+
+
+def test_a_new_operation_answering_404_for_its_first_seconds_is_tracked_to_its_end(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    op = sandbox.add_operation(total=4, duration=30, not_found_for=15)  # not replicated yet
+    intake.track(sessions, [op.id], clock.now())
+    first_404 = clock.now()
+    for _ in range(2):  # t=0 and t=10: 404s, well within the grace
+        assert poll_all(poller, tick(sessions, clock)).outcomes[Outcome.ERROR] == 1
+        state = row(sessions, op.id)
+        assert state.status == "PENDING" and state.not_found_since == first_404
+        clock.advance(POLICY.interval.total_seconds())
+    assert poll_all(poller, tick(sessions, clock)).outcomes[Outcome.CHANGED] == 1
+    assert row(sessions, op.id).not_found_since is None  # an answer ends the streak
+    for _ in range(3):
+        clock.advance(POLICY.interval.total_seconds())
+        poll_all(poller, tick(sessions, clock))
+    assert row(sessions, op.id).status == "COMPLETED"
+    statuses = [r["status"] for r in sandbox.requests_log() if op.id in str(r["path"])]
+    assert statuses[:2] == [404, 404] and set(statuses[2:]) == {200}
+
+
+def test_a_404_streak_ends_tracking_only_once_it_lasts_the_grace(clock: FakeClock) -> None:
+    policy = PollPolicy(not_found_grace=timedelta(seconds=60))
+    known = replace(Record.first(clock.now()), not_found_since=None)
+    first = not_found_decision(known, "HTTP 404", clock.now(), policy)
+    assert not isinstance(first, Gone) and first.not_found_since == clock.now()
+    assert first.not_before <= clock.now() + policy.interval
+    later = replace(known, not_found_since=clock.now())
+    assert not isinstance(
+        not_found_decision(later, "HTTP 404", clock.now() + timedelta(seconds=59), policy), Gone
+    )
+    assert isinstance(
+        not_found_decision(later, "HTTP 404", clock.now() + timedelta(seconds=60), policy), Gone
+    )
+    # A grace of zero: the first 404 ends it (the behaviour before the grace).
+    zero = PollPolicy(not_found_grace=timedelta(0))
+    assert isinstance(not_found_decision(known, "HTTP 404", clock.now(), zero), Gone)

@@ -108,3 +108,16 @@ def test_a_query_or_fragment_is_not_echoed_either(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"OPTRACK_API_BASE_URL": url})
     assert SECRET not in str(info.value)
+
+
+def test_the_not_found_grace_defaults_to_a_minute_and_reaches_the_policy() -> None:
+    assert load_settings({}).not_found_grace == 60.0
+    runtime = Runtime(load_settings({"OPTRACK_NOT_FOUND_GRACE": "0"}))
+    assert runtime.poll_policy.not_found_grace == timedelta(0)
+    runtime.close()
+
+
+@pytest.mark.parametrize("raw", ["-1", "86401", "soon", "nan"])
+def test_a_not_found_grace_out_of_bounds_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="OPTRACK_NOT_FOUND_GRACE"):
+        load_settings({"OPTRACK_NOT_FOUND_GRACE": raw})

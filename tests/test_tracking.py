@@ -265,6 +265,12 @@ def test_a_broker_refusal_gives_the_unsent_claims_back_at_once(sessions, clock: 
 
 def test_404_ends_tracking_as_not_found(sessions, poller: Poller, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
     intake.track(sessions, [MISSING], clock.now())
+    # 404s for less than the grace (60 s) end nothing: asked again within an interval.
+    for _ in range(6):
+        counts = poll_all(poller, tick(sessions, clock))
+        assert counts.outcomes[Outcome.ERROR] == 1
+        assert row(sessions, MISSING).not_found_since is not None
+        clock.advance(POLICY.interval.total_seconds())
     counts = poll_all(poller, tick(sessions, clock))
     assert counts.outcomes[Outcome.NOT_FOUND] == 1
     assert row(sessions, MISSING).status == "NOT_FOUND"

@@ -102,7 +102,7 @@ def _decide(
             if observed is not None:
                 changes.append(observed)
         elif isinstance(result, OperationNotFound):
-            changes.append(not_found(row, str(result)))
+            changes.append(not_found(row, str(result), now, policy))
         else:
             changes.append(failure(row, result, now, policy))
     return changes
@@ -166,6 +166,15 @@ def _log(changes: Sequence[Decision]) -> None:
                 )
         elif isinstance(change, Gone):
             log.warning("%s: the API says it does not exist; tracking ended", op_id, extra=extra)
+        elif change.not_found_since is not None and change.error.startswith("HTTP 404"):
+            log.warning(
+                "%s: the API says it does not exist (since %s); asked again at %s, tracking "
+                "ends if it lasts OPTRACK_NOT_FOUND_GRACE",
+                op_id,
+                change.not_found_since.isoformat(),
+                change.not_before.isoformat(),
+                extra=extra,
+            )
         else:
             log.warning(
                 "%s: poll failed (%s); not before %s",

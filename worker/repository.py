@@ -494,6 +494,7 @@ def _observed_row(change: Observed, now: datetime) -> dict[str, Any]:
         "consecutive_errors": 0,
         "last_error": None,
         "not_before": None,
+        "not_found_since": None,
         "group_id": group_id,
         "version": known.version + 1,
     }
@@ -508,6 +509,7 @@ def _failed_row(change: Failed, now: datetime) -> dict[str, Any]:
         "last_polled_at": now,
         "last_error": change.error,
         "not_before": change.not_before,
+        "not_found_since": change.not_found_since,
         "version": known.version + 1,
     }
 

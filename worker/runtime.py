@@ -65,6 +65,7 @@ class Runtime:
             list_threshold=s.list_threshold,
             pending_lookback=timedelta(seconds=s.pending_lookback),
             clock_allowance=timedelta(seconds=s.clock_allowance),
+            not_found_grace=timedelta(seconds=s.not_found_grace),
         )
 
     @cached_property

@@ -60,6 +60,8 @@ class Settings:
     # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
     # order answers; past it the answer is judged by its counts alone.
     clock_allowance: float = 60.0
+    # A 404 ends tracking only once 404s have lasted this long (0: at the first).
+    not_found_grace: float = 60.0
     # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
     discovery_interval: float | None = None
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
@@ -351,6 +353,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000, 1, 1_000_000),
         claim_lease=_float(env, "OPTRACK_CLAIM_LEASE", 120.0, minimum=10.0),
         clock_allowance=_bounded(env, "OPTRACK_CLOCK_ALLOWANCE", 60.0, 0.0, 3600.0),
+        not_found_grace=_bounded(env, "OPTRACK_NOT_FOUND_GRACE", 60.0, 0.0, 86400.0),
         allow_insecure_http=allow_http,
         discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL", minimum=10.0),
         discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,

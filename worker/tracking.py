@@ -61,6 +61,8 @@ class Known(Protocol):
     def polls(self) -> int: ...
     @property
     def group_id(self) -> int | None: ...
+    @property
+    def not_found_since(self) -> datetime | None: ...
 
 
 class Outcome(enum.StrEnum):
@@ -118,6 +120,8 @@ class Failed:
     known: Known
     error: str
     not_before: datetime
+    # When the operation's 404 streak began (None: it answered 404 last time, or never).
+    not_found_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,9 @@ class PollPolicy:
     # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
     # order answers (OPTRACK_CLOCK_ALLOWANCE).
     clock_allowance: timedelta = timedelta(seconds=60)
+    # A 404 ends tracking only once 404s have lasted this long (OPTRACK_NOT_FOUND_GRACE): a
+    # new operation may not be replicated yet. Zero: the first 404 ends it.
+    not_found_grace: timedelta = timedelta(seconds=60)
 
     @property
     def adaptive(self) -> bool:
@@ -231,6 +238,7 @@ def observe(
         or known.remote_created_at is None
         or known.consecutive_errors > 0
         or known.not_before is not None
+        or known.not_found_since is not None
     )
     return Observed(known, answer, history, key, trusted) if moved else None
 
@@ -258,12 +266,22 @@ def failure(known: Known, error: ApiError, now: datetime, policy: PollPolicy) ->
     errors = known.consecutive_errors + 1
     wait = max(policy.interval.total_seconds(), policy.retry.backoff(errors))
     detail = f"{type(error).__name__}: {error}"[:1000]
-    return Failed(known, detail, now + timedelta(seconds=wait))
+    # Another error amid 404s neither ends nor restarts the streak.
+    return Failed(known, detail, now + timedelta(seconds=wait), known.not_found_since)
 
 
-def not_found(known: Known, detail: str) -> Gone:
-    """A 404 from a fetch: tracking ends as NOT_FOUND."""
-    return Gone(known, detail[:1000])
+def not_found(known: Known, detail: str, now: datetime, policy: PollPolicy) -> Gone | Failed:
+    """A 404 from a fetch: tracking ends as NOT_FOUND once 404s have lasted the grace;
+    before that it is a failed poll that remembers when the streak began."""
+    since = known.not_found_since or now
+    if now - since >= policy.not_found_grace:
+        return Gone(known, detail[:1000])
+    ends = since + policy.not_found_grace
+    note = f"{detail} (404 since {since.isoformat()}; ends tracking if it lasts until "
+    note += f"{ends.isoformat()})"
+    # Asked again within an interval, and no later than the grace's end.
+    again = min(now + policy.interval, max(ends, now + timedelta(seconds=1)))
+    return Failed(known, note[:1000], again, since)
 
 
 def is_due(not_before: datetime | None, now: datetime) -> bool:
