@@ -318,8 +318,11 @@ def test_a_404_on_a_list_page_ends_nothing(
     intake.track(sessions, [o.id for o in ops], clock.now())
     sandbox.add_fault(Fault(kind="status", status=404))
     counts = sweep_and_poll(sessions, poller, clock)
-    assert counts.outcomes[Outcome.ERROR] == 6
-    assert {r.status for r in rows(sessions).values()} == {"PENDING"}
+    # A configuration error (the List endpoint has no 404): the account pauses, nothing fails.
+    assert counts.outcomes[Outcome.DEFERRED] == 6 and counts.outcomes[Outcome.ERROR] == 0
+    assert {(r.status, r.consecutive_errors) for r in rows(sessions).values()} == {("PENDING", 0)}
+    pause = poller.client.gate.current()  # type: ignore[attr-defined]
+    assert pause is not None and pause.status_code == 404
 
 
 def test_a_message_stops_calling_before_its_claim_expires(

@@ -12,12 +12,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.conftest import SID, TOKEN
 from tests.test_tracking import POLICY, make_poller, poll_all, row, tick
-from worker import intake
+from worker import health, intake
+from worker.cli.render import pause_line
+from worker.client import ApiClient
 from worker.clock import FakeClock
 from worker.db import HistoryEntry
 from worker.operation import Operation, Stats, Status
 from worker.poller import Poller
+from worker.recorder import Recorder
 from worker.repository import DbGate, Repository
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import (
@@ -327,3 +331,60 @@ def test_a_404_streak_ends_tracking_only_once_it_lasts_the_grace(clock: FakeCloc
     # A grace of zero: the first 404 ends it (the behaviour before the grace).
     zero = PollPolicy(not_found_grace=timedelta(0))
     assert isinstance(not_found_decision(known, "HTTP 404", clock.now(), zero), Gone)
+
+
+@pytest.mark.parametrize("strategy", ["fetch", "list"])
+def test_a_base_url_without_v1_ends_nothing_and_pauses_polling(
+    sessions, sandbox: SandboxServer, db_gate: DbGate, clock: FakeClock, strategy: str
+) -> None:  # type: ignore[no-untyped-def]
+    ops = [sandbox.add_operation(total=4, duration=3600) for _ in range(6)]
+    intake.track(sessions, [o.id for o in ops], clock.now())
+    # Every route of the root without /v1 answers the API's 20404, fetches included.
+    policy = replace(POLICY, strategy=strategy, not_found_grace=timedelta(0), list_threshold=1)
+    with ApiClient(sandbox.root_url, SID, TOKEN, gate=db_gate, clock=clock) as client:
+        poller = Poller(sessions, client, policy, clock, Recorder(sessions, policy))
+        counts = poll_all(poller, tick(sessions, clock, policy=policy))
+    # Even with no grace at all, no operation ended or counted an error.
+    assert counts.outcomes[Outcome.NOT_FOUND] == 0 and counts.outcomes[Outcome.ERROR] == 0
+    assert counts.outcomes[Outcome.DEFERRED] == len(ops)
+    for op in ops:
+        state = row(sessions, op.id)
+        assert (state.status, state.not_found_since, state.consecutive_errors) == (
+            "PENDING",
+            None,
+            0,
+        )
+    # Shown by `optrack status` and `optrack health`, with the reason.
+    pause = db_gate.current()
+    assert pause is not None and pause.status_code == 404
+    line = pause_line(pause, clock.now())
+    assert line is not None and "OPTRACK_API_BASE_URL" in line and "configuration error" in line
+    with sessions() as session:
+        report = health.check(
+            session,
+            clock.now(),
+            account_sid=SID,
+            max_beat_age=timedelta(days=1),
+            max_lag=timedelta(days=1),
+        )
+    assert not report.ok
+    assert any("OPTRACK_API_BASE_URL" in p and "no operation ended" in p for p in report.problems)
+    # The sweep claims nothing while the configuration error pauses the account.
+    paused = db_gate.paused_until(clock.now())
+    assert paused is not None and tick(sessions, clock, paused[0], policy=policy) == []
+    # The List endpoint was asked once (the probe of a GET group, or the window's page).
+    lists = [r for r in sandbox.requests_log() if str(r["path"]) == "/SenderPools/Operations"]
+    assert len(lists) == 1
+
+
+def test_a_404_with_the_api_reachable_counts_towards_the_grace(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    gone = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
+    intake.track(sessions, [gone], clock.now())
+    counts = poll_all(poller, tick(sessions, clock))
+    assert counts.outcomes[Outcome.ERROR] == 1 and counts.outcomes[Outcome.DEFERRED] == 0
+    assert row(sessions, gone).not_found_since == clock.now()
+    # One List request proved the base URL right (no answer in the message did).
+    paths = [str(r["path"]) for r in sandbox.requests_log()]
+    assert paths == [f"/v1/SenderPools/Operations/{gone}", "/v1/SenderPools/Operations"]

@@ -1,4 +1,5 @@
-"""Is optrack working? Beat's heartbeat, the polling lag and rejected credentials, from the DB.
+"""Is optrack working? Beat's heartbeat, the polling lag, rejected credentials and a wrong
+base URL, from the DB.
 
 ``beat_ticked`` is called by the tick task; ``check`` is what `optrack health` and the metrics
 read. Every function takes ``now``.
@@ -19,6 +20,7 @@ from worker.db import ACTIVE_STATES, AccountPause, Heartbeat, PollGroup, Tracked
 
 BEAT = "beat"
 AUTH_STATUSES = (401, 403)
+CONFIG_STATUS = 404  # a pause for a 404 no API route gives: OPTRACK_API_BASE_URL is wrong
 
 
 def database_problem(engine: Engine) -> str | None:
@@ -93,6 +95,14 @@ def credentials_rejected(session: Session, account_sid: str, now: datetime) -> A
     return None
 
 
+def configuration_error(session: Session, account_sid: str, now: datetime) -> AccountPause | None:
+    """The account pause caused by a wrong base URL (a List 404), while it still runs."""
+    row = session.get(AccountPause, account_sid)
+    if row is not None and row.status_code == CONFIG_STATUS and row.paused_until > now:
+        return row
+    return None
+
+
 @dataclass(frozen=True)
 class HealthReport:
     """The facts `optrack health` judged, and what is wrong (empty when healthy)."""
@@ -145,5 +155,11 @@ def check(
         problems.append(
             f"credentials rejected (HTTP {rejected.status_code}) at "
             f"{rejected.updated_at.isoformat()}: {rejected.reason}"
+        )
+    wrong = configuration_error(session, account_sid, now)
+    if wrong is not None:
+        problems.append(
+            f"polling paused at {wrong.updated_at.isoformat()} by a {wrong.reason} "
+            "(no operation ended because of it)"
         )
     return HealthReport(beat_at, lag, tuple(problems))

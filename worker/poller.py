@@ -19,7 +19,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient, next_page_token
 from worker.clock import Clock
-from worker.errors import ApiError, AuthError, OperationNotFound, RetryLater, ServerError
+from worker.errors import (
+    ApiError,
+    AuthError,
+    OperationNotFound,
+    RetryLater,
+    ServerError,
+    WrongBaseUrl,
+)
+from worker.operation import Operation
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
 from worker.repository import PollTarget, Repository
@@ -55,6 +63,8 @@ class _Run:
     pages: int | None = None
     list_error: ApiError | None = None
     deferral: _Deferral | None = None
+    # An answer (a page, a 200) proved the base URL right: a 404 then may be about its operation.
+    reachable: bool = False
 
 
 class Poller:
@@ -96,11 +106,12 @@ class Poller:
             log.warning("group %d: out of time; the rest is due again", group_id)
         except RetryLater as exc:
             run.deferral = _Deferral(exc.not_before, exc.reason)
-        except AuthError as exc:
+        except (AuthError, WrongBaseUrl) as exc:
             now = self.clock.now()
             paused = self.client.gate.paused_until(now)
             run.deferral = _Deferral(paused[0] if paused else now + self.policy.interval, str(exc))
-            log.error("credentials rejected, polling paused until %s: %s", run.deferral.until, exc)
+            what = "credentials rejected" if isinstance(exc, AuthError) else "configuration error"
+            log.error("%s, polling paused until %s: %s", what, run.deferral.until, exc)
         run.counts.requests = self.client.requests_sent - sent_before
         if run.deferral is not None:
             left = [m for m in members if m.id not in run.seen and m.id not in run.removed]
@@ -124,7 +135,7 @@ class Poller:
         sent_before = self.client.requests_sent
         try:
             self._fetch(members, run)
-        except (RetryLater, AuthError) as exc:
+        except (RetryLater, AuthError, WrongBaseUrl) as exc:
             log.warning("refresh stopped: %s", exc)
         run.counts.requests = self.client.requests_sent - sent_before
         return run.counts
@@ -153,6 +164,7 @@ class Poller:
                 )
                 run.pages += 1
                 run.listed += len(page.operations)
+                run.reachable = True
                 self._record({op.id: op for op in page.operations}, run)
                 if page.rejected:
                     log.warning(
@@ -163,7 +175,7 @@ class Poller:
                 if page.next_token is None:
                     return
                 token = next_page_token(page, tokens)
-        except (AuthError, RetryLater):
+        except (AuthError, RetryLater, WrongBaseUrl):
             raise
         except ApiError as exc:
             if isinstance(exc, OperationNotFound):
@@ -177,7 +189,12 @@ class Poller:
             self._record(left, run)
 
     def _fetch(self, members: Sequence[PollTarget], run: _Run) -> None:
-        """One GET per member that is not backing off; recorded together at the end."""
+        """One GET per member that is not backing off; recorded together at the end.
+
+        404s are recorded only if the API is shown reachable at the right base URL: by an
+        answer in this message, else by one List request (which has no 404). A List 404 is
+        ``WrongBaseUrl``: the 404s are dropped, nothing ends, the account is paused.
+        """
         now = self.clock.now()
         results: dict[str, Result] = {}
         try:
@@ -188,12 +205,31 @@ class Poller:
                 self._check_deadline(run)
                 try:
                     results[member.id] = self.client.fetch(member.id)
-                except (AuthError, RetryLater):
+                except (AuthError, RetryLater, WrongBaseUrl):
                     raise
                 except ApiError as exc:
                     results[member.id] = exc
+            self._prove_reachable(results, run)
+        except WrongBaseUrl:
+            results = {k: v for k, v in results.items() if not isinstance(v, OperationNotFound)}
+            raise
         finally:
             self._record(results, run)
+
+    def _prove_reachable(self, results: Mapping[str, Result], run: _Run) -> None:
+        """Raise WrongBaseUrl if 404s came while the API's List answers 404 too."""
+        if any(isinstance(r, Operation) for r in results.values()):
+            run.reachable = True
+        if run.reachable or not any(isinstance(r, OperationNotFound) for r in results.values()):
+            return
+        try:
+            self.client.list_page(page_size=1)
+        except (AuthError, RetryLater, WrongBaseUrl):
+            raise
+        except ApiError as exc:  # says nothing of the base URL: the 404s count, within the grace
+            log.warning("List probe after 404s failed (%s); the 404s stand", exc)
+            return
+        run.reachable = True
 
     def _record(self, results: Mapping[str, Result], run: _Run) -> None:
         """Write what ``results`` say about tracked operations (members or not)."""

@@ -106,6 +106,8 @@ def pause_line(pause: AccountPause | None, now: datetime) -> str | None:
         return f"Polling paused until {_short(pause.paused_until)} UTC: {pause.reason}"
     if pause.status_code in (401, 403):
         return f"Last credentials error at {_short(pause.updated_at)} UTC: {pause.reason}"
+    if pause.status_code == 404:
+        return f"Last configuration error at {_short(pause.updated_at)} UTC: {pause.reason}"
     return None
 
 
