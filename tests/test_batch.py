@@ -370,7 +370,7 @@ def test_the_claim_lease_is_a_setting() -> None:
     from worker.runtime import Runtime
     from worker.settings import load_settings
 
-    settings = load_settings({"OPTRACK_CLAIM_LEASE": "15"})
+    settings = load_settings({"OPTRACK_CLAIM_LEASE": "15", "OPTRACK_REQUEST_DEADLINE": "2.5"})
     assert Runtime(settings).poll_policy.lease == timedelta(seconds=15)
     assert Runtime(load_settings({})).poll_policy.lease == timedelta(seconds=120)
     with pytest.raises(ConfigError, match="OPTRACK_CLAIM_LEASE"):

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import pytest
 
+from worker import ops_tasks
+from worker.celery_app import celery_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import load_settings
@@ -121,3 +123,59 @@ def test_the_not_found_grace_defaults_to_a_minute_and_reaches_the_policy() -> No
 def test_a_not_found_grace_out_of_bounds_is_refused(raw: str) -> None:
     with pytest.raises(ConfigError, match="OPTRACK_NOT_FOUND_GRACE"):
         load_settings({"OPTRACK_NOT_FOUND_GRACE": raw})
+
+
+def test_every_task_has_time_limits_within_the_claims_lease() -> None:
+    settings = load_settings({})
+    config = celery_config(settings)
+    assert config["task_soft_time_limit"] == 120.0 == settings.claim_lease
+    assert config["task_time_limit"] == 132.0  # a tenth later, at least 5 s
+    short = celery_config(load_settings({"OPTRACK_POLL_TIME_LIMIT": "90"}))
+    assert (short["task_soft_time_limit"], short["task_time_limit"]) == (90.0, 99.0)
+    # Retention runs in batches for longer, with limits of its own.
+    assert ops_tasks.prune.soft_time_limit == ops_tasks.PRUNE_SOFT_TIME_LIMIT
+    assert ops_tasks.prune.time_limit == ops_tasks.PRUNE_TIME_LIMIT
+
+
+def test_a_message_stops_calling_while_one_request_still_fits_in_its_claim() -> None:
+    policy = Runtime(load_settings({})).poll_policy
+    # 30 s deadline + 5 s in-place wait: more than the lease's last quarter (30 s).
+    assert policy.deadline_margin == timedelta(seconds=35)
+    policy = Runtime(load_settings({"OPTRACK_CLAIM_LEASE": "600"})).poll_policy
+    assert policy.deadline_margin == timedelta(seconds=150)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"OPTRACK_CLAIM_LEASE": "60"}, ("OPTRACK_REQUEST_DEADLINE", "OPTRACK_CLAIM_LEASE")),
+        (
+            {"OPTRACK_CLAIM_LEASE": "20", "OPTRACK_REQUEST_DEADLINE": "8"},
+            ("OPTRACK_MAX_INPLACE_WAIT", "OPTRACK_CLAIM_LEASE"),
+        ),
+        ({"OPTRACK_POLL_TIME_LIMIT": "121"}, ("OPTRACK_POLL_TIME_LIMIT", "OPTRACK_CLAIM_LEASE")),
+        (
+            {"OPTRACK_POLL_TIME_LIMIT": "20"},
+            ("OPTRACK_POLL_TIME_LIMIT", "OPTRACK_REQUEST_DEADLINE"),
+        ),
+        ({"OPTRACK_POLL_TIME_LIMIT": "1"}, ("OPTRACK_POLL_TIME_LIMIT",)),
+    ],
+)
+def test_deadlines_and_time_limits_that_do_not_fit_the_lease_are_refused(
+    env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_deadlines_that_fit_the_lease_are_accepted() -> None:
+    settings = load_settings(
+        {
+            "OPTRACK_CLAIM_LEASE": "20",
+            "OPTRACK_REQUEST_DEADLINE": "8",
+            "OPTRACK_MAX_INPLACE_WAIT": "2",
+        }
+    )
+    assert settings.task_soft_time_limit == 20.0

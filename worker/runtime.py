@@ -66,6 +66,7 @@ class Runtime:
             pending_lookback=timedelta(seconds=s.pending_lookback),
             clock_allowance=timedelta(seconds=s.clock_allowance),
             not_found_grace=timedelta(seconds=s.not_found_grace),
+            request_time=timedelta(seconds=s.request_deadline + s.max_inplace_wait),
         )
 
     @cached_property

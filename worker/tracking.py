@@ -163,6 +163,8 @@ class PollPolicy:
     # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
     # order answers (OPTRACK_CLOCK_ALLOWANCE).
     clock_allowance: timedelta = timedelta(seconds=60)
+    # The longest one request may take: its deadline plus an in-place wait.
+    request_time: timedelta = timedelta(seconds=35)
     # A 404 ends tracking only once 404s have lasted this long (OPTRACK_NOT_FOUND_GRACE): a
     # new operation may not be replicated yet. Zero: the first 404 ends it.
     not_found_grace: timedelta = timedelta(seconds=60)
@@ -188,8 +190,9 @@ class PollPolicy:
 
     @property
     def deadline_margin(self) -> timedelta:
-        """A message stops calling this long before its claim expires."""
-        return self.lease / 4
+        """A message stops calling this long before its claim expires: the lease's last
+        quarter, or longer if one request may take longer, so it never outlives its claim."""
+        return max(self.lease / 4, self.request_time)
 
 
 def observe(
