@@ -10,15 +10,16 @@ from itertools import pairwise
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import SID, TOKEN
+from tests.conftest import PG_ADMIN_URL, SID, TOKEN
 from tests.test_tracking import POLICY, make_poller, poll_all, row, tick
 from worker import health, intake
 from worker.cli.render import pause_line
 from worker.client import ApiClient
 from worker.clock import FakeClock
-from worker.db import HistoryEntry
+from worker.db import HistoryEntry, PollGroup, make_engine, make_sessionmaker
 from worker.operation import Operation, Stats, Status
 from worker.poller import Poller
 from worker.recorder import Recorder
@@ -388,3 +389,74 @@ def test_a_404_with_the_api_reachable_counts_towards_the_grace(
     # One List request proved the base URL right (no answer in the message did).
     paths = [str(r["path"]) for r in sandbox.requests_log()]
     assert paths == [f"/v1/SenderPools/Operations/{gone}", "/v1/SenderPools/Operations"]
+
+
+# --- a database that goes away does not cost API calls -----------------------------------
+
+
+class LocksOutTheDatabase:
+    """A request budget (the client's real hook before each request) that, at the first
+    request, stops the test's PostgreSQL database from taking connections."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def allow(self, allowed: bool) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{self.name}" WITH ALLOW_CONNECTIONS {allowed}'))
+            if not allowed:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                    ),
+                    {"n": self.name},
+                )
+
+    def reserve(self, now: datetime, max_wait: float) -> float:
+        self.allow(False)
+        return 0.0
+
+
+class ReopensOnSleep(FakeClock):
+    """The fake clock; its second wait (the client's 0 s budget waits aside) lets the database
+    take connections again."""
+
+    def __init__(self, start: datetime, lock: LocksOutTheDatabase) -> None:
+        super().__init__(start)
+        self.lock = lock
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        if len(self.waits) == 2:
+            self.lock.allow(True)
+
+    @property
+    def waits(self) -> list[float]:
+        return [s for s in self.slept if s > 0]
+
+
+def test_a_write_the_database_cannot_take_is_retried_without_asking_the_api_again(
+    pg_url: str, sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    lock = LocksOutTheDatabase(pg_url.rsplit("/", 1)[1])
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        op = sandbox.add_operation(total=4, duration=3600)
+        intake.track(sessions, [op.id], clock.now())
+        retrying = ReopensOnSleep(clock.now(), lock)
+        client = ApiClient(sandbox.base_url, SID, TOKEN, clock=retrying, budget=lock)
+        with client:
+            poller = Poller(sessions, client, POLICY, retrying, Recorder(sessions, POLICY))
+            counts = poll_all(poller, tick(sessions, retrying))  # no exception: no task retry
+        assert counts.requests == 1 and counts.outcomes[Outcome.CHANGED] == 1
+        assert retrying.waits == [1.0, 2.0]  # the write, tried twice more in place
+        assert row(sessions, op.id).status == "PROCESSING"
+        assert len([r for r in sandbox.requests_log() if op.id in str(r["path"])]) == 1
+        with sessions() as session:  # the group's end was written too: its one member, seen
+            assert session.scalars(select(PollGroup)).all() == []  # at last, is placed anew
+    finally:
+        lock.allow(True)
+        engine.dispose()
+        lock.engine.dispose()

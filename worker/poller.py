@@ -5,15 +5,19 @@ operation on it, member of this group or not, is written if the page says someth
 than what is stored. Members the pages did not show fall back to one GET each. A GET group
 asks for each member. Each write decides against the rows it has locked, so two messages
 that saw one change record it once. Then the group's schedule is written (one row).
+
+Answers are never asked for twice because the database went away: a write that finds it
+unreachable is tried again in place, with backoff, while the claim lasts (a task retry would
+send every request of the message again).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,13 +34,19 @@ from worker.errors import (
 from worker.operation import Operation
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
-from worker.repository import PollTarget, Repository
+from worker.repository import DB_UNREACHABLE, PollTarget, Repository
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
 log = logging.getLogger(__name__)
 PAGE_SIZE = 1000
 # List bounds are exclusive and in whole seconds: pad the window by one on each side.
 WINDOW_PAD = timedelta(seconds=1)
+# A write the database could not take is tried again after 1, 2, 4, ... s (at most 15 s),
+# at most this many times, while the claim lasts.
+WRITE_RETRY_FIRST = 1.0
+WRITE_RETRY_MAX = 15.0
+WRITE_ATTEMPTS = 10
+T = TypeVar("T")
 
 
 class _OutOfTime(Exception):
@@ -54,7 +64,8 @@ class _Run:
     """What one message learned so far."""
 
     group_id: int
-    deadline: datetime
+    deadline: datetime  # no request after this
+    expires: datetime  # the claim's end: no write retried past it
     counts: PollCounts = field(default_factory=PollCounts.empty)
     seen: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)  # members that ended or must be re-placed
@@ -94,7 +105,11 @@ class Poller:
             log.info("group %d: claimed by another sweep meanwhile; nothing to do", group_id)
             return PollCounts.empty()
         started = self.clock.now()
-        run = _Run(group_id, group.claim_expires_at - self.policy.deadline_margin)
+        run = _Run(
+            group_id,
+            group.claim_expires_at - self.policy.deadline_margin,
+            group.claim_expires_at,
+        )
         sent_before = self.client.requests_sent
         try:
             if group.kind == LIST and members:
@@ -131,7 +146,8 @@ class Poller:
         schedule (a refresh on demand); a pause of the account stops it."""
         with self.sessions() as session:
             members = Repository(session).targets(operation_ids)
-        run = _Run(0, datetime.max.replace(tzinfo=self.clock.now().tzinfo))
+        never = datetime.max.replace(tzinfo=self.clock.now().tzinfo)
+        run = _Run(0, never, never)
         sent_before = self.client.requests_sent
         try:
             self._fetch(members, run)
@@ -233,7 +249,11 @@ class Poller:
 
     def _record(self, results: Mapping[str, Result], run: _Run) -> None:
         """Write what ``results`` say about tracked operations (members or not)."""
-        recorded = self.recorder.record(results, self.clock.now())
+        recorded = self._write(
+            lambda: self.recorder.record(results, self.clock.now()),
+            run,
+            f"{len(results)} answer(s)",
+        )
         run.seen.update(recorded.outcomes)
         run.removed.update(recorded.leaving)
         run.changed = run.changed or recorded.changed
@@ -241,6 +261,29 @@ class Poller:
         run.counts.history_rows += recorded.history
         for outcome in recorded.outcomes.values():
             run.counts.add(outcome)
+
+    def _write(self, write: Callable[[], T], run: _Run, what: str) -> T:
+        """``write()``, tried again in place while the database is unreachable and the claim
+        lasts; the answers it holds are never asked for again."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return write()
+            except DB_UNREACHABLE as exc:
+                wait = min(WRITE_RETRY_MAX, WRITE_RETRY_FIRST * 2 ** (attempt - 1))
+                if attempt == WRITE_ATTEMPTS or self.clock.now() + timedelta(seconds=wait) >= (
+                    run.expires
+                ):
+                    raise
+                log.warning(
+                    "group %d: the database did not take %s (%s); trying again in %g s "
+                    "without asking the API again",
+                    run.group_id,
+                    what,
+                    type(exc).__name__,
+                    wait,
+                )
+                self.clock.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _finish(
         self,
@@ -274,9 +317,13 @@ class Poller:
             )
             if run.pages is not None:
                 values.update(listed=run.listed, pages=run.pages)
-        with self.sessions.begin() as session:
-            repo = Repository(session)
-            if not repo.finish(group.id, token, values):
-                log.warning("group %d: claim lost before its schedule was written", group.id)
-            elif remaining <= 0 and not repo.members(group.id):
-                repo.drop_group(group.id)
+
+        def write() -> None:
+            with self.sessions.begin() as session:
+                repo = Repository(session)
+                if not repo.finish(group.id, token, values):
+                    log.warning("group %d: claim lost before its schedule was written", group.id)
+                elif remaining <= 0 and not repo.members(group.id):
+                    repo.drop_group(group.id)
+
+        self._write(write, run, "the group's schedule")
