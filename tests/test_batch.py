@@ -26,6 +26,8 @@ POLICY = PollPolicy(
     max_interval=timedelta(seconds=10),
     lease=timedelta(seconds=60),
     list_threshold=5,
+    # The first 404 ends tracking: these tests are about pages (the grace: test_recording.py).
+    not_found_grace=timedelta(0),
 )
 MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 
@@ -316,8 +318,11 @@ def test_a_404_on_a_list_page_ends_nothing(
     intake.track(sessions, [o.id for o in ops], clock.now())
     sandbox.add_fault(Fault(kind="status", status=404))
     counts = sweep_and_poll(sessions, poller, clock)
-    assert counts.outcomes[Outcome.ERROR] == 6
-    assert {r.status for r in rows(sessions).values()} == {"PENDING"}
+    # A configuration error (the List endpoint has no 404): the account pauses, nothing fails.
+    assert counts.outcomes[Outcome.DEFERRED] == 6 and counts.outcomes[Outcome.ERROR] == 0
+    assert {(r.status, r.consecutive_errors) for r in rows(sessions).values()} == {("PENDING", 0)}
+    pause = poller.client.gate.current()  # type: ignore[attr-defined]
+    assert pause is not None and pause.status_code == 404
 
 
 def test_a_message_stops_calling_before_its_claim_expires(
@@ -365,7 +370,7 @@ def test_the_claim_lease_is_a_setting() -> None:
     from worker.runtime import Runtime
     from worker.settings import load_settings
 
-    settings = load_settings({"OPTRACK_CLAIM_LEASE": "15"})
+    settings = load_settings({"OPTRACK_CLAIM_LEASE": "15", "OPTRACK_REQUEST_DEADLINE": "2.5"})
     assert Runtime(settings).poll_policy.lease == timedelta(seconds=15)
     assert Runtime(load_settings({})).poll_policy.lease == timedelta(seconds=120)
     with pytest.raises(ConfigError, match="OPTRACK_CLAIM_LEASE"):

@@ -149,6 +149,14 @@ def test_a_base_url_without_v1_exits_2(env: dict[str, str]) -> None:
     assert "must be the API root, its path ending with /v1" in result.stderr
 
 
+def test_a_lease_too_short_for_one_request_exits_2(env: dict[str, str]) -> None:
+    env["OPTRACK_CLAIM_LEASE"] = "20"  # the request deadline (30 s) alone is longer
+    result = optrack(env, "status")
+    assert result.returncode == 2
+    for name in ("OPTRACK_REQUEST_DEADLINE", "OPTRACK_MAX_INPLACE_WAIT", "OPTRACK_CLAIM_LEASE"):
+        assert name in result.stderr
+
+
 def test_plain_http_to_a_remote_host_is_refused(env: dict[str, str]) -> None:
     env["OPTRACK_API_BASE_URL"] = "http://api.example.com/v1"
     result = optrack(env, "status")

@@ -81,6 +81,11 @@ def test_a_base_url_without_v1_gives_wrong_base_url_on_list(
     with client:
         with pytest.raises(WrongBaseUrl):
             client.list_page()
+        # A configuration error pauses the account (every process stops polling) for a minute.
+        paused = client.gate.paused_until(clock.now())
+        assert paused is not None and paused[1].startswith("configuration error: HTTP 404")
+        assert paused[0] == clock.now() + timedelta(seconds=60)
+        clock.advance(60)
         # Every fetch answers the API's 20404 too: only the caller, seeing all of them fail at
         # once while List says the base URL is wrong, can tell (issue 11).
         with pytest.raises(OperationNotFound):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,43 @@ def test_200_answers_that_break_the_schema_are_never_stored(stack: FaultStack) -
         # tracker asked again (the broken answer came before that).
         assert all(e.observed_at.timestamp() >= retries[0]["t"] for e in history[op_id])
     assert not re.search(r"Traceback", logs), "a broken answer crashed a task"
+
+
+def test_lagging_replicas_fast_clocks_and_late_404s_never_corrupt_the_history(
+    stack: FaultStack,
+) -> None:
+    lagging = stack.create(total=20, duration=10)
+    fast = stack.create(total=20, duration=8)
+    fast_node = stack.create(total=20, duration=8)
+    late = stack.create(total=10, duration=6, not_found_for=3)  # not replicated for 3 s
+    stack.track([lagging, fast, fast_node, late])
+    faults: list[dict[str, Any]] = [
+        # Older stats with today's updatedAt, answered three times.
+        {"kind": "stale", "lag": 4, "match": lagging, "count": 3},
+        # An updatedAt 30 days ahead; a node 10 minutes fast whose Date header is fast too.
+        {"kind": "future_updated_at", "offset": 30 * 86400, "match": fast},
+        {"kind": "future_updated_at", "offset": 600, "date_offset": 600, "match": fast_node},
+    ]
+    wait_for(lambda: len(stack.api_log()) >= 4, 60, "every operation's first poll")
+    for fault in faults:
+        stack.sandbox.fault(**fault)
+    wait_for(lambda: stack.pending_faults() == [], 60, "every fault to be served")
+    stack.wait_until_all_ended(90)
+    log = stack.api_log()
+    # check_history: right final state, no duplicate, counts and updatedAt never go back.
+    check_history(stack, "replicas_and_late_404s", faults=5 + 1)
+    history = stack.history()
+    now = time.time()
+    assert all(
+        e.remote_updated_at.timestamp() < now + 60
+        for op_id in (fast, fast_node)
+        for e in history[op_id]
+    ), "a future updatedAt was recorded"
+    # The late operation answered 404 at first, was not ended, and was tracked to its end.
+    late_statuses = [r["status"] for r in log if r["path"].endswith(late)]
+    assert late_statuses[0] == 404 and late_statuses[-1] == 200
+    logs = stack.logs()
+    assert f"{lagging}: stale answer not recorded (would lower created" in logs
+    assert f"{late}: the API says it does not exist (since" in logs
+    assert "OPTRACK_CLOCK_ALLOWANCE" in logs
+    assert not re.search(r"Traceback", logs)

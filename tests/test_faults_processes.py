@@ -30,7 +30,16 @@ def one_worker(tmp_path: Path, pg_url: str) -> Iterator[FaultStack]:
 
     A 20 s claim lease (OPTRACK_CLAIM_LEASE), so a killed worker's operations come back soon.
     """
-    with fault_stack(tmp_path, db_url=pg_url, workers=("w1",), OPTRACK_CLAIM_LEASE="20") as stack:
+    # A request and an in-place wait must fit in half of it (OPTRACK_REQUEST_DEADLINE and
+    # OPTRACK_MAX_INPLACE_WAIT, checked at start).
+    with fault_stack(
+        tmp_path,
+        db_url=pg_url,
+        workers=("w1",),
+        OPTRACK_CLAIM_LEASE="20",
+        OPTRACK_REQUEST_DEADLINE="8",
+        OPTRACK_MAX_INPLACE_WAIT="2",
+    ) as stack:
         yield stack
 
 

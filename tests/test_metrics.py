@@ -30,7 +30,12 @@ from worker.sandbox import Fault, SandboxServer
 from worker.tracking import PollPolicy
 
 MISSING = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
-POLICY = PollPolicy(interval=timedelta(seconds=10), max_interval=timedelta(seconds=10))
+# The first 404 ends tracking (the grace: test_recording.py).
+POLICY = PollPolicy(
+    interval=timedelta(seconds=10),
+    max_interval=timedelta(seconds=10),
+    not_found_grace=timedelta(0),
+)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -213,8 +213,9 @@ def test_the_pollers_end_hook_records_the_whole_final_record(
     with sessions.begin() as session:
         Repository(session).add([done.id, missing], clock.now())
     client = make_client()
-    recorder = Recorder(sessions, PollPolicy(), on_end=[end_hook])
-    poller = Poller(sessions, client, PollPolicy(), client.clock, recorder)
+    policy = PollPolicy(not_found_grace=timedelta(0))  # the first 404 ends tracking
+    recorder = Recorder(sessions, policy, on_end=[end_hook])
+    poller = Poller(sessions, client, policy, client.clock, recorder)
     poller.refresh([done.id, missing])
     poller.refresh([done.id, missing])  # already ended: no second notice
     by_id = {n.operation_id: json.loads(n.payload) for n in notices(sessions)}

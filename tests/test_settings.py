@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
+from worker import ops_tasks
+from worker.celery_app import celery_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import load_settings
@@ -15,6 +19,19 @@ def test_the_request_deadline_defaults_to_30_seconds_and_reaches_the_client() ->
     runtime = Runtime(settings)
     assert runtime.client.timeouts.deadline == 12.5
     runtime.close()
+
+
+def test_the_clock_allowance_defaults_to_a_minute_and_reaches_the_policy() -> None:
+    assert load_settings({}).clock_allowance == 60.0
+    runtime = Runtime(load_settings({"OPTRACK_CLOCK_ALLOWANCE": "5"}))
+    assert runtime.poll_policy.clock_allowance == timedelta(seconds=5)
+    runtime.close()
+
+
+@pytest.mark.parametrize("raw", ["-1", "3601", "soon", "inf"])
+def test_a_clock_allowance_out_of_bounds_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="OPTRACK_CLOCK_ALLOWANCE"):
+        load_settings({"OPTRACK_CLOCK_ALLOWANCE": raw})
 
 
 @pytest.mark.parametrize("raw", ["0", "0.5", "301", "-1", "soon", "inf", "nan"])
@@ -93,3 +110,72 @@ def test_a_query_or_fragment_is_not_echoed_either(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"OPTRACK_API_BASE_URL": url})
     assert SECRET not in str(info.value)
+
+
+def test_the_not_found_grace_defaults_to_a_minute_and_reaches_the_policy() -> None:
+    assert load_settings({}).not_found_grace == 60.0
+    runtime = Runtime(load_settings({"OPTRACK_NOT_FOUND_GRACE": "0"}))
+    assert runtime.poll_policy.not_found_grace == timedelta(0)
+    runtime.close()
+
+
+@pytest.mark.parametrize("raw", ["-1", "86401", "soon", "nan"])
+def test_a_not_found_grace_out_of_bounds_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="OPTRACK_NOT_FOUND_GRACE"):
+        load_settings({"OPTRACK_NOT_FOUND_GRACE": raw})
+
+
+def test_every_task_has_time_limits_within_the_claims_lease() -> None:
+    settings = load_settings({})
+    config = celery_config(settings)
+    assert config["task_soft_time_limit"] == 120.0 == settings.claim_lease
+    assert config["task_time_limit"] == 132.0  # a tenth later, at least 5 s
+    short = celery_config(load_settings({"OPTRACK_POLL_TIME_LIMIT": "90"}))
+    assert (short["task_soft_time_limit"], short["task_time_limit"]) == (90.0, 99.0)
+    # Retention runs in batches for longer, with limits of its own.
+    assert ops_tasks.prune.soft_time_limit == ops_tasks.PRUNE_SOFT_TIME_LIMIT
+    assert ops_tasks.prune.time_limit == ops_tasks.PRUNE_TIME_LIMIT
+
+
+def test_a_message_stops_calling_while_one_request_still_fits_in_its_claim() -> None:
+    policy = Runtime(load_settings({})).poll_policy
+    # 30 s deadline + 5 s in-place wait: more than the lease's last quarter (30 s).
+    assert policy.deadline_margin == timedelta(seconds=35)
+    policy = Runtime(load_settings({"OPTRACK_CLAIM_LEASE": "600"})).poll_policy
+    assert policy.deadline_margin == timedelta(seconds=150)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"OPTRACK_CLAIM_LEASE": "60"}, ("OPTRACK_REQUEST_DEADLINE", "OPTRACK_CLAIM_LEASE")),
+        (
+            {"OPTRACK_CLAIM_LEASE": "20", "OPTRACK_REQUEST_DEADLINE": "8"},
+            ("OPTRACK_MAX_INPLACE_WAIT", "OPTRACK_CLAIM_LEASE"),
+        ),
+        ({"OPTRACK_POLL_TIME_LIMIT": "121"}, ("OPTRACK_POLL_TIME_LIMIT", "OPTRACK_CLAIM_LEASE")),
+        (
+            {"OPTRACK_POLL_TIME_LIMIT": "20"},
+            ("OPTRACK_POLL_TIME_LIMIT", "OPTRACK_REQUEST_DEADLINE"),
+        ),
+        ({"OPTRACK_POLL_TIME_LIMIT": "1"}, ("OPTRACK_POLL_TIME_LIMIT",)),
+    ],
+)
+def test_deadlines_and_time_limits_that_do_not_fit_the_lease_are_refused(
+    env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_deadlines_that_fit_the_lease_are_accepted() -> None:
+    settings = load_settings(
+        {
+            "OPTRACK_CLAIM_LEASE": "20",
+            "OPTRACK_REQUEST_DEADLINE": "8",
+            "OPTRACK_MAX_INPLACE_WAIT": "2",
+        }
+    )
+    assert settings.task_soft_time_limit == 20.0

@@ -22,7 +22,7 @@ from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.repository import DbGate, GroupClaim, Repository
 from worker.sandbox import Fault, SandboxServer
-from worker.tracking import Outcome, PollCounts, PollPolicy, observe
+from worker.tracking import Outcome, PollCounts, PollPolicy, Stale, observe
 
 # GETs only: these tests are about one operation at a time (List windows: test_batch.py).
 POLICY = PollPolicy(interval=timedelta(seconds=10), lease=timedelta(seconds=60), strategy="fetch")
@@ -265,6 +265,12 @@ def test_a_broker_refusal_gives_the_unsent_claims_back_at_once(sessions, clock: 
 
 def test_404_ends_tracking_as_not_found(sessions, poller: Poller, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
     intake.track(sessions, [MISSING], clock.now())
+    # 404s for less than the grace (60 s) end nothing: asked again within an interval.
+    for _ in range(6):
+        counts = poll_all(poller, tick(sessions, clock))
+        assert counts.outcomes[Outcome.ERROR] == 1
+        assert row(sessions, MISSING).not_found_since is not None
+        clock.advance(POLICY.interval.total_seconds())
     counts = poll_all(poller, tick(sessions, clock))
     assert counts.outcomes[Outcome.NOT_FOUND] == 1
     assert row(sessions, MISSING).status == "NOT_FOUND"
@@ -372,7 +378,8 @@ def test_an_answer_older_than_the_record_does_not_move_stats_back(clock: FakeClo
         clock.now() - timedelta(hours=1),
         clock.now() - timedelta(seconds=30),
     )
-    assert observe(recorded, stale) is None
+    decided = observe(recorded, stale, clock.now())
+    assert isinstance(decided, Stale) and decided.lowers
 
 
 def test_upkeep_never_regroups_a_group_a_poll_holds(

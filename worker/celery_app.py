@@ -36,6 +36,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A worker killed mid-poll hands the message back instead of dropping it.
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # No message holds a worker slot for ever: every task is stopped within the claim's
+        # lease (OPTRACK_POLL_TIME_LIMIT), killed a little later if it ignores that.
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
         "broker_connection_retry_on_startup": True,
         "timezone": "UTC",
         "enable_utc": True,

@@ -59,6 +59,8 @@ NOT_FOUND_CODE = 20404  # the API's "resource not found": only this ends an oper
 MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never ends is a bug
 # How long credentials rejected by the API stop all polling before one more try.
 AUTH_PAUSE_SECONDS = 60.0
+# How long a 404 that proves a wrong base URL stops all polling before one more try.
+CONFIG_PAUSE_SECONDS = 60.0
 USER_AGENT = "optrack/0.1 (+requests)"
 MAX_BODY_BYTES = 64 << 20  # a List page of 1,000 operations is about 250 KB
 _READ_CHUNK = 64 << 10
@@ -411,5 +413,10 @@ def _http_error(
         # answer (a proxy, a wrong path): the base URL is wrong, the operation is not gone.
         if endpoint == "fetch" and any(e.code == NOT_FOUND_CODE for e in errors):
             return OperationNotFound(status, errors, url)
-        return WrongBaseUrl(status, errors, url)
+        wrong = WrongBaseUrl(status, errors, url)
+        # A configuration error: every process stops polling (no operation ends of it) and
+        # `optrack status` and `optrack health` show why.
+        reason = f"configuration error: {wrong}"
+        gate.pause(now + timedelta(seconds=CONFIG_PAUSE_SECONDS), reason[:500], status)
+        return wrong
     return ServerError(status, errors, url)

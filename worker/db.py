@@ -95,6 +95,8 @@ class TrackedOperation(Base):
     )
     # This operation's own "not before" (backoff after an error); NULL: whenever its group runs.
     not_before: Mapped[datetime | None]
+    # When a 404 streak began (migration 0007): it ends tracking only once it lasts the grace.
+    not_found_since: Mapped[datetime | None]
     # Answers recorded for this operation: changes and errors (unchanged answers write nothing).
     polls: Mapped[int] = mapped_column(Integer, default=0)
     consecutive_errors: Mapped[int] = mapped_column(Integer, default=0)

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 # rejected": one definition each, for the client, health, reports and the CLI.
 THROTTLE_STATUSES = frozenset({409, 429, 503})
 AUTH_STATUSES = frozenset({401, 403})
+# The status an account pause carries for a 404 no API route gives: OPTRACK_API_BASE_URL is wrong.
+CONFIG_ERROR_STATUS = 404
 
 
 class OptrackError(Exception):

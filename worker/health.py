@@ -1,4 +1,5 @@
-"""Is optrack working? Beat's heartbeat, the polling lag and rejected credentials, from the DB.
+"""Is optrack working? Beat's heartbeat, the polling lag, rejected credentials and a wrong
+base URL, from the DB.
 
 ``beat_ticked`` is called by the tick task; ``check`` is what `optrack health` and the metrics
 read. Every function takes ``now``.
@@ -16,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker.db import AccountPause, Heartbeat, PollGroup, TrackedOperation
-from worker.errors import AUTH_STATUSES
+from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
 from worker.records import iso
 from worker.tracking import ACTIVE_STATES, PROCESSING
 
@@ -95,6 +96,14 @@ def credentials_rejected(session: Session, account_sid: str, now: datetime) -> A
     return None
 
 
+def configuration_error(session: Session, account_sid: str, now: datetime) -> AccountPause | None:
+    """The account pause caused by a wrong base URL (a List 404), while it still runs."""
+    row = session.get(AccountPause, account_sid)
+    if row is not None and row.status_code == CONFIG_ERROR_STATUS and row.paused_until > now:
+        return row
+    return None
+
+
 @dataclass(frozen=True)
 class HealthReport:
     """The facts `optrack health` judged, and what is wrong (empty when healthy)."""
@@ -147,5 +156,11 @@ def check(
         problems.append(
             f"credentials rejected (HTTP {rejected.status_code}) at "
             f"{rejected.updated_at.isoformat()}: {rejected.reason}"
+        )
+    wrong = configuration_error(session, account_sid, now)
+    if wrong is not None:
+        problems.append(
+            f"polling paused at {wrong.updated_at.isoformat()} by a {wrong.reason} "
+            "(no operation ended because of it)"
         )
     return HealthReport(beat_at, lag, tuple(problems))

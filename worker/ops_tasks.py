@@ -75,7 +75,17 @@ def deliver_notices() -> dict[str, int]:
     return {"delivered": delivered, "failed": failed}
 
 
-@app.task(name=PRUNE_TASK, ignore_result=True)
+# Retention deletes in batches, each its own transaction: stopped, it goes on the next day.
+PRUNE_SOFT_TIME_LIMIT = 1800.0
+PRUNE_TIME_LIMIT = 1860.0
+
+
+@app.task(
+    name=PRUNE_TASK,
+    ignore_result=True,
+    soft_time_limit=PRUNE_SOFT_TIME_LIMIT,
+    time_limit=PRUNE_TIME_LIMIT,
+)
 def prune() -> dict[str, int]:
     """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""
     rt = runtime()

@@ -5,30 +5,48 @@ operation on it, member of this group or not, is written if the page says someth
 than what is stored. Members the pages did not show fall back to one GET each. A GET group
 asks for each member. Each write decides against the rows it has locked, so two messages
 that saw one change record it once. Then the group's schedule is written (one row).
+
+Answers are never asked for twice because the database went away: a write that finds it
+unreachable is tried again in place, with backoff, while the claim lasts (a task retry would
+send every request of the message again).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient, next_page_token
 from worker.clock import Clock
-from worker.errors import ApiError, AuthError, OperationNotFound, RetryLater, ServerError
+from worker.errors import (
+    ApiError,
+    AuthError,
+    OperationNotFound,
+    RetryLater,
+    ServerError,
+    WrongBaseUrl,
+)
+from worker.operation import Operation
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
-from worker.repository import PollTarget, Repository
+from worker.repository import DB_UNREACHABLE, PollTarget, Repository
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
 log = logging.getLogger(__name__)
 PAGE_SIZE = 1000
 # List bounds are exclusive and in whole seconds: pad the window by one on each side.
 WINDOW_PAD = timedelta(seconds=1)
+# A write the database could not take is tried again after 1, 2, 4, ... s (at most 15 s),
+# at most this many times, while the claim lasts.
+WRITE_RETRY_FIRST = 1.0
+WRITE_RETRY_MAX = 15.0
+WRITE_ATTEMPTS = 10
+T = TypeVar("T")
 
 
 class _OutOfTime(Exception):
@@ -46,7 +64,8 @@ class _Run:
     """What one message learned so far."""
 
     group_id: int
-    deadline: datetime
+    deadline: datetime  # no request after this
+    expires: datetime  # the claim's end: no write retried past it
     counts: PollCounts = field(default_factory=PollCounts.empty)
     seen: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)  # members that ended or must be re-placed
@@ -55,6 +74,8 @@ class _Run:
     pages: int | None = None
     list_error: ApiError | None = None
     deferral: _Deferral | None = None
+    # An answer (a page, a 200) proved the base URL right: a 404 then may be about its operation.
+    reachable: bool = False
 
 
 class Poller:
@@ -84,7 +105,11 @@ class Poller:
             log.info("group %d: claimed by another sweep meanwhile; nothing to do", group_id)
             return PollCounts.empty()
         started = self.clock.now()
-        run = _Run(group_id, group.claim_expires_at - self.policy.deadline_margin)
+        run = _Run(
+            group_id,
+            group.claim_expires_at - self.policy.deadline_margin,
+            group.claim_expires_at,
+        )
         sent_before = self.client.requests_sent
         try:
             if group.kind == LIST and members:
@@ -96,11 +121,12 @@ class Poller:
             log.warning("group %d: out of time; the rest is due again", group_id)
         except RetryLater as exc:
             run.deferral = _Deferral(exc.not_before, exc.reason)
-        except AuthError as exc:
+        except (AuthError, WrongBaseUrl) as exc:
             now = self.clock.now()
             paused = self.client.gate.paused_until(now)
             run.deferral = _Deferral(paused[0] if paused else now + self.policy.interval, str(exc))
-            log.error("credentials rejected, polling paused until %s: %s", run.deferral.until, exc)
+            what = "credentials rejected" if isinstance(exc, AuthError) else "configuration error"
+            log.error("%s, polling paused until %s: %s", what, run.deferral.until, exc)
         run.counts.requests = self.client.requests_sent - sent_before
         if run.deferral is not None:
             left = [m for m in members if m.id not in run.seen and m.id not in run.removed]
@@ -120,11 +146,12 @@ class Poller:
         schedule (a refresh on demand); a pause of the account stops it."""
         with self.sessions() as session:
             members = Repository(session).targets(operation_ids)
-        run = _Run(0, datetime.max.replace(tzinfo=self.clock.now().tzinfo))
+        never = datetime.max.replace(tzinfo=self.clock.now().tzinfo)
+        run = _Run(0, never, never)
         sent_before = self.client.requests_sent
         try:
             self._fetch(members, run)
-        except (RetryLater, AuthError) as exc:
+        except (RetryLater, AuthError, WrongBaseUrl) as exc:
             log.warning("refresh stopped: %s", exc)
         run.counts.requests = self.client.requests_sent - sent_before
         return run.counts
@@ -153,6 +180,7 @@ class Poller:
                 )
                 run.pages += 1
                 run.listed += len(page.operations)
+                run.reachable = True
                 self._record({op.id: op for op in page.operations}, run)
                 if page.rejected:
                     log.warning(
@@ -163,7 +191,7 @@ class Poller:
                 if page.next_token is None:
                     return
                 token = next_page_token(page, tokens)
-        except (AuthError, RetryLater):
+        except (AuthError, RetryLater, WrongBaseUrl):
             raise
         except ApiError as exc:
             if isinstance(exc, OperationNotFound):
@@ -177,7 +205,12 @@ class Poller:
             self._record(left, run)
 
     def _fetch(self, members: Sequence[PollTarget], run: _Run) -> None:
-        """One GET per member that is not backing off; recorded together at the end."""
+        """One GET per member that is not backing off; recorded together at the end.
+
+        404s are recorded only if the API is shown reachable at the right base URL: by an
+        answer in this message, else by one List request (which has no 404). A List 404 is
+        ``WrongBaseUrl``: the 404s are dropped, nothing ends, the account is paused.
+        """
         now = self.clock.now()
         results: dict[str, Result] = {}
         try:
@@ -188,16 +221,39 @@ class Poller:
                 self._check_deadline(run)
                 try:
                     results[member.id] = self.client.fetch(member.id)
-                except (AuthError, RetryLater):
+                except (AuthError, RetryLater, WrongBaseUrl):
                     raise
                 except ApiError as exc:
                     results[member.id] = exc
+            self._prove_reachable(results, run)
+        except WrongBaseUrl:
+            results = {k: v for k, v in results.items() if not isinstance(v, OperationNotFound)}
+            raise
         finally:
             self._record(results, run)
 
+    def _prove_reachable(self, results: Mapping[str, Result], run: _Run) -> None:
+        """Raise WrongBaseUrl if 404s came while the API's List answers 404 too."""
+        if any(isinstance(r, Operation) for r in results.values()):
+            run.reachable = True
+        if run.reachable or not any(isinstance(r, OperationNotFound) for r in results.values()):
+            return
+        try:
+            self.client.list_page(page_size=1)
+        except (AuthError, RetryLater, WrongBaseUrl):
+            raise
+        except ApiError as exc:  # says nothing of the base URL: the 404s count, within the grace
+            log.warning("List probe after 404s failed (%s); the 404s stand", exc)
+            return
+        run.reachable = True
+
     def _record(self, results: Mapping[str, Result], run: _Run) -> None:
         """Write what ``results`` say about tracked operations (members or not)."""
-        recorded = self.recorder.record(results, self.clock.now())
+        recorded = self._write(
+            lambda: self.recorder.record(results, self.clock.now()),
+            run,
+            f"{len(results)} answer(s)",
+        )
         run.seen.update(recorded.outcomes)
         run.removed.update(recorded.leaving)
         run.changed = run.changed or recorded.changed
@@ -205,6 +261,29 @@ class Poller:
         run.counts.history_rows += recorded.history
         for outcome in recorded.outcomes.values():
             run.counts.add(outcome)
+
+    def _write(self, write: Callable[[], T], run: _Run, what: str) -> T:
+        """``write()``, tried again in place while the database is unreachable and the claim
+        lasts; the answers it holds are never asked for again."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return write()
+            except DB_UNREACHABLE as exc:
+                wait = min(WRITE_RETRY_MAX, WRITE_RETRY_FIRST * 2 ** (attempt - 1))
+                if attempt == WRITE_ATTEMPTS or self.clock.now() + timedelta(seconds=wait) >= (
+                    run.expires
+                ):
+                    raise
+                log.warning(
+                    "group %d: the database did not take %s (%s); trying again in %g s "
+                    "without asking the API again",
+                    run.group_id,
+                    what,
+                    type(exc).__name__,
+                    wait,
+                )
+                self.clock.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _finish(
         self,
@@ -238,9 +317,13 @@ class Poller:
             )
             if run.pages is not None:
                 values.update(listed=run.listed, pages=run.pages)
-        with self.sessions.begin() as session:
-            repo = Repository(session)
-            if not repo.finish(group.id, token, values):
-                log.warning("group %d: claim lost before its schedule was written", group.id)
-            elif remaining <= 0 and not repo.members(group.id):
-                repo.drop_group(group.id)
+
+        def write() -> None:
+            with self.sessions.begin() as session:
+                repo = Repository(session)
+                if not repo.finish(group.id, token, values):
+                    log.warning("group %d: claim lost before its schedule was written", group.id)
+                elif remaining <= 0 and not repo.members(group.id):
+                    repo.drop_group(group.id)
+
+        self._write(write, run, "the group's schedule")

@@ -22,11 +22,13 @@ from worker.operation import Operation
 from worker.repository import Repository
 from worker.tracking import (
     Change,
+    Decision,
     Failed,
     Gone,
     Observed,
     Outcome,
     PollPolicy,
+    Stale,
     failure,
     not_found,
     observe,
@@ -75,30 +77,32 @@ class Recorder:
                 # Decide again on the locked rows: another writer may have been first.
                 locked = repo.states((c.known.id for c in decided), lock=True)
                 decided = _decide(locked, results, now, self.policy)
-            written = repo.apply(decided, now)
+            written = repo.apply([c for c in decided if not isinstance(c, Stale)], now)
             for op_id in written.ended:
                 for hook in self.on_end:
                     hook(session, op_id, now)
         outcomes = {row.id: _unchanged(results[row.id]) for row in stored}
         outcomes.update({c.known.id: _outcome(c) for c in decided})
         _log(decided)
-        leaving = frozenset(c.known.id for c in decided if _leaves_group(c))
+        leaving = frozenset(
+            c.known.id for c in decided if not isinstance(c, Stale) and _leaves_group(c)
+        )
         return Recorded(outcomes, leaving, written.rows, written.history)
 
 
 def _decide(
     stored: Sequence[Row[Any]], results: Mapping[str, Result], now: datetime, policy: PollPolicy
-) -> list[Change]:
-    """The changes ``results`` make to the stored rows."""
-    changes: list[Change] = []
+) -> list[Decision]:
+    """The changes ``results`` make to the stored rows, and the stale answers among them."""
+    changes: list[Decision] = []
     for row in stored:
         result = results[row.id]
         if isinstance(result, Operation):
-            observed = observe(row, result)
+            observed = observe(row, result, now, policy)
             if observed is not None:
                 changes.append(observed)
         elif isinstance(result, OperationNotFound):
-            changes.append(not_found(row, str(result)))
+            changes.append(not_found(row, str(result), now, policy))
         else:
             changes.append(failure(row, result, now, policy))
     return changes
@@ -108,7 +112,9 @@ def _unchanged(result: Result) -> Outcome:
     return Outcome.ERROR if isinstance(result, ApiError) else Outcome.UNCHANGED
 
 
-def _outcome(change: Change) -> Outcome:
+def _outcome(change: Decision) -> Outcome:
+    if isinstance(change, Stale):
+        return Outcome.STALE
     if isinstance(change, Observed):
         return Outcome.CHANGED if change.history else Outcome.UNCHANGED
     return Outcome.ERROR if isinstance(change, Failed) else Outcome.NOT_FOUND
@@ -121,11 +127,31 @@ def _leaves_group(change: Change) -> bool:
     return isinstance(change, Gone)
 
 
-def _log(changes: Sequence[Change]) -> None:
+def _log(changes: Sequence[Decision]) -> None:
     for change in changes:
         op_id = change.known.id
         extra = {"operation_id": op_id}
+        if isinstance(change, Stale):
+            # A page read before another message's write is older and common: info only.
+            log.log(
+                logging.WARNING if change.lowers else logging.INFO,
+                "%s: stale answer not recorded (%s): %s updatedAt=%s",
+                op_id,
+                change.reason,
+                change.answer.status.value,
+                change.answer.updated_at.isoformat(),
+                extra=extra,
+            )
+            continue
         if isinstance(change, Observed):
+            if not change.trusted:
+                log.warning(
+                    "%s: updatedAt %s runs ahead of the answer's Date and the local clock by "
+                    "more than OPTRACK_CLOCK_ALLOWANCE; not used to order answers",
+                    op_id,
+                    change.answer.updated_at.isoformat(),
+                    extra=extra,
+                )
             if change.history:
                 s = change.answer.stats
                 log.info(
@@ -140,6 +166,15 @@ def _log(changes: Sequence[Change]) -> None:
                 )
         elif isinstance(change, Gone):
             log.warning("%s: the API says it does not exist; tracking ended", op_id, extra=extra)
+        elif change.not_found_since is not None and change.error.startswith("HTTP 404"):
+            log.warning(
+                "%s: the API says it does not exist (since %s); asked again at %s, tracking "
+                "ends if it lasts OPTRACK_NOT_FOUND_GRACE",
+                op_id,
+                change.not_found_since.isoformat(),
+                change.not_before.isoformat(),
+                extra=extra,
+            )
         else:
             log.warning(
                 "%s: poll failed (%s); not before %s",

@@ -232,7 +232,11 @@ class Repository:
         self.update_many([_observed_row(c, now) for c in observed])
         self.update_many([_failed_row(c, now) for c in failed])
         self.update_many([_gone_row(c, now) for c in gone])
-        history = [_history_row(c.answer, c.known.version + 1, now) for c in observed if c.history]
+        history = [
+            _history_row(c.answer, c.known.version + 1, now, c.updated_at)
+            for c in observed
+            if c.history
+        ]
         for start in range(0, len(history), INSERT_BATCH):
             self.session.execute(insert(HistoryEntry), history[start : start + INSERT_BATCH])
         ended = tuple(c.known.id for c in observed if c.ended) + tuple(c.known.id for c in gone)
@@ -461,9 +465,11 @@ def _new_row(op_id: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def _state(op: Operation, now: datetime) -> dict[str, Any]:
-    """The columns of an operation's state as the API gave it."""
+def _state(op: Operation, now: datetime, updated_at: datetime | None = None) -> dict[str, Any]:
+    """The columns of an operation's state as the API gave it; ``updated_at``: the ordering
+    key decided for it (an updatedAt ahead of the clocks is not kept), else its updatedAt."""
     ended = op.status.value not in ACTIVE_STATES
+    updated_at = op.updated_at if updated_at is None else updated_at
     return {
         "status": op.status.value,
         "total": op.stats.total,
@@ -471,8 +477,8 @@ def _state(op: Operation, now: datetime) -> dict[str, Any]:
         "created": op.stats.created,
         "failed": op.stats.failed,
         "remote_created_at": op.created_at,
-        "remote_updated_at": op.updated_at,
-        "ended_at": op.updated_at if ended else None,
+        "remote_updated_at": updated_at,
+        "ended_at": updated_at if ended else None,
         "last_polled_at": now,
     }
 
@@ -483,11 +489,12 @@ def _observed_row(change: Observed, now: datetime) -> dict[str, Any]:
     group_id = None if change.ended or change.first_sight else known.group_id
     return {
         "id": known.id,
-        **_state(change.answer, now),
+        **_state(change.answer, now, change.updated_at),
         "polls": known.polls + 1,
         "consecutive_errors": 0,
         "last_error": None,
         "not_before": None,
+        "not_found_since": None,
         "group_id": group_id,
         "version": known.version + 1,
     }
@@ -502,6 +509,7 @@ def _failed_row(change: Failed, now: datetime) -> dict[str, Any]:
         "last_polled_at": now,
         "last_error": change.error,
         "not_before": change.not_before,
+        "not_found_since": change.not_found_since,
         "version": known.version + 1,
     }
 
@@ -521,13 +529,15 @@ def _gone_row(change: Gone, now: datetime) -> dict[str, Any]:
     }
 
 
-def _history_row(op: Operation, seq: int, now: datetime) -> dict[str, Any]:
+def _history_row(
+    op: Operation, seq: int, now: datetime, updated_at: datetime | None = None
+) -> dict[str, Any]:
     stats = op.stats
     return {
         "operation_id": op.id,
         "seq": seq,
         "observed_at": now,
-        "remote_updated_at": op.updated_at,
+        "remote_updated_at": op.updated_at if updated_at is None else updated_at,
         "status": op.status.value,
         "total": stats.total,
         "queued": stats.queued,

@@ -25,6 +25,10 @@ POLL_STRATEGIES = ("auto", "list", "fetch")
 DEFAULT_HTTP_PORT = 8080
 # A guessable token is no lock: at least this many characters (token_urlsafe(32) gives 43).
 MIN_HTTP_TOKEN = 16
+# The hard time limit comes this much after the soft one (a tenth, at least 5 s), for the
+# task to log and write what it learned.
+HARD_LIMIT_GRACE = 0.1
+HARD_LIMIT_GRACE_MIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,13 @@ class Settings:
     max_due_per_tick: int = 20000
     # How long a sweep's claim holds its operations; a killed worker's operations wait this long.
     claim_lease: float = 120.0
+    # Celery's soft time limit on every task (the hard one a little later); None: the lease.
+    poll_time_limit: float | None = None
+    # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
+    # order answers; past it the answer is judged by its counts alone.
+    clock_allowance: float = 60.0
+    # A 404 ends tracking only once 404s have lasted this long (0: at the first).
+    not_found_grace: float = 60.0
     # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
     discovery_interval: float | None = None
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
@@ -73,6 +84,17 @@ class Settings:
     http_port: int = DEFAULT_HTTP_PORT
     http_token: str = field(default="", repr=False)
     http_cors_origins: tuple[str, ...] = ()
+
+    @property
+    def task_soft_time_limit(self) -> float:
+        """Seconds a task may run before Celery raises SoftTimeLimitExceeded in it."""
+        return self.claim_lease if self.poll_time_limit is None else self.poll_time_limit
+
+    @property
+    def task_time_limit(self) -> float:
+        """Seconds after which Celery kills a task's process (it ignored the soft limit)."""
+        soft = self.task_soft_time_limit
+        return soft + max(HARD_LIMIT_GRACE_MIN, soft * HARD_LIMIT_GRACE)
 
     @property
     def redacted_token(self) -> str:
@@ -302,6 +324,37 @@ def check_base_url(url: str, allow_insecure_http: bool) -> str:
     return url.rstrip("/")
 
 
+def check_lease(settings: Settings) -> Settings:
+    """Return ``settings`` if a poll message fits inside its claim's lease, else ConfigError.
+
+    A message stops calling once what is left of its claim is less than one request may take
+    (``OPTRACK_REQUEST_DEADLINE`` plus an in-place wait, ``OPTRACK_MAX_INPLACE_WAIT``), so that
+    must leave it at least half the lease; and the task's time limit must end within the lease.
+    """
+    s = settings
+    request = s.request_deadline + s.max_inplace_wait
+    if request > s.claim_lease / 2:
+        raise ConfigError(
+            f"OPTRACK_REQUEST_DEADLINE={s.request_deadline:g} plus OPTRACK_MAX_INPLACE_WAIT="
+            f"{s.max_inplace_wait:g} is {request:g} s, more than half of OPTRACK_CLAIM_LEASE="
+            f"{s.claim_lease:g}: a poll message could outlive its claim. Raise the lease to at "
+            f"least {2 * request:g} or shorten the others."
+        )
+    limit = s.task_soft_time_limit
+    if limit > s.claim_lease:
+        raise ConfigError(
+            f"OPTRACK_POLL_TIME_LIMIT={limit:g} is longer than OPTRACK_CLAIM_LEASE="
+            f"{s.claim_lease:g}: a poll message would run on after its claim expired and "
+            "another worker took its group. Leave it unset (the lease) or lower it."
+        )
+    if limit < request:
+        raise ConfigError(
+            f"OPTRACK_POLL_TIME_LIMIT={limit:g} is shorter than one request may take "
+            f"(OPTRACK_REQUEST_DEADLINE + OPTRACK_MAX_INPLACE_WAIT = {request:g} s)"
+        )
+    return settings
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from ``env`` (default: os.environ); raise ConfigError on a bad value."""
     env = os.environ if env is None else env
@@ -309,7 +362,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     allow_http = env.get("OPTRACK_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
     webhook_url, webhook_secret = _webhook(env)
     metrics_port, metrics_dir = _metrics(env)
-    return Settings(
+    settings = Settings(
         database_url=env.get("OPTRACK_DATABASE_URL") or f"sqlite:///{home / 'optrack.sqlite'}",
         broker_url=env.get("OPTRACK_BROKER_URL") or f"sqla+sqlite:///{home / 'broker.sqlite'}",
         api_base_url=check_base_url(
@@ -338,6 +391,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0, minimum=0.0),
         max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000, 1, 1_000_000),
         claim_lease=_float(env, "OPTRACK_CLAIM_LEASE", 120.0, minimum=10.0),
+        poll_time_limit=_optional_float(env, "OPTRACK_POLL_TIME_LIMIT", minimum=5.0),
+        clock_allowance=_bounded(env, "OPTRACK_CLOCK_ALLOWANCE", 60.0, 0.0, 3600.0),
+        not_found_grace=_bounded(env, "OPTRACK_NOT_FOUND_GRACE", 60.0, 0.0, 86400.0),
         allow_insecure_http=allow_http,
         discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL", minimum=10.0),
         discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,
@@ -355,6 +411,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         http_token=_http_token(env),
         http_cors_origins=_cors_origins(env),
     )
+    return check_lease(settings)
 
 
 def ensure_sqlite_dirs(settings: Settings) -> None:

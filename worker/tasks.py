@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown
 from kombu.exceptions import KombuError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
@@ -89,7 +90,17 @@ def poll(group_id: int, claim_token: str) -> dict[str, int]:
         log.warning("poll: dropping a message of an older format (%r)", type(group_id).__name__)
         return {}
     rt = runtime()
-    counts = rt.poller.poll(group_id, claim_token)
+    try:
+        counts = rt.poller.poll(group_id, claim_token)
+    except SoftTimeLimitExceeded:
+        # Said out loud: its claim may be gone, and the group is due again when it expires.
+        log.error(
+            "poll of group %d ran past OPTRACK_POLL_TIME_LIMIT (%g s) and was stopped; "
+            "the group is polled again once its claim expires",
+            group_id,
+            rt.settings.task_soft_time_limit,
+        )
+        return {}
     rt.metrics.observe_polls(counts)
     return counts.as_dict()
 

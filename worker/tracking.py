@@ -1,8 +1,16 @@
 """What an answer means for a tracked operation, and when to poll again. Pure domain logic.
 
 Nothing here knows Celery, HTTP or SQL. Every decision takes ``now``. The decisions return
-small typed changes (``Observed``, ``Failed``, ``Gone``); the repository turns them into rows
-and keeps the bookkeeping columns (version, polls, history seq) itself.
+small typed changes (``Observed``, ``Failed``, ``Gone``) or ``Stale`` (an answer that must not
+be recorded); the repository turns the changes into rows and keeps the bookkeeping columns
+(version, polls, history seq) itself.
+
+What is recorded (issue 11): an answer older than the record, or one that would lower
+``created`` or ``failed`` (those counts only grow), is stale whatever its updatedAt says. An
+updatedAt ahead of the answer's `Date` (or of ``now``) by more than the clock allowance is not
+trusted as the ordering key: the answer is judged by its counts alone and the record keeps the
+key it had, so one such answer never makes later true ones look older. An end (COMPLETED,
+CANCELED) that lowers no count is never stale for its age: ends are final, so it is true.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ class Known(Protocol):
     def polls(self) -> int: ...
     @property
     def group_id(self) -> int | None: ...
+    @property
+    def not_found_since(self) -> datetime | None: ...
 
 
 class Outcome(enum.StrEnum):
@@ -65,6 +75,7 @@ class Outcome(enum.StrEnum):
 
     CHANGED = "changed"  # new stats or status: a history row was written
     UNCHANGED = "unchanged"  # confirmed as recorded: nothing written
+    STALE = "stale"  # older than the record, or lower counts: logged, nothing written
     NOT_FOUND = "not_found"  # 404: tracking ended
     ERROR = "error"  # 400/500/transport/schema: this operation backs off
     DEFERRED = "deferred"  # the account is paused: its group waits for the pause
@@ -80,6 +91,10 @@ class Observed:
     # Status or counts moved: the change gets a history row (else only updatedAt moved, or
     # an error streak ended).
     history: bool
+    # The ordering key recorded: the answer's updatedAt, or the record's own key when that
+    # updatedAt runs ahead of the clocks (``trusted`` False).
+    updated_at: datetime
+    trusted: bool = True
 
     @property
     def ended(self) -> bool:
@@ -93,12 +108,25 @@ class Observed:
 
 
 @dataclass(frozen=True, slots=True)
+class Stale:
+    """An answer that must not be recorded: older than the record, or lowering a count."""
+
+    known: Known
+    answer: Operation
+    reason: str
+    # True if it would lower created or failed (a lagging replica); False if only older.
+    lowers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """A poll of the operation failed; it is not asked again before ``not_before``."""
 
     known: Known
     error: str
     not_before: datetime
+    # When the operation's 404 streak began (None: it answered 404 last time, or never).
+    not_found_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +138,7 @@ class Gone:
 
 
 Change = Observed | Failed | Gone
+Decision = Change | Stale
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,14 @@ class PollPolicy:
     # A never-seen operation was created at most this long before it was tracked (a List
     # window over never-seen operations starts that far back; missing ones fall back to GET).
     pending_lookback: timedelta = timedelta(days=1)
+    # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
+    # order answers (OPTRACK_CLOCK_ALLOWANCE).
+    clock_allowance: timedelta = timedelta(seconds=60)
+    # The longest one request may take: its deadline plus an in-place wait.
+    request_time: timedelta = timedelta(seconds=35)
+    # A 404 ends tracking only once 404s have lasted this long (OPTRACK_NOT_FOUND_GRACE): a
+    # new operation may not be replicated yet. Zero: the first 404 ends it.
+    not_found_grace: timedelta = timedelta(seconds=60)
 
     @property
     def adaptive(self) -> bool:
@@ -158,19 +195,44 @@ class PollPolicy:
 
     @property
     def deadline_margin(self) -> timedelta:
-        """A message stops calling this long before its claim expires."""
-        return self.lease / 4
+        """A message stops calling this long before its claim expires: the lease's last
+        quarter, or longer if one request may take longer, so it never outlives its claim."""
+        return max(self.lease / 4, self.request_time)
 
 
-def observe(known: Known, answer: Operation) -> Observed | None:
-    """The change an answer makes to the record, or None if it says nothing new.
-
-    An answer older than what is recorded (a lagging replica, a page read before another
-    message's) is dropped: stats never go backwards in the history.
-    """
-    if known.remote_updated_at is not None and answer.updated_at < known.remote_updated_at:
-        return None
+def observe(
+    known: Known, answer: Operation, now: datetime, policy: PollPolicy = PollPolicy()
+) -> Observed | Stale | None:
+    """The change an answer makes to the record, ``Stale`` if it must not be recorded, or None
+    if it says nothing new (see the module docstring for the rules)."""
     stats = answer.stats
+    lower = [
+        f"{name} {was} -> {now_}"
+        for name, was, now_ in (
+            ("created", known.created, stats.created),
+            ("failed", known.failed, stats.failed),
+        )
+        if was is not None and now_ < was
+    ]
+    if lower:
+        return Stale(known, answer, f"would lower {', '.join(lower)}", lowers=True)
+    trusted = trusted_updated_at(answer, now, policy.clock_allowance)
+    recorded = ordering_key(known, now, policy.clock_allowance)
+    older = trusted and recorded is not None and answer.updated_at < recorded
+    # An end is final whoever says it: never dropped for its age, so the true end is reached.
+    if older and answer.status.value not in ENDED_STATES:
+        return Stale(
+            known,
+            answer,
+            f"updatedAt {answer.updated_at.isoformat()} older than the recorded "
+            f"{recorded.isoformat() if recorded else None}",
+        )
+    if trusted and not older:
+        key = answer.updated_at
+    elif known.remote_updated_at is not None:
+        key = known.remote_updated_at
+    else:  # first sight of an untrusted one: no later than it was served
+        key = min(answer.created_at, reference_time(answer, now))
     history = (known.status, known.total, known.queued, known.created, known.failed) != (
         answer.status.value,
         stats.total,
@@ -180,12 +242,31 @@ def observe(known: Known, answer: Operation) -> Observed | None:
     )
     moved = (
         history
-        or answer.updated_at != known.remote_updated_at
+        or key != known.remote_updated_at
         or known.remote_created_at is None
         or known.consecutive_errors > 0
         or known.not_before is not None
+        or known.not_found_since is not None
     )
-    return Observed(known, answer, history) if moved else None
+    return Observed(known, answer, history, key, trusted) if moved else None
+
+
+def reference_time(answer: Operation, now: datetime) -> datetime:
+    """The earliest of the answer's `Date` and ``now``: what an updatedAt is judged against."""
+    return now if answer.served_at is None else min(answer.served_at, now)
+
+
+def trusted_updated_at(answer: Operation, now: datetime, allowance: timedelta) -> bool:
+    """False when the answer's updatedAt runs ahead of its `Date` or ``now`` by more than
+    ``allowance``: a node with a fast clock, which must not order the answers."""
+    return answer.updated_at <= reference_time(answer, now) + allowance
+
+
+def ordering_key(known: Known, now: datetime, allowance: timedelta) -> datetime | None:
+    """The recorded updatedAt if it may order answers; None if absent or itself ahead of
+    ``now`` (written before the allowance existed): then the counts alone judge."""
+    key = known.remote_updated_at
+    return key if key is not None and key <= now + allowance else None
 
 
 def failure(known: Known, error: ApiError, now: datetime, policy: PollPolicy) -> Failed:
@@ -193,12 +274,22 @@ def failure(known: Known, error: ApiError, now: datetime, policy: PollPolicy) ->
     errors = known.consecutive_errors + 1
     wait = max(policy.interval.total_seconds(), policy.retry.backoff(errors))
     detail = f"{type(error).__name__}: {error}"[:1000]
-    return Failed(known, detail, now + timedelta(seconds=wait))
+    # Another error amid 404s neither ends nor restarts the streak.
+    return Failed(known, detail, now + timedelta(seconds=wait), known.not_found_since)
 
 
-def not_found(known: Known, detail: str) -> Gone:
-    """A 404 from a fetch: tracking ends as NOT_FOUND."""
-    return Gone(known, detail[:1000])
+def not_found(known: Known, detail: str, now: datetime, policy: PollPolicy) -> Gone | Failed:
+    """A 404 from a fetch: tracking ends as NOT_FOUND once 404s have lasted the grace;
+    before that it is a failed poll that remembers when the streak began."""
+    since = known.not_found_since or now
+    if now - since >= policy.not_found_grace:
+        return Gone(known, detail[:1000])
+    ends = since + policy.not_found_grace
+    note = f"{detail} (404 since {since.isoformat()}; ends tracking if it lasts until "
+    note += f"{ends.isoformat()})"
+    # Asked again within an interval, and no later than the grace's end.
+    again = min(now + policy.interval, max(ends, now + timedelta(seconds=1)))
+    return Failed(known, note[:1000], again, since)
 
 
 def is_due(not_before: datetime | None, now: datetime) -> bool:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.db import AccountPause, HistoryEntry
-from worker.errors import AUTH_STATUSES
+from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
 from worker.reports.formats import STATUS_COLORS
 from worker.reports.model import OperationState
 
@@ -84,6 +84,8 @@ def pause_line(pause: AccountPause | None, now: datetime) -> str | None:
         return f"Polling paused until {_short(pause.paused_until)} UTC: {pause.reason}"
     if pause.status_code in AUTH_STATUSES:
         return f"Last credentials error at {_short(pause.updated_at)} UTC: {pause.reason}"
+    if pause.status_code == CONFIG_ERROR_STATUS:
+        return f"Last configuration error at {_short(pause.updated_at)} UTC: {pause.reason}"
     return None
 
 
