@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, inspect, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from worker import dialect
 from worker.db import AccountPause, Heartbeat, PollGroup, TrackedOperation
 from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
 from worker.records import iso
@@ -37,8 +37,7 @@ def database_problem(engine: Engine) -> str | None:
 
 def beat_ticked(session: Session, now: datetime) -> None:
     """Record that beat's tick ran at ``now`` (in the caller's transaction)."""
-    insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
-    stmt = insert(Heartbeat).values(name=BEAT, beat_at=now)
+    stmt = dialect.insert(session)(Heartbeat).values(name=BEAT, beat_at=now)
     stmt = stmt.on_conflict_do_update(
         index_elements=["name"],
         set_={"beat_at": stmt.excluded.beat_at},

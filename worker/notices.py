@@ -28,9 +28,9 @@ from typing import Any, Literal, Protocol
 import requests
 from kombu.exceptions import KombuError
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker import dialect
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
 from worker.records import iso, operation_record
@@ -53,9 +53,8 @@ def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
     """Queue the notice of ``row``'s end in the caller's transaction; False if one exists."""
     if row.status not in ENDED_STATES:
         raise ValueError(f"{row.id} is {row.status}, not ended: no notice to record")
-    insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
     stmt = (
-        insert(Notice)
+        dialect.insert(session)(Notice)
         .values(
             operation_id=row.id,
             payload=json.dumps(operation_record(row), sort_keys=True),
@@ -246,8 +245,7 @@ def _claim(session: Session, now: datetime, policy: DeliveryPolicy) -> tuple[str
         .order_by(Notice.next_attempt_at, Notice.id)
         .limit(policy.batch)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)
+    due = dialect.skip_locked(due, session)
     stmt = (
         update(Notice)
         .where(Notice.id.in_(due.scalar_subquery()))

@@ -5,7 +5,6 @@ Nothing here reads the wall clock: callers pass ``now``. docs/reports.md defines
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from datetime import datetime, timedelta
@@ -13,7 +12,6 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Float,
     Select,
     and_,
     case,
@@ -24,11 +22,9 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
+from worker import dialect
 from worker.db import (
     HistoryEntry,
     PollGroup,
@@ -65,26 +61,6 @@ ESTIMATE_WINDOW = 5  # recorded changes the completion estimate looks back over
 
 
 # --- SQL helpers --------------------------------------------------------------------------
-
-
-class seconds_between(FunctionElement[float]):
-    """SQL: seconds from the first datetime argument to the second, as a float."""
-
-    type = Float()
-    name = "seconds_between"
-    inherit_cache = True
-
-
-@compiles(seconds_between, "postgresql")
-def _seconds_pg(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
-    start, end = (compiler.process(arg, **kw) for arg in element.clauses)
-    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
-
-
-@compiles(seconds_between, "sqlite")
-def _seconds_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
-    start, end = (compiler.process(arg, **kw) for arg in element.clauses)
-    return f"((julianday({end}) - julianday({start})) * 86400.0)"
 
 
 def _ms(value: float | None) -> float | None:
@@ -171,8 +147,7 @@ def one_snapshot(session: Session) -> None:
 
     PostgreSQL: REPEATABLE READ. SQLite's transaction is one snapshot already.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    dialect.one_snapshot(session)
 
 
 # --- summary ------------------------------------------------------------------------------
@@ -268,48 +243,15 @@ def summarize(
 
 def _time_to_finish(session: Session, scope: list[ColumnElement[bool]]) -> TimeToFinish:
     """p50/p95 by linear interpolation between ranks (PostgreSQL's percentile_cont)."""
-    seconds = seconds_between(TrackedOperation.remote_created_at, TrackedOperation.ended_at)
+    seconds = dialect.seconds_between(TrackedOperation.remote_created_at, TrackedOperation.ended_at)
     finished = [
         *scope,
         TrackedOperation.status.in_(FINISHED_STATES),
         TrackedOperation.remote_created_at.is_not(None),
         TrackedOperation.ended_at.is_not(None),
     ]
-    if session.get_bind().dialect.name == "postgresql":
-        count, p50, p95, longest = session.execute(
-            select(
-                func.count(),
-                func.percentile_cont(0.5).within_group(seconds),
-                func.percentile_cont(0.95).within_group(seconds),
-                func.max(seconds),
-            ).where(*finished)
-        ).one()
-        return TimeToFinish(int(count), _ms(p50), _ms(p95), _ms(longest))
-    count, longest = session.execute(select(func.count(), func.max(seconds)).where(*finished)).one()
-    count = int(count)
-    if count == 0:
-        return TimeToFinish(0, None, None, None)
-    # SQLite has no percentile_cont: rank the durations once (one sort), read the two values
-    # around rank k = (n-1)·p for each p, and interpolate between them as percentile_cont does.
-    ranks = {p: (count - 1) * p for p in (0.5, 0.95)}
-    wanted = {n for k in ranks.values() for n in (math.floor(k), min(math.floor(k) + 1, count - 1))}
-    ranked = (
-        select(
-            seconds.label("seconds"),
-            (func.row_number().over(order_by=seconds) - 1).label("rank"),
-        )
-        .where(*finished)
-        .subquery()
-    )
-    stmt = select(ranked.c.rank, ranked.c.seconds).where(ranked.c.rank.in_(sorted(wanted)))
-    value = {int(rank): float(sec) for rank, sec in session.execute(stmt)}
-
-    def percentile(p: float) -> float | None:
-        low = math.floor(ranks[p])
-        high = min(low + 1, count - 1)
-        return _ms(value[low] + (ranks[p] - low) * (value[high] - value[low]))
-
-    return TimeToFinish(count, percentile(0.5), percentile(0.95), _ms(longest))
+    count, (p50, p95), longest = dialect.percentiles(session, seconds, finished, (0.5, 0.95))
+    return TimeToFinish(count, _ms(p50), _ms(p95), _ms(longest))
 
 
 def _stuck(
@@ -438,7 +380,7 @@ def operation_history(session: Session, operation_id: str, now: datetime) -> His
             (h.created - prev_created).label("created_delta"),
             (h.failed - prev_failed).label("failed_delta"),
             (h.queued - prev_queued).label("queued_delta"),
-            seconds_between(prev_time, h.remote_updated_at).label("elapsed"),
+            dialect.seconds_between(prev_time, h.remote_updated_at).label("elapsed"),
         )
         .where(h.operation_id == operation_id)
         .order_by(h.seq)

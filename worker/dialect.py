@@ -1,0 +1,119 @@
+"""What differs between SQLite and PostgreSQL, in one place: no dialect check lives elsewhere.
+
+The INSERT that knows ON CONFLICT, many IDs as one array or as chunks, FOR UPDATE SKIP
+LOCKED, one snapshot for a report, seconds between two datetimes, and percentiles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Float, Select, String, any_, cast, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+# SQLite allows 32,766 bound parameters a statement; stay far below it.
+SQLITE_IN_CHUNK = 500
+
+
+def is_postgresql(session: Session) -> bool:
+    """True if ``session`` talks to PostgreSQL (else SQLite)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def insert(session: Session) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING / DO UPDATE."""
+    return (postgresql if is_postgresql(session) else sqlite).insert
+
+
+def skip_locked(stmt: Select[Any], session: Session) -> Select[Any]:
+    """``stmt`` FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite's single write lock serializes
+    the claim that uses it already."""
+    return stmt.with_for_update(skip_locked=True) if is_postgresql(session) else stmt
+
+
+def ids_in(
+    session: Session, column: ColumnElement[str], ids: Sequence[str]
+) -> Iterable[ColumnElement[bool]]:
+    """``column IN ids`` as one array on PostgreSQL (one parameter, however many IDs), in
+    chunks on SQLite; one condition per statement to run."""
+    if not ids:
+        return
+    if is_postgresql(session):
+        yield column == any_(cast(list(ids), postgresql.ARRAY(String)))
+        return
+    for start in range(0, len(ids), SQLITE_IN_CHUNK):
+        yield column.in_(ids[start : start + SQLITE_IN_CHUNK])
+
+
+def one_snapshot(session: Session) -> None:
+    """Read every figure of this transaction from one snapshot (PostgreSQL: REPEATABLE READ;
+    SQLite's transaction is one snapshot already)."""
+    if is_postgresql(session):
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+
+
+class seconds_between(FunctionElement[float]):
+    """SQL: seconds from the first datetime argument to the second, as a float."""
+
+    type = Float()
+    name = "seconds_between"
+    inherit_cache = True
+
+
+@compiles(seconds_between, "postgresql")
+def _seconds_pg(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+def percentiles(
+    session: Session,
+    value: ColumnElement[float],
+    where: Sequence[ColumnElement[bool]],
+    points: Sequence[float],
+) -> tuple[int, list[float | None], float | None]:
+    """The count, the ``points`` percentiles (linear interpolation between ranks, as
+    PostgreSQL's percentile_cont) and the maximum of ``value`` over the rows ``where`` holds."""
+    if is_postgresql(session):
+        row = session.execute(
+            select(
+                func.count(),
+                *(func.percentile_cont(p).within_group(value) for p in points),
+                func.max(value),
+            ).where(*where)
+        ).one()
+        values = [None if v is None else float(v) for v in row[1:-1]]
+        return int(row[0]), values, None if row[-1] is None else float(row[-1])
+    count, longest = session.execute(select(func.count(), func.max(value)).where(*where)).one()
+    count = int(count)
+    if count == 0:
+        return 0, [None for _ in points], None
+    # SQLite has no percentile_cont: rank the values once (one sort), read the two around
+    # rank k = (n-1)·p for each p, and interpolate between them as percentile_cont does.
+    ranks = [(count - 1) * p for p in points]
+    wanted = {n for k in ranks for n in (math.floor(k), min(math.floor(k) + 1, count - 1))}
+    ranked = (
+        select(value.label("value"), (func.row_number().over(order_by=value) - 1).label("rank"))
+        .where(*where)
+        .subquery()
+    )
+    stmt = select(ranked.c.rank, ranked.c.value).where(ranked.c.rank.in_(sorted(wanted)))
+    by_rank = {int(rank): float(v) for rank, v in session.execute(stmt)}
+    found: list[float | None] = []
+    for k in ranks:
+        low = math.floor(k)
+        high = min(low + 1, count - 1)
+        found.append(by_rank[low] + (k - low) * (by_rank[high] - by_rank[low]))
+    return count, found, float(longest)
