@@ -97,9 +97,10 @@ class Runtime:
 
     @cached_property
     def recorder(self) -> Recorder:
-        # Completion notices go into the outbox in the transaction that ends the operation.
-        on_end = [notices.end_hook] if self.settings.notices_enabled else []
-        return Recorder(self.sessions, self.poll_policy, on_end)
+        # Completion notices go into the outbox in the transaction that ends the operation,
+        # whatever this process's own settings: delivery is what OPTRACK_NOTIFY_TASK and
+        # OPTRACK_WEBHOOK_URL turn on, wherever the dispatcher runs.
+        return Recorder(self.sessions, self.poll_policy, [notices.end_hook])
 
     @cached_property
     def poller(self) -> Poller:
