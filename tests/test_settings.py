@@ -173,6 +173,8 @@ def test_each_bound_itself_is_accepted(name: str) -> None:
         env = {name: raw + ("s" if name in DURATIONS else "")}
         if name == "OPTRACK_METRICS_PORT":
             env["PROMETHEUS_MULTIPROC_DIR"] = "/tmp/optrack-test-metrics-unused"
+        if name == "OPTRACK_RESEND_AFTER":
+            env["OPTRACK_CLAIM_LEASE"] = "10"  # it may not be below the lease
         settings = load_settings(env)
         runtime = Runtime(settings)
         runtime.poll_policy  # noqa: B018 - builds timedeltas from every duration
@@ -192,3 +194,15 @@ def test_a_bad_bound_stops_the_cli_with_exit_2(tmp_path: Path) -> None:
     assert "OPTRACK_POLL_MAX_INTERVAL='1e12' must be between 0.5 s and 1 d" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "optrack.sqlite").exists()  # nothing written
+
+
+def test_the_resend_interval_is_at_least_the_lease() -> None:
+    assert load_settings({}).resend_after == 600.0
+    assert load_settings({"OPTRACK_CLAIM_LEASE": "900"}).resend_after == 900.0  # follows it
+    lease = load_settings({"OPTRACK_CLAIM_LEASE": "30", "OPTRACK_RESEND_AFTER": "30"})
+    assert Runtime(lease).poll_policy.resend_after.total_seconds() == 30
+    with pytest.raises(ConfigError, match="OPTRACK_RESEND_AFTER=60 is shorter than OPTRACK_CLAIM"):
+        load_settings({"OPTRACK_CLAIM_LEASE": "120", "OPTRACK_RESEND_AFTER": "60"})
+    assert load_settings({}).max_deliveries == 5
+    with pytest.raises(ConfigError, match="OPTRACK_MAX_DELIVERIES='0' must be between 1 and 100"):
+        load_settings({"OPTRACK_MAX_DELIVERIES": "0"})

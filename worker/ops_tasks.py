@@ -12,7 +12,7 @@ from typing import Any
 from worker import discovery, notices, retention
 from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
 from worker.runtime import Runtime
-from worker.tasks import runtime
+from worker.tasks import GuardedTask, runtime
 
 log = logging.getLogger(__name__)
 MAX_BATCHES_PER_RUN = 10
@@ -29,7 +29,7 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
     return channels
 
 
-@app.task(name=DISCOVER_TASK, ignore_result=True)
+@app.task(name=DISCOVER_TASK, ignore_result=True, base=GuardedTask)
 def discover() -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
     rt = runtime()
@@ -49,7 +49,7 @@ def discover() -> dict[str, Any]:
     }
 
 
-@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True)
+@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True, base=GuardedTask)
 def deliver_notices() -> dict[str, int]:
     """Send the completion notices that are due."""
     rt = runtime()
@@ -74,7 +74,7 @@ def deliver_notices() -> dict[str, int]:
     return {"delivered": delivered, "failed": failed}
 
 
-@app.task(name=PRUNE_TASK, ignore_result=True)
+@app.task(name=PRUNE_TASK, ignore_result=True, base=GuardedTask)
 def prune() -> dict[str, int]:
     """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""
     rt = runtime()

@@ -76,8 +76,9 @@ class Poller:
 
     def poll(self, group_id: int, token: str) -> PollCounts:
         """Poll the group if it is still claimed with ``token``; return what it did."""
-        with self.sessions() as session:
+        with self.sessions.begin() as session:
             repo = Repository(session)
+            repo.start_claim(group_id, token, self.clock.now())
             group = repo.claimed_group(group_id, token)
             members = repo.members(group_id) if group is not None else []
         if group is None or group.claim_expires_at is None:

@@ -392,19 +392,26 @@ class Repository:
         self.session.execute(delete(PollGroup).where(PollGroup.id == other))
         self.refresh_range(into)
 
-    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[GroupClaim]:
+    def claim_due(
+        self, now: datetime, limit: int, lease: timedelta, resend_after: timedelta | None = None
+    ) -> list[GroupClaim]:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
 
         One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
         two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
         database's single write lock, so the second sweep sees them claimed. A worker that
-        dies leaves its groups due again when the lease runs out.
+        dies mid-poll leaves its groups due again when the lease runs out; a claim whose
+        message no worker started yet (still in the broker) only ``resend_after`` after it was
+        made, so a broker nobody consumes does not fill with one message per lease.
         """
         token = str(uuid.uuid4())
         g = PollGroup
-        claimable = and_(
-            g.next_due_at <= now, or_(g.claim_token.is_(None), g.claim_expires_at <= now)
+        resend = lease if resend_after is None else max(lease, resend_after)
+        expired = and_(
+            g.claim_expires_at <= now,
+            or_(g.claim_started_at.is_not(None), g.claim_expires_at <= now - (resend - lease)),
         )
+        claimable = and_(g.next_due_at <= now, or_(g.claim_token.is_(None), expired))
         due = select(g.id).where(claimable).order_by(g.next_due_at).limit(limit)
         if _is_postgresql(self.session):
             due = due.with_for_update(skip_locked=True)
@@ -412,12 +419,25 @@ class Repository:
         stmt = (
             update(g)
             .where(g.id.in_(due.scalar_subquery()), claimable)
-            .values(claim_token=token, claim_expires_at=expires)
+            .values(claim_token=token, claim_expires_at=expires, claim_started_at=None)
             .returning(g.id)
             .execution_options(synchronize_session=False)
         )
         claimed = sorted(self.session.scalars(stmt))
         return [GroupClaim(group_id, token, expires) for group_id in claimed]
+
+    def start_claim(self, group_id: int, token: str, now: datetime) -> None:
+        """Note that a worker started the message of this claim (see ``claim_due``)."""
+        self.session.execute(
+            update(PollGroup)
+            .where(
+                PollGroup.id == group_id,
+                PollGroup.claim_token == token,
+                PollGroup.claim_started_at.is_(None),
+            )
+            .values(claim_started_at=now)
+            .execution_options(synchronize_session=False)
+        )
 
     def claimed_group(self, group_id: int, token: str) -> PollGroup | None:
         """The group if it is still claimed with ``token`` (else another sweep has it)."""

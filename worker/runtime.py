@@ -60,6 +60,7 @@ class Runtime:
             retry=self.retry_policy,
             # A message stops calling in the lease's last quarter and writes what it has.
             lease=timedelta(seconds=s.claim_lease),
+            resend_after=timedelta(seconds=s.resend_after),
             fetch_group=s.batch_size,
             strategy=s.poll_strategy,
             list_threshold=s.list_threshold,

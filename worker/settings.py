@@ -69,6 +69,8 @@ BOUNDS: Mapping[str, Bound] = {
     "OPTRACK_PENDING_LOOKBACK": Bound(0.0, 30 * DAY),
     "OPTRACK_MAX_DUE_PER_TICK": Bound(1, 1_000_000, ""),
     "OPTRACK_CLAIM_LEASE": Bound(10.0, DAY),
+    "OPTRACK_RESEND_AFTER": Bound(10.0, 7 * DAY),
+    "OPTRACK_MAX_DELIVERIES": Bound(1, 100, ""),
     "OPTRACK_CONNECT_TIMEOUT": Bound(0.1, 300.0),
     "OPTRACK_READ_TIMEOUT": Bound(0.1, 3600.0),
     "OPTRACK_REQUEST_DEADLINE": Bound(1.0, 300.0),
@@ -78,6 +80,8 @@ BOUNDS: Mapping[str, Bound] = {
     "OPTRACK_METRICS_PORT": Bound(1, 65535, ""),
     "OPTRACK_HTTP_PORT": Bound(0, 65535, ""),
 }
+DEFAULT_RESEND_AFTER = 600.0
+DEFAULT_MAX_DELIVERIES = 5
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ class Settings:
     max_due_per_tick: int = 20000
     # How long a sweep's claim holds its operations; a killed worker's operations wait this long.
     claim_lease: float = 120.0
+    # A claimed group whose message no worker has started is sent again only after this long
+    # (at least the lease): ticks do not pile up messages while no worker consumes them.
+    resend_after: float = DEFAULT_RESEND_AFTER
+    # The most times one task message is started; the next delivery makes it a dead letter.
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
     # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
     discovery_interval: float | None = None
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
@@ -217,6 +226,19 @@ def _max_retry_after(env: Mapping[str, str]) -> float:
             "absurd Retry-After values, and a lower cap would call the API before it allows. "
             f"Leave it unset ({DEFAULT_MAX_RETRY_AFTER:g} s) or set at least "
             f"{MIN_MAX_RETRY_AFTER:g}."
+        )
+    return value
+
+
+def _resend_after(env: Mapping[str, str], claim_lease: float) -> float:
+    name = "OPTRACK_RESEND_AFTER"
+    if not env.get(name, "").strip():
+        return max(DEFAULT_RESEND_AFTER, claim_lease)
+    value = _float(env, name, DEFAULT_RESEND_AFTER)
+    if value < claim_lease:
+        raise ConfigError(
+            f"{name}={value:g} is shorter than OPTRACK_CLAIM_LEASE={claim_lease:g}: a message "
+            "still waiting in the broker would be sent again while its claim holds"
         )
     return value
 
@@ -425,6 +447,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0),
         max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000),
         claim_lease=claim_lease,
+        resend_after=_resend_after(env, claim_lease),
+        max_deliveries=_int(env, "OPTRACK_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
         allow_insecure_http=allow_http,
         discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL"),
         discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,

@@ -119,6 +119,9 @@ class PollPolicy:
     retry: RetryPolicy = RetryPolicy()
     # How long a sweep's claim holds a group; a message stops calling in its last quarter.
     lease: timedelta = timedelta(seconds=120)
+    # A claim whose message no worker started is sent again only this long after the claim
+    # (at least ``lease``): while no worker consumes, ticks add no message per lease.
+    resend_after: timedelta = timedelta(seconds=600)
     # auto: List windows where they cost fewer requests than GETs; fetch: GETs only;
     # list: List windows for every run of operations.
     strategy: str = "auto"

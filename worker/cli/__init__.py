@@ -7,7 +7,14 @@ from typing import NoReturn
 
 import click
 
-from worker.cli import http_cmds, ops_cmds, report_cmds, service_cmds, tracking_cmds
+from worker.cli import (
+    dead_letter_cmds,
+    http_cmds,
+    ops_cmds,
+    report_cmds,
+    service_cmds,
+    tracking_cmds,
+)
 from worker.cli.common import pass_runtime  # noqa: F401  (re-exported for command modules)
 from worker.errors import ConfigError, OptrackError
 
@@ -24,6 +31,7 @@ for command in (
     *service_cmds.COMMANDS,
     *ops_cmds.COMMANDS,
     *http_cmds.COMMANDS,
+    *dead_letter_cmds.COMMANDS,
 ):
     cli.add_command(command)
 

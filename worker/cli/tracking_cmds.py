@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from worker import intake
+from worker import dead_letters, intake
 from worker.cli.common import ensure_schema, get_runtime, usage_error
 from worker.cli.render import (
     OPERATION_FIELDS,
@@ -71,11 +71,13 @@ def status(as_json: bool) -> None:
     ensure_schema(rt)
     with rt.sessions() as session:
         rows = queries.every_operation(session)
+        letters = dead_letters.waiting(session)
     pause = rt.gate.current()
     now = rt.clock.now()
     if as_json:
         payload = {
             "account": account_record(pause, now),
+            "dead_letters": letters,
             "operations": [operation_record(row) for row in rows],
         }
         click.echo(to_json(payload))
@@ -84,6 +86,11 @@ def status(as_json: bool) -> None:
     out = console()
     if line:
         out.print(f"[bold red]{line}[/]")
+    if letters:
+        out.print(
+            f"[bold yellow]{letters} dead letter(s): task messages given up on; "
+            "see `optrack dead-letters`[/]"
+        )
     out.print(status_table(rows))
 
 
