@@ -223,9 +223,9 @@ class Poller:
             values["next_due_at"] = run.deferral.until
         elif run.list_error is not None:
             errors = group.consecutive_errors + 1
-            backoff = timedelta(seconds=self.policy.retry.backoff(errors))
+            backoff = timedelta(seconds=self.policy.error_wait(run.list_error, errors))
             values.update(
-                next_due_at=self.clock.now() + max(self.policy.interval, backoff),
+                next_due_at=self.clock.now() + backoff,
                 consecutive_errors=errors,
                 last_error=f"{type(run.list_error).__name__}: {run.list_error}"[:1000],
             )

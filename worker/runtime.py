@@ -61,6 +61,8 @@ class Runtime:
             # A message stops calling in the lease's last quarter and writes what it has.
             lease=timedelta(seconds=s.claim_lease),
             resend_after=timedelta(seconds=s.resend_after),
+            bad_request_first=timedelta(seconds=s.bad_request_backoff),
+            bad_request_max=timedelta(seconds=s.bad_request_max_backoff),
             fetch_group=s.batch_size,
             strategy=s.poll_strategy,
             list_threshold=s.list_threshold,

@@ -71,6 +71,8 @@ BOUNDS: Mapping[str, Bound] = {
     "OPTRACK_CLAIM_LEASE": Bound(10.0, DAY),
     "OPTRACK_RESEND_AFTER": Bound(10.0, 7 * DAY),
     "OPTRACK_MAX_DELIVERIES": Bound(1, 100, ""),
+    "OPTRACK_BAD_REQUEST_BACKOFF": Bound(1.0, DAY),
+    "OPTRACK_BAD_REQUEST_MAX_BACKOFF": Bound(60.0, 7 * DAY),
     "OPTRACK_CONNECT_TIMEOUT": Bound(0.1, 300.0),
     "OPTRACK_READ_TIMEOUT": Bound(0.1, 3600.0),
     "OPTRACK_REQUEST_DEADLINE": Bound(1.0, 300.0),
@@ -118,6 +120,10 @@ class Settings:
     resend_after: float = DEFAULT_RESEND_AFTER
     # The most times one task message is started; the next delivery makes it a dead letter.
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    # A 400 for an operation: its next request after this, doubling with each 400 in a row up
+    # to the maximum (our request was wrong; asking every few minutes for ever cannot help).
+    bad_request_backoff: float = 300.0
+    bad_request_max_backoff: float = 21600.0
     # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
     discovery_interval: float | None = None
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
@@ -449,6 +455,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         claim_lease=claim_lease,
         resend_after=_resend_after(env, claim_lease),
         max_deliveries=_int(env, "OPTRACK_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+        bad_request_backoff=_float(env, "OPTRACK_BAD_REQUEST_BACKOFF", 300.0),
+        bad_request_max_backoff=_float(env, "OPTRACK_BAD_REQUEST_MAX_BACKOFF", 21600.0),
         allow_insecure_http=allow_http,
         discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL"),
         discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,

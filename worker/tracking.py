@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from worker.errors import ApiError
+from worker.errors import ApiError, BadRequest
 from worker.operation import Operation, Status
 from worker.retry_after import RetryPolicy
 
@@ -134,6 +134,20 @@ class PollPolicy:
     # A never-seen operation was created at most this long before it was tracked (a List
     # window over never-seen operations starts that far back; missing ones fall back to GET).
     pending_lookback: timedelta = timedelta(days=1)
+    # A 400 says our request was wrong: asking again soon cannot help. The wait doubles from
+    # the first to the ceiling (5 min, 10, 20 ... 6 h: OPTRACK_BAD_REQUEST_BACKOFF and
+    # OPTRACK_BAD_REQUEST_MAX_BACKOFF), so a fix on either side is still picked up within
+    # hours, without a request every few minutes for ever.
+    bad_request_first: timedelta = timedelta(minutes=5)
+    bad_request_max: timedelta = timedelta(hours=6)
+
+    def error_wait(self, error: ApiError, errors: int) -> float:
+        """Seconds before asking again after the ``errors``-th failure in a row, ``error``."""
+        if isinstance(error, BadRequest):
+            steps = max(0, min(errors, 32) - 1)
+            first = self.bad_request_first.total_seconds()
+            return min(self.bad_request_max.total_seconds(), first * 2.0**steps)
+        return max(self.interval.total_seconds(), self.retry.backoff(errors))
 
     @property
     def adaptive(self) -> bool:
@@ -189,7 +203,7 @@ def observe(known: Known, answer: Operation) -> Observed | None:
 def failure(known: Known, error: ApiError, now: datetime, policy: PollPolicy) -> Failed:
     """A failed poll: count it and back this operation off (its group goes on)."""
     errors = known.consecutive_errors + 1
-    wait = max(policy.interval.total_seconds(), policy.retry.backoff(errors))
+    wait = policy.error_wait(error, errors)
     detail = f"{type(error).__name__}: {error}"[:1000]
     return Failed(known, detail, now + timedelta(seconds=wait))
 
