@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.db import DeadLetter, TaskDelivery
+from worker.dialect import in_many
 
 # A reason is for people; the message's arguments are kept whole beside it.
 MAX_REASON = 2000
@@ -127,9 +128,14 @@ def letters(session: Session, *, replayed: bool = False) -> list[Letter]:
 def to_replay(session: Session, ids: Sequence[int] | None) -> list[Letter]:
     """The letters not replayed yet among ``ids`` (all of them if None)."""
     stmt = select(DeadLetter).where(DeadLetter.replayed_at.is_(None)).order_by(DeadLetter.id)
-    if ids is not None:
-        stmt = stmt.where(DeadLetter.id.in_(list(ids)))
-    return [Letter.of(row) for row in session.scalars(stmt)]
+    if ids is None:
+        return [Letter.of(row) for row in session.scalars(stmt)]
+    found = [
+        row
+        for w in in_many(session, DeadLetter.id, sorted(set(ids)))
+        for row in session.scalars(stmt.where(w))
+    ]
+    return [Letter.of(row) for row in sorted(found, key=lambda r: r.id)]
 
 
 def mark_replayed(session: Session, letter_id: int, replay_task_id: str, now: datetime) -> None:
