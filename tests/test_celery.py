@@ -85,6 +85,7 @@ def test_invalid_input_is_rejected_once_with_the_reason_never_retried(
     with celery_process(worker_args("w1"), env, log):
         not_a_list = sender.send_task("optrack.track", args=[JSON_ID]).id
         bad_id = sender.send_task("optrack.track", args=[[JSON_ID, "not-an-id"]]).id
+        malformed = sender.send_task("optrack.poll", args=[1]).id  # one argument of two
         sender.send_task("optrack.track", args=[[PICKLED_ID]])
         wait_for(lambda: PICKLED_ID in tracked_ids(db_url), 60, "the valid task")
     sender.close()
@@ -98,7 +99,10 @@ def test_invalid_input_is_rejected_once_with_the_reason_never_retried(
     assert tracked_ids(db_url) == {PICKLED_ID}
     engine = make_engine(db_url)
     with make_sessionmaker(engine)() as session:
-        assert dead_letters.letters(session) == []  # rejected is not a dead letter
+        # Rejected is not a dead letter; a message that failed unforeseen is one.
+        (letter,) = dead_letters.letters(session)
+        assert (letter.task, letter.task_id, letter.args) == ("optrack.poll", malformed, [1])
+        assert letter.reason.startswith("TypeError: ") and letter.deliveries == 1
         assert list(session.scalars(select(TaskDelivery))) == []  # every counter dropped
     engine.dispose()
 

@@ -29,7 +29,7 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
     return channels
 
 
-@app.task(name=DISCOVER_TASK, ignore_result=True, base=GuardedTask)
+@app.task(name=DISCOVER_TASK, ignore_result=True, base=GuardedTask, periodic=True)
 def discover() -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
     rt = runtime()
@@ -49,7 +49,7 @@ def discover() -> dict[str, Any]:
     }
 
 
-@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True, base=GuardedTask)
+@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True, base=GuardedTask, periodic=True)
 def deliver_notices() -> dict[str, int]:
     """Send the completion notices that are due."""
     rt = runtime()
@@ -74,7 +74,7 @@ def deliver_notices() -> dict[str, int]:
     return {"delivered": delivered, "failed": failed}
 
 
-@app.task(name=PRUNE_TASK, ignore_result=True, base=GuardedTask)
+@app.task(name=PRUNE_TASK, ignore_result=True, base=GuardedTask, periodic=True)
 def prune() -> dict[str, int]:
     """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""
     rt = runtime()

@@ -55,9 +55,10 @@ def _close_runtime(**_: Any) -> None:
 class GuardedTask(Task):  # type: ignore[misc]  # celery ships no type hints
     """A task whose messages are counted, dead-lettered past the maximum, never lost."""
 
-    # True: a database error retries the message with backoff; False (periodic tasks): the
-    # next run does the work, this message ends.
-    retry_on_database = False
+    # The periodic tasks (tick, discovery, notices, prune): their next run does the work, so a
+    # database error or a failure ends this message (logged) instead of retrying or burying
+    # it. The others carry work nobody sends again (IDs, a claim): retried, or buried.
+    periodic = False
     max_retries = None  # retries are bounded by the deliveries counted, not by Celery
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -85,14 +86,17 @@ class GuardedTask(Task):  # type: ignore[misc]  # celery ships no type hints
         except Exception as exc:
             # Not a retry: a bug or an unforeseen answer. Keep the message to replay after a fix,
             # then let Celery log the failure as usual.
-            self._bury(rt, task_id, args, f"{type(exc).__name__}: {exc}", count)
+            if self.periodic:
+                self._forget(rt, task_id)
+            else:
+                self._bury(rt, task_id, args, f"{type(exc).__name__}: {exc}", count)
             raise
         self._forget(rt, task_id)
         return result
 
     def _database_down(self, exc: Exception) -> Any:
         name = type(exc).__name__
-        if not self.retry_on_database:
+        if self.periodic:
             log.warning(
                 "%s: the database did not answer (%s); the next run does its work", self.name, name
             )
@@ -136,7 +140,7 @@ class GuardedTask(Task):  # type: ignore[misc]  # celery ships no type hints
             pass  # a stale counter row only; the message itself is done
 
 
-@app.task(name=TICK_TASK, ignore_result=True, base=GuardedTask)
+@app.task(name=TICK_TASK, ignore_result=True, base=GuardedTask, periodic=True)
 def tick() -> dict[str, int]:
     """Place waiting operations into poll groups, claim the due groups, dispatch their polls."""
     rt = runtime()
@@ -169,10 +173,9 @@ def tick() -> dict[str, int]:
 @app.task(
     name=POLL_TASK,
     ignore_result=True,
+    # A database that went away mid-write: the guard tries again soon with the same claim
+    # token (still valid for the lease) instead of leaving the group for the lease to run out.
     base=GuardedTask,
-    # A database that went away mid-write: try again soon with the same claim token (still
-    # valid for the lease) instead of leaving the group for the lease to run out.
-    retry_on_database=True,
 )
 def poll(group_id: int, claim_token: str) -> dict[str, int]:
     """Poll one claimed group: List pages over its window, or one GET per member."""
@@ -186,7 +189,7 @@ def poll(group_id: int, claim_token: str) -> dict[str, int]:
     return counts.as_dict()
 
 
-@app.task(name=TRACK_TASK, ignore_result=True, base=GuardedTask, retry_on_database=True)
+@app.task(name=TRACK_TASK, ignore_result=True, base=GuardedTask)
 def track(operation_ids: list[str]) -> dict[str, list[str]]:
     """Start tracking operation IDs sent by another service; any invalid ID rejects the lot."""
     if not isinstance(operation_ids, list):
