@@ -166,7 +166,7 @@ def load_sqlite(engine: Engine, data: Dataset) -> None:
     try:
         cursor = raw.cursor()
         cursor.execute("BEGIN")
-        marks = ", ".join("?" * 17)
+        marks = ", ".join("?" * len(OP_COLUMNS.split(",")))
         cursor.executemany(
             f"INSERT INTO tracked_operations ({OP_COLUMNS}) VALUES ({marks})",
             ([_sqlite_time(v) for v in row] for row in data.operations),

@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from tests.fault_stack import FaultStack, check_history, fault_stack
 from tests.processes import wait_for
+from worker.db import DeadLetter, make_engine, make_sessionmaker
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 HOLD = 60.0  # a "slow" answer longer than the test needs: the poll is still open when we strike
@@ -106,3 +108,57 @@ def test_two_beats_at_once_poll_nothing_twice(tmp_path: Path, pg_url: str) -> No
             times = [r["t"] for r in stack.requests_for(op_id)]
             gaps = [b - a for a, b in itertools.pairwise(times)]
             assert all(gap >= 0.9 for gap in gaps), f"{op_id} polled twice at once: {gaps}"
+
+
+POISON_DELIVERIES = 2  # OPTRACK_MAX_DELIVERIES of the poison test: two kills, then a letter
+
+
+def dead_letter_rows(stack: FaultStack) -> list[DeadLetter]:
+    engine = make_engine(stack.db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return list(session.scalars(select(DeadLetter)))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_a_message_that_kills_its_worker_is_a_dead_letter_after_the_maximum(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A poll whose every start kills its pool process (late acks + reject_on_worker_lost hand
+    it back each time) is started OPTRACK_MAX_DELIVERIES times, then buried, not run again."""
+    with fault_stack(
+        tmp_path,
+        db_url=pg_url,
+        workers=("w1",),
+        OPTRACK_CLAIM_LEASE="20",
+        OPTRACK_RESEND_AFTER="20",
+        OPTRACK_MAX_DELIVERIES=str(POISON_DELIVERIES),
+    ) as stack:
+        victim = stack.create(total=6, duration=4)
+        stack.sandbox.fault(kind="slow", delay=HOLD, match=victim, count=POISON_DELIVERIES)
+        stack.track([victim])
+        for left in range(POISON_DELIVERIES - 1, -1, -1):
+
+            def held(left: int = left) -> bool:
+                pending = stack.pending_faults()
+                return sum(int(f["count"]) for f in pending) == left
+
+            wait_for(held, 60, f"delivery {POISON_DELIVERIES - left} to reach the API")
+            (pool,) = stack.children("w1")
+            os.kill(pool, signal.SIGKILL)
+            wait_for(lambda pool=pool: pool not in stack.children("w1"), 20, "the pool to die")
+
+        wait_for(lambda: len(dead_letter_rows(stack)) == 1, 60, "the poison poll to be buried")
+        (letter,) = dead_letter_rows(stack)
+        assert letter.task == "optrack.poll"
+        assert letter.deliveries == POISON_DELIVERIES
+        assert "OPTRACK_MAX_DELIVERIES" in letter.reason
+        received = re.findall(rf"Task optrack\.poll\[{letter.task_id}\] received", stack.log("w1"))
+        assert len(received) == POISON_DELIVERIES + 1  # the last delivery was buried, not run
+        # Its group comes back with the claim's lease, under a new message: the operation ends.
+        stack.wait_until_all_ended(120)
+        check_history(stack, "poison_poll_dead_lettered", faults=POISON_DELIVERIES)
+        assert "is a dead letter now" in stack.log("w1")
+        assert len(stack.requests_for(victim)) >= 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from tests.fault_stack import FaultStack, check_history, fault_stack
 from tests.private_services import private_postgres, private_redis
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 REDIS_OUTAGE = 10.0  # seconds, as the issue asks
 # Well above the poll interval (1 s) and the in-place pause limit (5 s), well under any lease.
 PROMPT = 30.0
+RETRIED = "the database did not answer (OperationalError); retried in"
 
 
 @pytest.mark.timeout(420)
@@ -132,3 +134,35 @@ def test_postgresql_down_when_a_poll_writes_the_poll_is_retried_promptly(
         after = [r["t"] for r in log if r["path"].endswith(op_id)]
         waited = [t - database_outage.back_at for t in after if t > database_outage.back_at]
         assert waited and waited[0] < PROMPT, f"{op_id}: polled again {waited[:1]} s after"
+
+
+@pytest.mark.timeout(420)
+def test_postgresql_down_while_track_messages_wait_in_the_broker_loses_no_id(
+    tmp_path: Path,
+) -> None:
+    """Another service sends ``optrack.track`` while the database is stopped: each message is
+    retried with backoff (never acknowledged and forgotten), and every ID is tracked once the
+    database is back, then polled to its end."""
+    with private_postgres(tmp_path / "postgres.log") as pg:
+        db_url = pg.create_migrated_database()
+        with fault_stack(tmp_path, db_url=db_url, workers=("w1",)) as stack:
+            ids = [stack.create(total=4, duration=3) for _ in range(9)]
+            pg.stop()
+            sender = Celery("another-service", broker=stack.env["OPTRACK_BROKER_URL"])
+            sender.conf.broker_connection_retry_on_startup = True
+            for start in range(0, len(ids), 3):
+                sender.send_task("optrack.track", args=[ids[start : start + 3]])
+            sender.close()
+            # Three tries of each message (backoff 1 s, 2 s, 4 s ...) while it stays down.
+            wait_for(
+                lambda: stack.log("w1").count(RETRIED) >= 3 * 3,
+                120,
+                "each track message to be retried while the database is down",
+            )
+            pg.start()
+            wait_for(lambda: set(ids) <= set(stack.rows()), 120, "every ID to be tracked")
+            stack.wait_until_all_ended(180)
+            check_history(stack, "postgresql_down_while_track_messages_wait", faults=1)
+            log = stack.log("w1")
+            assert RETRIED in log
+            assert "dead letter" not in log

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import SID, TOKEN
-from worker import sweep
+from worker import dead_letters, sweep
 from worker.client import ApiClient, Timeouts
 from worker.clock import FakeClock
 from worker.metrics import Metrics, MetricsServer, build_registry, serve
@@ -271,3 +271,19 @@ def test_alerting_gauges_pause_credentials_stalest_change_dead_letters(
     over = scrape(port)
     assert value(over, "optrack_account_paused") == 0
     assert value(over, "optrack_credentials_rejected") == 0
+
+    with sessions.begin() as session:  # a message given up on, then replayed
+        dead_letters.bury(
+            session,
+            task_id="given-up",
+            task="optrack.track",
+            args=[[op.id]],
+            reason="started 5 times without ending",
+            deliveries=5,
+            now=clock.now(),
+        )
+    assert value(scrape(port), "optrack_dead_letters") == 1
+    with sessions.begin() as session:
+        (letter,) = dead_letters.letters(session)
+        dead_letters.mark_replayed(session, letter.id, "again", clock.now())
+    assert value(scrape(port), "optrack_dead_letters") == 0

@@ -45,6 +45,7 @@ from worker.notices import (
 from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.repository import Repository
+from worker.runtime import Runtime
 from worker.sandbox import SandboxServer
 from worker.settings import DEFAULT_NOTIFY_QUEUE, load_settings
 from worker.tracking import PollPolicy
@@ -224,6 +225,32 @@ def test_the_pollers_end_hook_records_the_whole_final_record(
     assert by_id[missing]["status"] == "NOT_FOUND" and by_id[missing]["polls"] == 1
     assert by_id[missing]["last_error"].startswith("HTTP 404")
     assert by_id[missing]["tracked_at"] is not None  # re-read whole, not just the 404's values
+
+
+def test_a_process_without_notice_settings_still_writes_the_outbox_row(
+    db_url: str, sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    """The row belongs to the end, not to the settings of whichever worker saw it."""
+    done = sandbox.add_operation(total=2, duration=0, outcome="COMPLETED")
+    settings = load_settings(
+        {
+            "OPTRACK_DATABASE_URL": db_url,
+            "OPTRACK_API_BASE_URL": sandbox.base_url,
+            "TWILIO_ACCOUNT_SID": SID,
+            "TWILIO_AUTH_TOKEN": TOKEN,
+        }
+    )
+    assert not settings.notices_enabled
+    rt = Runtime(settings, clock=clock)
+    try:
+        with rt.sessions.begin() as session:
+            Repository(session).add([done.id], clock.now())
+        rt.poller.refresh([done.id])
+        [notice] = notices(rt.sessions)
+    finally:
+        rt.close()
+    assert notice.operation_id == done.id and notice.delivered_at is None
+    assert json.loads(notice.payload)["status"] == "COMPLETED"
 
 
 KILLED_POLLER = """

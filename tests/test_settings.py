@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import fields
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +15,7 @@ from worker import ops_tasks
 from worker.celery_app import celery_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
-from worker.settings import load_settings
+from worker.settings import BOUNDS, Settings, load_settings
 
 
 def test_the_request_deadline_defaults_to_30_seconds_and_reaches_the_client() -> None:
@@ -179,3 +184,120 @@ def test_deadlines_that_fit_the_lease_are_accepted() -> None:
         }
     )
     assert settings.task_soft_time_limit == 20.0
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_ranges() -> dict[str, str]:
+    """The configuration table of the README: variable -> its range cell."""
+    rows = {}
+    in_table = False
+    for line in README.read_text().splitlines():
+        if line.startswith("| variable | default | range | meaning |"):
+            in_table = True
+        elif in_table and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0].strip("`")] = cells[2].strip("`")
+        elif in_table and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_the_readme_range_column_is_the_bounds_table() -> None:
+    ranges = readme_ranges()
+    assert ranges, "the README's configuration table has no range column"
+    for name, bound in BOUNDS.items():
+        assert ranges.get(name) == bound.text(), name
+    assert {n for n, r in ranges.items() if r != "—"} == set(BOUNDS)
+
+
+def test_every_number_setting_has_a_bound() -> None:
+    """Every duration or count field of Settings is read through BOUNDS, by its variable."""
+    kinds = ("float", "int", "float | None", "int | None", "timedelta", "timedelta | None")
+    numbers = [f.name for f in fields(Settings) if f.type in kinds]
+    assert len(numbers) > 15
+    assert [n for n in numbers if f"OPTRACK_{n.upper()}" not in BOUNDS] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("OPTRACK_POLL_MAX_INTERVAL", "1e12"),
+        ("OPTRACK_CLAIM_LEASE", "1e15"),
+        ("OPTRACK_POLL_INTERVAL", "1e300"),
+        ("OPTRACK_MAX_RETRY_AFTER", "1e12"),
+        ("OPTRACK_TICK_INTERVAL", "1e9"),
+        ("OPTRACK_PENDING_LOOKBACK", "1e20"),
+        ("OPTRACK_DISCOVERY_INTERVAL", "1e18"),
+        ("OPTRACK_READ_TIMEOUT", "inf"),
+        ("OPTRACK_CONNECT_TIMEOUT", "nan"),
+        ("OPTRACK_MAX_REQUESTS_PER_SECOND", "1e9"),
+        ("OPTRACK_BATCH_SIZE", "0"),
+        ("OPTRACK_MAX_DUE_PER_TICK", "1000001"),
+        ("OPTRACK_DISCOVERY_WINDOW", "99999999999999999999d"),
+        ("OPTRACK_PRUNE_OLDER_THAN", "1e6w"),
+        ("OPTRACK_PRUNE_OLDER_THAN", "10s"),
+    ],
+)
+def test_absurd_values_are_refused_naming_the_variable_and_the_bound(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=name) as info:
+        load_settings({name: raw})
+    message = str(info.value)
+    bound = BOUNDS[name]
+    if "longer than any" not in message and "not a duration" not in message:
+        assert bound.show(bound.maximum) in message and bound.show(bound.minimum) in message
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_each_bound_itself_is_accepted(name: str) -> None:
+    """Both ends of every range load, and a DB-free runtime builds its policies from them."""
+    bound = BOUNDS[name]
+    for value in (bound.minimum, bound.maximum):
+        raw = f"{value:.15g}"
+        env = {name: raw + ("s" if name in DURATIONS else "")}
+        if name == "OPTRACK_METRICS_PORT":
+            env["PROMETHEUS_MULTIPROC_DIR"] = "/tmp/optrack-test-metrics-unused"
+        env.update(NEEDS.get(name, {}))
+        settings = load_settings(env)
+        runtime = Runtime(settings)
+        runtime.poll_policy  # noqa: B018 - builds timedeltas from every duration
+        runtime.close()
+
+
+DURATIONS = ("OPTRACK_DISCOVERY_WINDOW", "OPTRACK_PRUNE_OLDER_THAN")
+# A short request, so the lease's smallest end holds one (deadline + in-place wait ≤ lease/2).
+SHORT_REQUEST = {"OPTRACK_REQUEST_DEADLINE": "1", "OPTRACK_MAX_INPLACE_WAIT": "0"}
+# What each end of a range needs of the others to be a consistent configuration.
+NEEDS: dict[str, dict[str, str]] = {
+    "OPTRACK_CLAIM_LEASE": SHORT_REQUEST,
+    "OPTRACK_RESEND_AFTER": {"OPTRACK_CLAIM_LEASE": "10", **SHORT_REQUEST},  # ≥ the lease
+    "OPTRACK_POLL_TIME_LIMIT": {"OPTRACK_CLAIM_LEASE": "86400", **SHORT_REQUEST},  # ≤ the lease
+    "OPTRACK_REQUEST_DEADLINE": {"OPTRACK_CLAIM_LEASE": "1200"},  # 300 + 5 ≤ 1200 / 2
+}
+
+
+def test_a_bad_bound_stops_the_cli_with_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(OPTRACK_HOME=str(tmp_path), OPTRACK_POLL_MAX_INTERVAL="1e12")
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "status"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "OPTRACK_POLL_MAX_INTERVAL='1e12' must be between 0.5 s and 1 d" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "optrack.sqlite").exists()  # nothing written
+
+
+def test_the_resend_interval_is_at_least_the_lease() -> None:
+    assert load_settings({}).resend_after == 600.0
+    assert load_settings({"OPTRACK_CLAIM_LEASE": "900"}).resend_after == 900.0  # follows it
+    lease = load_settings(
+        {"OPTRACK_CLAIM_LEASE": "30", "OPTRACK_RESEND_AFTER": "30", **SHORT_REQUEST}
+    )
+    assert Runtime(lease).poll_policy.resend_after.total_seconds() == 30
+    with pytest.raises(ConfigError, match="OPTRACK_RESEND_AFTER=60 is shorter than OPTRACK_CLAIM"):
+        load_settings({"OPTRACK_CLAIM_LEASE": "120", "OPTRACK_RESEND_AFTER": "60"})
+    assert load_settings({}).max_deliveries == 5
+    with pytest.raises(ConfigError, match="OPTRACK_MAX_DELIVERIES='0' must be between 1 and 100"):
+        load_settings({"OPTRACK_MAX_DELIVERIES": "0"})

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from datetime import timedelta
 from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
+from rich.console import Console
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import intake, sweep
+from worker.cli.render import status_table
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, PollGroup, TrackedOperation
 from worker.errors import InvalidOperationId
@@ -20,6 +23,7 @@ from worker.operation import Operation, Stats, Status
 from worker.planning import FETCH, NewGroup
 from worker.poller import Poller
 from worker.recorder import Recorder
+from worker.reports import queries
 from worker.repository import DbGate, GroupClaim, Repository
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import Outcome, PollCounts, PollPolicy, Stale, observe
@@ -407,3 +411,36 @@ def test_upkeep_never_regroups_a_group_a_poll_holds(
     sweep.place(sessions, clock.now(), POLICY)  # both free now: merged
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(PollGroup)) == 1
+
+
+def test_400_backs_off_growing_to_a_ceiling_of_hours_and_shows_in_status(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    """Our request was wrong: 5 min, 10, 20 ... doubling to 6 h, never every five minutes."""
+    a = sandbox.add_operation(total=2, duration=10**6)
+    b = sandbox.add_operation(total=2, duration=10**6)
+    intake.track(sessions, [a.id, b.id], clock.now())
+    sandbox.add_fault(Fault(kind="status", status=400, match=a.id, count=9))
+    waits = []
+    for errors in range(1, 10):
+        poll_all(poller, tick(sessions, clock))
+        state = row(sessions, a.id)
+        assert state.consecutive_errors == errors and state.not_before is not None
+        assert (state.last_error or "").startswith("BadRequest: HTTP 400")
+        waits.append((state.not_before - clock.now()).total_seconds())
+        clock.current = state.not_before
+    assert waits == [300, 600, 1200, 2400, 4800, 9600, 19200, 21600, 21600]
+    a_requests = [r for r in sandbox.requests_log() if a.id in str(r["path"])]
+    assert [r["status"] for r in a_requests] == [400] * 9  # one request per backoff, no more
+
+    with sessions() as session:
+        shown = {r.id: r for r in queries.every_operation(session)}
+    assert shown[a.id].next_poll_at == row(sessions, a.id).not_before  # status tells when
+    out = Console(width=400, file=io.StringIO())
+    out.print(status_table([shown[a.id]]))
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    assert "BadRequest: HTTP 400" in text and "(9 in a row)" in text
+
+    poll_all(poller, tick(sessions, clock))  # the request is right again: back to normal
+    assert row(sessions, a.id).consecutive_errors == 0
+    assert row(sessions, b.id).consecutive_errors == 0

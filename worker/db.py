@@ -136,6 +136,9 @@ class PollGroup(Base):
     # The sweep that claimed the group; a poll message runs only with the matching token.
     claim_token: Mapped[str | None] = mapped_column(String(36))
     claim_expires_at: Mapped[datetime | None]
+    # When a worker started the claim's message (NULL: still in the broker). An expired claim
+    # never started is sent again only after OPTRACK_RESEND_AFTER (migration 0008).
+    claim_started_at: Mapped[datetime | None]
     # When the last poll of the group started: every member it saw was confirmed then.
     last_polled_at: Mapped[datetime | None]
     last_change_at: Mapped[datetime | None]
@@ -226,6 +229,43 @@ class Notice(Base):
     webhook_sent_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class TaskDelivery(Base):
+    """How many times one task message (by Celery task id) was started: the poison counter."""
+
+    __tablename__ = "task_deliveries"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    first_at: Mapped[datetime]
+    last_at: Mapped[datetime]
+
+
+class DeadLetter(Base):
+    """A task message optrack gave up on, kept whole to be listed and replayed."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        # One letter per message: a redelivery of a buried message does not bury it twice.
+        UniqueConstraint("task_id"),
+        Index(None, "replayed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    task: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str] = mapped_column(String(64))
+    # The message's positional arguments as JSON text (messages are JSON only).
+    args: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    deliveries: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    # Set by `optrack dead-letters replay`, with the id of the message it sent.
+    replayed_at: Mapped[datetime | None]
+    replay_task_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Heartbeat(Base):

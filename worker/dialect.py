@@ -1,24 +1,28 @@
 """What differs between SQLite and PostgreSQL, in one place: no dialect check lives elsewhere.
 
-The INSERT that knows ON CONFLICT, many IDs as one array or as chunks, FOR UPDATE SKIP
-LOCKED, one snapshot for a report, seconds between two datetimes, and percentiles.
+The INSERT that knows ON CONFLICT, lists of any length, FOR UPDATE SKIP LOCKED, one snapshot
+for a report, seconds between two datetimes, and percentiles.
+
+Lists: psycopg binds at most 65,535 parameters a statement and SQLite 32,766, so ``col IN
+(...)`` over a long list fails at the edge. ``in_many`` gives one ``col = ANY(:values)`` on
+PostgreSQL (a single array parameter, whatever its length) and chunks of ``SQLITE_IN_CHUNK``
+on SQLite; the caller runs its statement once per clause and adds the results up.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, Select, String, any_, cast, func, select
+from sqlalchemy import ColumnElement, Float, Select, any_, cast, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-# SQLite allows 32,766 bound parameters a statement; stay far below it.
-SQLITE_IN_CHUNK = 500
+SQLITE_IN_CHUNK = 10_000
 
 
 def is_postgresql(session: Session) -> bool:
@@ -37,18 +41,15 @@ def skip_locked(stmt: Select[Any], session: Session) -> Select[Any]:
     return stmt.with_for_update(skip_locked=True) if is_postgresql(session) else stmt
 
 
-def ids_in(
-    session: Session, column: ColumnElement[str], ids: Sequence[str]
-) -> Iterable[ColumnElement[bool]]:
-    """``column IN ids`` as one array on PostgreSQL (one parameter, however many IDs), in
-    chunks on SQLite; one condition per statement to run."""
-    if not ids:
+def in_many(session: Session, column: Any, values: Sequence[Any]) -> Iterator[Any]:
+    """``column IN values`` for any number of values, as one or more WHERE clauses."""
+    if not values:
         return
     if is_postgresql(session):
-        yield column == any_(cast(list(ids), postgresql.ARRAY(String)))
+        yield column == any_(cast(list(values), postgresql.ARRAY(column.type)))
         return
-    for start in range(0, len(ids), SQLITE_IN_CHUNK):
-        yield column.in_(ids[start : start + SQLITE_IN_CHUNK])
+    for start in range(0, len(values), SQLITE_IN_CHUNK):
+        yield column.in_(list(values[start : start + SQLITE_IN_CHUNK]))
 
 
 def one_snapshot(session: Session) -> None:

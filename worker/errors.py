@@ -5,6 +5,7 @@
     ├── InvalidOperationId            an operation ID does not match the API's pattern
     ├── NotTracked                    a report or command names an ID that is not tracked
     ├── WebhookSignatureError         a received notice's signature is missing, stale or wrong
+    ├── InvalidMessage                a task message's arguments can never be processed
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
@@ -62,6 +63,11 @@ class NotTracked(OptrackError):
         super().__init__(
             f"{operation_id} is not tracked; start with `optrack track {operation_id}`"
         )
+
+
+class InvalidMessage(OptrackError, ValueError):
+    """Raised when a task message's arguments can never be processed: rejected once, never
+    retried (``optrack.track`` given something other than a list)."""
 
 
 class WebhookSignatureError(OptrackError):

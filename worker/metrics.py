@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from worker import health
+from worker import dead_letters, health
 from worker.clock import Clock, SystemClock
 from worker.db import AccountPause, Notice, make_engine, make_sessionmaker
 from worker.settings import Settings
@@ -125,6 +125,7 @@ class DatabaseCollector:
                 unchanged = health.processing_unchanged(session, now)
                 pause = session.get(AccountPause, self.account_sid)
                 rejected = health.credentials_rejected(session, self.account_sid, now)
+                letters = dead_letters.waiting(session)
         except SQLAlchemyError as exc:
             log.warning("metrics: the database did not answer: %s", type(exc).__name__)
             up.add_metric([], 0)
@@ -160,10 +161,10 @@ class DatabaseCollector:
             "1 while a 401/403 pause of the account runs",
             value=0 if rejected is None else 1,
         )
-        # Always 0 for now: the dead-letter table comes with another change; the name is
-        # fixed so the alert rules and the dashboard in deploy/ can use it already.
         yield GaugeMetricFamily(
-            "optrack_dead_letters", "Poll messages given up on (dead letters)", value=0
+            "optrack_dead_letters",
+            "Task messages given up on and not replayed yet (optrack dead-letters)",
+            value=letters,
         )
         if beat_at is not None:
             yield GaugeMetricFamily(

@@ -13,7 +13,7 @@ from worker import discovery, notices, retention
 from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
 from worker.records import iso
 from worker.runtime import Runtime
-from worker.tasks import runtime
+from worker.tasks import GuardedTask, runtime
 
 log = logging.getLogger(__name__)
 MAX_BATCHES_PER_RUN = 10
@@ -30,7 +30,7 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
     return channels
 
 
-@app.task(name=DISCOVER_TASK, ignore_result=True)
+@app.task(name=DISCOVER_TASK, ignore_result=True, base=GuardedTask, periodic=True)
 def discover() -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
     rt = runtime()
@@ -50,7 +50,7 @@ def discover() -> dict[str, Any]:
     }
 
 
-@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True)
+@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True, base=GuardedTask, periodic=True)
 def deliver_notices() -> dict[str, int]:
     """Send the completion notices that are due."""
     rt = runtime()
@@ -85,6 +85,8 @@ PRUNE_TIME_LIMIT = 1860.0
     ignore_result=True,
     soft_time_limit=PRUNE_SOFT_TIME_LIMIT,
     time_limit=PRUNE_TIME_LIMIT,
+    base=GuardedTask,
+    periodic=True,
 )
 def prune() -> dict[str, int]:
     """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""

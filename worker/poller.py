@@ -97,8 +97,9 @@ class Poller:
 
     def poll(self, group_id: int, token: str) -> PollCounts:
         """Poll the group if it is still claimed with ``token``; return what it did."""
-        with self.sessions() as session:
+        with self.sessions.begin() as session:
             repo = Repository(session)
+            repo.start_claim(group_id, token, self.clock.now())
             group = repo.claimed_group(group_id, token)
             members = repo.members(group_id) if group is not None else []
         if group is None or group.claim_expires_at is None:
@@ -301,9 +302,9 @@ class Poller:
             values["next_due_at"] = run.deferral.until
         elif run.list_error is not None:
             errors = group.consecutive_errors + 1
-            backoff = timedelta(seconds=self.policy.retry.backoff(errors))
+            backoff = timedelta(seconds=self.policy.error_wait(run.list_error, errors))
             values.update(
-                next_due_at=self.clock.now() + max(self.policy.interval, backoff),
+                next_due_at=self.clock.now() + backoff,
                 consecutive_errors=errors,
                 last_error=f"{type(run.list_error).__name__}: {run.list_error}"[:1000],
             )

@@ -14,11 +14,8 @@ from sqlalchemy import (
     Engine,
     Integer,
     Row,
-    String,
     and_,
-    any_,
     bindparam,
-    cast,
     delete,
     func,
     insert,
@@ -40,6 +37,7 @@ from worker.db import (
     TrackedOperation,
     UTCDateTime,
 )
+from worker.dialect import in_many
 from worker.errors import RetryLater
 from worker.gate import LocalGate
 from worker.operation import Operation
@@ -85,8 +83,6 @@ class Written:
 
 INSERT_BATCH = 1000
 PLACEMENT_LOCK = 0x6F70747261636B  # "optrack": one sweep places operations at a time
-# SQLite binds at most 32,766 parameters a statement; PostgreSQL takes one array instead.
-SQLITE_IN_CHUNK = 10_000
 _OPERATIONS = TrackedOperation.__table__
 # What a database that is down, restarting or locked raises (not a bug in a query).
 DB_UNREACHABLE = (OperationalError, InterfaceError)
@@ -194,14 +190,7 @@ class Repository:
 
     def _id_filters(self, ids: Sequence[str]) -> Iterable[Any]:
         """``id IN ids`` as one array on PostgreSQL, in chunks on SQLite."""
-        if not ids:
-            return
-        if _is_postgresql(self.session):
-            # One array parameter instead of thousands: = ANY(:ids) binds in microseconds.
-            yield _OPERATIONS.c.id == any_(cast(list(ids), postgresql.ARRAY(String)))
-            return
-        for start in range(0, len(ids), SQLITE_IN_CHUNK):
-            yield _OPERATIONS.c.id.in_(ids[start : start + SQLITE_IN_CHUNK])
+        return in_many(self.session, _OPERATIONS.c.id, ids)
 
     def members(self, group_id: int) -> list[PollTarget]:
         """The active operations a group polls, by id (the recorder reads their state)."""
@@ -396,19 +385,26 @@ class Repository:
         self.session.execute(delete(PollGroup).where(PollGroup.id == other))
         self.refresh_range(into)
 
-    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[GroupClaim]:
+    def claim_due(
+        self, now: datetime, limit: int, lease: timedelta, resend_after: timedelta | None = None
+    ) -> list[GroupClaim]:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
 
         One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
         two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
         database's single write lock, so the second sweep sees them claimed. A worker that
-        dies leaves its groups due again when the lease runs out.
+        dies mid-poll leaves its groups due again when the lease runs out; a claim whose
+        message no worker started yet (still in the broker) only ``resend_after`` after it was
+        made, so a broker nobody consumes does not fill with one message per lease.
         """
         token = str(uuid.uuid4())
         g = PollGroup
-        claimable = and_(
-            g.next_due_at <= now, or_(g.claim_token.is_(None), g.claim_expires_at <= now)
+        resend = lease if resend_after is None else max(lease, resend_after)
+        expired = and_(
+            g.claim_expires_at <= now,
+            or_(g.claim_started_at.is_not(None), g.claim_expires_at <= now - (resend - lease)),
         )
+        claimable = and_(g.next_due_at <= now, or_(g.claim_token.is_(None), expired))
         due = select(g.id).where(claimable).order_by(g.next_due_at).limit(limit)
         if _is_postgresql(self.session):
             due = due.with_for_update(skip_locked=True)
@@ -416,12 +412,25 @@ class Repository:
         stmt = (
             update(g)
             .where(g.id.in_(due.scalar_subquery()), claimable)
-            .values(claim_token=token, claim_expires_at=expires)
+            .values(claim_token=token, claim_expires_at=expires, claim_started_at=None)
             .returning(g.id)
             .execution_options(synchronize_session=False)
         )
         claimed = sorted(self.session.scalars(stmt))
         return [GroupClaim(group_id, token, expires) for group_id in claimed]
+
+    def start_claim(self, group_id: int, token: str, now: datetime) -> None:
+        """Note that a worker started the message of this claim (see ``claim_due``)."""
+        self.session.execute(
+            update(PollGroup)
+            .where(
+                PollGroup.id == group_id,
+                PollGroup.claim_token == token,
+                PollGroup.claim_started_at.is_(None),
+            )
+            .values(claim_started_at=now)
+            .execution_options(synchronize_session=False)
+        )
 
     def claimed_group(self, group_id: int, token: str) -> PollGroup | None:
         """The group if it is still claimed with ``token`` (else another sweep has it)."""
@@ -431,13 +440,21 @@ class Repository:
         return group
 
     def release(self, claims: Sequence[GroupClaim], now: datetime) -> None:
-        """Give claimed groups back, due at ``now`` (their poll message was never sent)."""
+        """Give claimed groups back, due at ``now`` (their poll message was never sent).
+
+        One statement per token (a sweep's claims share one) and list of ids, whatever the
+        number of claims (OPTRACK_MAX_DUE_PER_TICK allows a million)."""
+        by_token: dict[str, list[int]] = {}
         for claim in claims:
-            self.session.execute(
-                update(PollGroup)
-                .where(PollGroup.id == claim.group_id, PollGroup.claim_token == claim.token)
-                .values(claim_token=None, claim_expires_at=None, next_due_at=now)
-            )
+            by_token.setdefault(claim.token, []).append(claim.group_id)
+        for token, group_ids in by_token.items():
+            for wanted in in_many(self.session, PollGroup.id, sorted(group_ids)):
+                self.session.execute(
+                    update(PollGroup)
+                    .where(wanted, PollGroup.claim_token == token)
+                    .values(claim_token=None, claim_expires_at=None, next_due_at=now)
+                    .execution_options(synchronize_session=False)
+                )
 
     def finish(self, group_id: int, token: str, values: dict[str, Any]) -> bool:
         """Record a group's poll and end its claim; False if the claim was lost meanwhile."""

@@ -60,6 +60,9 @@ class Runtime:
             retry=self.retry_policy,
             # A message stops calling in the lease's last quarter and writes what it has.
             lease=timedelta(seconds=s.claim_lease),
+            resend_after=timedelta(seconds=s.resend_after),
+            bad_request_first=timedelta(seconds=s.bad_request_backoff),
+            bad_request_max=timedelta(seconds=s.bad_request_max_backoff),
             fetch_group=s.batch_size,
             strategy=s.poll_strategy,
             list_threshold=s.list_threshold,
@@ -100,9 +103,10 @@ class Runtime:
 
     @cached_property
     def recorder(self) -> Recorder:
-        # Completion notices go into the outbox in the transaction that ends the operation.
-        on_end = [notices.end_hook] if self.settings.notices_enabled else []
-        return Recorder(self.sessions, self.poll_policy, on_end)
+        # Completion notices go into the outbox in the transaction that ends the operation,
+        # whatever this process's own settings: delivery is what OPTRACK_NOTIFY_TASK and
+        # OPTRACK_WEBHOOK_URL turn on, wherever the dispatcher runs.
+        return Recorder(self.sessions, self.poll_policy, [notices.end_hook])
 
     @cached_property
     def poller(self) -> Poller:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -29,6 +30,66 @@ MIN_HTTP_TOKEN = 16
 # task to log and write what it learned.
 HARD_LIMIT_GRACE = 0.1
 HARD_LIMIT_GRACE_MIN = 5.0
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The smallest and largest value a number setting takes; ``unit`` as the README shows it."""
+
+    minimum: float
+    maximum: float
+    unit: str = "s"
+
+    def text(self) -> str:
+        """The range as the README's configuration table writes it: ``0.5 s..1 d``, ``1..1000``,
+        ``0.1..10000 per s``."""
+        if self.unit == "s":
+            return f"{self.show(self.minimum)}..{self.show(self.maximum)}"
+        return f"{self.minimum:g}..{self.maximum:.15g}" + (f" {self.unit}" if self.unit else "")
+
+    def show(self, value: float) -> str:
+        """One end of the range, with its unit: whole days as days."""
+        if self.unit == "s":
+            if value >= DAY and value % DAY == 0:
+                return f"{value / DAY:g} d"
+            return f"{value:g} s"
+        return f"{value:.15g}" + (f" {self.unit}" if self.unit else "")
+
+
+# Every duration and count setting, with its documented range (the README's "range" column,
+# kept equal by tests/test_settings.py). A value outside it stops the command at start (exit 2)
+# instead of overflowing a datetime on the first tick.
+BOUNDS: Mapping[str, Bound] = {
+    "OPTRACK_POLL_INTERVAL": Bound(0.5, DAY),
+    "OPTRACK_POLL_MAX_INTERVAL": Bound(0.5, DAY),
+    "OPTRACK_MAX_RETRY_AFTER": Bound(MIN_MAX_RETRY_AFTER, 7 * DAY),
+    "OPTRACK_MAX_INPLACE_WAIT": Bound(0.0, 30.0),
+    "OPTRACK_TICK_INTERVAL": Bound(0.2, 3600.0),
+    "OPTRACK_BATCH_SIZE": Bound(1, 1000, ""),
+    "OPTRACK_LIST_THRESHOLD": Bound(1, 1_000_000, ""),
+    "OPTRACK_MAX_REQUESTS_PER_SECOND": Bound(0.1, 10_000.0, "per s"),
+    "OPTRACK_PENDING_LOOKBACK": Bound(0.0, 30 * DAY),
+    "OPTRACK_MAX_DUE_PER_TICK": Bound(1, 1_000_000, ""),
+    "OPTRACK_CLAIM_LEASE": Bound(10.0, DAY),
+    "OPTRACK_POLL_TIME_LIMIT": Bound(5.0, DAY),
+    "OPTRACK_CLOCK_ALLOWANCE": Bound(0.0, 3600.0),
+    "OPTRACK_NOT_FOUND_GRACE": Bound(0.0, DAY),
+    "OPTRACK_RESEND_AFTER": Bound(10.0, 7 * DAY),
+    "OPTRACK_MAX_DELIVERIES": Bound(1, 100, ""),
+    "OPTRACK_BAD_REQUEST_BACKOFF": Bound(1.0, DAY),
+    "OPTRACK_BAD_REQUEST_MAX_BACKOFF": Bound(60.0, 7 * DAY),
+    "OPTRACK_CONNECT_TIMEOUT": Bound(0.1, 300.0),
+    "OPTRACK_READ_TIMEOUT": Bound(0.1, 3600.0),
+    "OPTRACK_REQUEST_DEADLINE": Bound(1.0, 300.0),
+    "OPTRACK_DISCOVERY_INTERVAL": Bound(10.0, 7 * DAY),
+    "OPTRACK_DISCOVERY_WINDOW": Bound(60.0, 366 * DAY),
+    "OPTRACK_PRUNE_OLDER_THAN": Bound(3600.0, 36600 * DAY),
+    "OPTRACK_METRICS_PORT": Bound(1, 65535, ""),
+    "OPTRACK_HTTP_PORT": Bound(0, 65535, ""),
+}
+DEFAULT_RESEND_AFTER = 600.0
+DEFAULT_MAX_DELIVERIES = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +128,15 @@ class Settings:
     clock_allowance: float = 60.0
     # A 404 ends tracking only once 404s have lasted this long (0: at the first).
     not_found_grace: float = 60.0
+    # A claimed group whose message no worker has started is sent again only after this long
+    # (at least the lease): ticks do not pile up messages while no worker consumes them.
+    resend_after: float = DEFAULT_RESEND_AFTER
+    # The most times one task message is started; the next delivery makes it a dead letter.
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    # A 400 for an operation: its next request after this, doubling with each 400 in a row up
+    # to the maximum (our request was wrong; asking every few minutes for ever cannot help).
+    bad_request_backoff: float = 300.0
+    bad_request_max_backoff: float = 21600.0
     # Operations: discovery, completion notices, metrics, logs, retention (README "Operations").
     discovery_interval: float | None = None
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
@@ -112,43 +182,57 @@ class Settings:
         return bool(self.notify_task or self.webhook_url)
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def _number(raw: str, name: str, bound: Bound, *, whole: bool) -> float:
+    """``raw`` as a number within ``bound``, or ConfigError naming ``name`` and the bound."""
+    shown = raw.strip() if len(raw.strip()) <= 40 else raw.strip()[:40] + "…"
+    try:
+        value = float(int(raw)) if whole else float(raw)
+    except (ValueError, OverflowError):
+        kind = "a whole number" if whole else "a number of seconds"
+        raise ConfigError(f"{name}={shown!r} is not {kind}") from None
+    if not bound.minimum <= value <= bound.maximum:  # NaN fails both
+        raise ConfigError(
+            f"{name}={shown!r} must be between {bound.show(bound.minimum)} and "
+            f"{bound.show(bound.maximum)}"
+        )
+    return value
+
+
+def _is_number(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r} must be a finite number >= {minimum}")
-    return value
+    return _number(raw, name, BOUNDS[name], whole=False)
 
 
-def _bounded(
-    env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float
-) -> float:
-    value = _float(env, name, default, minimum)
-    if value > maximum:
-        raise ConfigError(f"{name}={value:g} must be at most {maximum:g} seconds")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}={raw!r} must be between {minimum} and {maximum}")
-    return value
+    return int(_number(raw, name, BOUNDS[name], whole=True))
 
 
 def _max_retry_after(env: Mapping[str, str]) -> float:
-    value = _float(env, "OPTRACK_MAX_RETRY_AFTER", DEFAULT_MAX_RETRY_AFTER)
+    name = "OPTRACK_MAX_RETRY_AFTER"
+    raw = env.get(name, "").strip()
+    if not raw:
+        return DEFAULT_MAX_RETRY_AFTER
+    bound = BOUNDS[name]
+    try:
+        return _number(raw, name, bound, whole=False)
+    except ConfigError:
+        value = float(raw) if _is_number(raw) else math.nan
+        if not value < MIN_MAX_RETRY_AFTER:  # above the bound, or not a number: as said
+            raise
+    # Below the minimum has its own message: what the cap is for.
     if value < MIN_MAX_RETRY_AFTER:
         raise ConfigError(
             f"OPTRACK_MAX_RETRY_AFTER={value:g} is below {MIN_MAX_RETRY_AFTER:g} s: it caps only "
@@ -159,10 +243,23 @@ def _max_retry_after(env: Mapping[str, str]) -> float:
     return value
 
 
-def _optional_float(env: Mapping[str, str], name: str, minimum: float) -> float | None:
+def _resend_after(env: Mapping[str, str], claim_lease: float) -> float:
+    name = "OPTRACK_RESEND_AFTER"
+    if not env.get(name, "").strip():
+        return max(DEFAULT_RESEND_AFTER, claim_lease)
+    value = _float(env, name, DEFAULT_RESEND_AFTER)
+    if value < claim_lease:
+        raise ConfigError(
+            f"{name}={value:g} is shorter than OPTRACK_CLAIM_LEASE={claim_lease:g}: a message "
+            "still waiting in the broker would be sent again while its claim holds"
+        )
+    return value
+
+
+def _optional_float(env: Mapping[str, str], name: str) -> float | None:
     if not env.get(name, "").strip():
         return None
-    return _float(env, name, 0.0, minimum)
+    return _float(env, name, 0.0)
 
 
 def _duration(env: Mapping[str, str], name: str) -> timedelta | None:
@@ -170,12 +267,16 @@ def _duration(env: Mapping[str, str], name: str) -> timedelta | None:
     if not raw.strip():
         return None
     try:
-        value = parse_duration(raw)
+        seconds = parse_duration(raw).total_seconds()
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
-    if value <= timedelta(0):
-        raise ConfigError(f"{name}={raw!r} must be longer than zero")
-    return value
+    bound = BOUNDS[name]
+    if not bound.minimum <= seconds <= bound.maximum:
+        raise ConfigError(
+            f"{name}={raw.strip()!r} must be between {bound.show(bound.minimum)} and "
+            f"{bound.show(bound.maximum)}"
+        )
+    return timedelta(seconds=seconds)
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
@@ -218,7 +319,7 @@ def _metrics(env: Mapping[str, str]) -> tuple[int | None, str | None]:
     folder = env.get("PROMETHEUS_MULTIPROC_DIR", "").strip() or None
     if not env.get("OPTRACK_METRICS_PORT", "").strip():
         return None, folder
-    port = _int(env, "OPTRACK_METRICS_PORT", 0, 1, 65535)
+    port = _int(env, "OPTRACK_METRICS_PORT", 0)
     if folder is None:
         raise ConfigError(
             "OPTRACK_METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: set it to a "
@@ -362,6 +463,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     allow_http = env.get("OPTRACK_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
     webhook_url, webhook_secret = _webhook(env)
     metrics_port, metrics_dir = _metrics(env)
+    claim_lease = _float(env, "OPTRACK_CLAIM_LEASE", 120.0)
     settings = Settings(
         database_url=env.get("OPTRACK_DATABASE_URL") or f"sqlite:///{home / 'optrack.sqlite'}",
         broker_url=env.get("OPTRACK_BROKER_URL") or f"sqla+sqlite:///{home / 'broker.sqlite'}",
@@ -370,32 +472,34 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
         auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
-        poll_interval=_float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
+        poll_interval=_float(env, "OPTRACK_POLL_INTERVAL", 10.0),
         max_retry_after=_max_retry_after(env),
-        tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0, minimum=0.2),
-        connect_timeout=_float(env, "OPTRACK_CONNECT_TIMEOUT", 5.0, minimum=0.1),
-        read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0, minimum=0.1),
-        request_deadline=_bounded(env, "OPTRACK_REQUEST_DEADLINE", 30.0, 1.0, 300.0),
-        max_inplace_wait=_bounded(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0, 0.0, 30.0),
-        batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50, 1, 1000),
+        tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0),
+        connect_timeout=_float(env, "OPTRACK_CONNECT_TIMEOUT", 5.0),
+        read_timeout=_float(env, "OPTRACK_READ_TIMEOUT", 15.0),
+        request_deadline=_float(env, "OPTRACK_REQUEST_DEADLINE", 30.0),
+        max_inplace_wait=_float(env, "OPTRACK_MAX_INPLACE_WAIT", 5.0),
+        batch_size=_int(env, "OPTRACK_BATCH_SIZE", 50),
         poll_strategy=_choice(env, "OPTRACK_POLL_STRATEGY", POLL_STRATEGIES),
         # Adaptive cadence is an opt-in: unset, idle operations keep the poll interval.
         poll_max_interval=max(
-            _float(env, "OPTRACK_POLL_MAX_INTERVAL", 0.0, minimum=0.5),
-            _float(env, "OPTRACK_POLL_INTERVAL", 10.0, minimum=0.5),
+            _float(env, "OPTRACK_POLL_MAX_INTERVAL", 0.0),
+            _float(env, "OPTRACK_POLL_INTERVAL", 10.0),
         ),
-        max_requests_per_second=_optional_float(
-            env, "OPTRACK_MAX_REQUESTS_PER_SECOND", minimum=0.1
-        ),
-        list_threshold=_int(env, "OPTRACK_LIST_THRESHOLD", 5, 1, 1_000_000),
-        pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0, minimum=0.0),
-        max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000, 1, 1_000_000),
-        claim_lease=_float(env, "OPTRACK_CLAIM_LEASE", 120.0, minimum=10.0),
-        poll_time_limit=_optional_float(env, "OPTRACK_POLL_TIME_LIMIT", minimum=5.0),
-        clock_allowance=_bounded(env, "OPTRACK_CLOCK_ALLOWANCE", 60.0, 0.0, 3600.0),
-        not_found_grace=_bounded(env, "OPTRACK_NOT_FOUND_GRACE", 60.0, 0.0, 86400.0),
+        max_requests_per_second=_optional_float(env, "OPTRACK_MAX_REQUESTS_PER_SECOND"),
+        list_threshold=_int(env, "OPTRACK_LIST_THRESHOLD", 5),
+        pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0),
+        max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000),
+        claim_lease=claim_lease,
+        resend_after=_resend_after(env, claim_lease),
+        max_deliveries=_int(env, "OPTRACK_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+        bad_request_backoff=_float(env, "OPTRACK_BAD_REQUEST_BACKOFF", 300.0),
+        bad_request_max_backoff=_float(env, "OPTRACK_BAD_REQUEST_MAX_BACKOFF", 21600.0),
+        poll_time_limit=_optional_float(env, "OPTRACK_POLL_TIME_LIMIT"),
+        clock_allowance=_float(env, "OPTRACK_CLOCK_ALLOWANCE", 60.0),
+        not_found_grace=_float(env, "OPTRACK_NOT_FOUND_GRACE", 60.0),
         allow_insecure_http=allow_http,
-        discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL", minimum=10.0),
+        discovery_interval=_optional_float(env, "OPTRACK_DISCOVERY_INTERVAL"),
         discovery_window=_duration(env, "OPTRACK_DISCOVERY_WINDOW") or DEFAULT_DISCOVERY_WINDOW,
         notify_task=env.get("OPTRACK_NOTIFY_TASK", "").strip() or None,
         notify_queue=env.get("OPTRACK_NOTIFY_QUEUE", "").strip() or DEFAULT_NOTIFY_QUEUE,
@@ -407,7 +511,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=_choice(env, "OPTRACK_LOG_FORMAT", LOG_FORMATS),
         prune_older_than=_duration(env, "OPTRACK_PRUNE_OLDER_THAN"),
         http_host=env.get("OPTRACK_HTTP_HOST", "").strip() or "127.0.0.1",
-        http_port=_int(env, "OPTRACK_HTTP_PORT", DEFAULT_HTTP_PORT, 0, 65535),
+        http_port=_int(env, "OPTRACK_HTTP_PORT", DEFAULT_HTTP_PORT),
         http_token=_http_token(env),
         http_cors_origins=_cors_origins(env),
     )

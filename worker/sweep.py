@@ -129,7 +129,7 @@ def sweep(
     if paused_until is not None and paused_until > now:
         return SweepResult(placed=placed, paused_until=paused_until)
     with sessions.begin() as session:
-        claims = Repository(session).claim_due(now, limit, policy.lease)
+        claims = Repository(session).claim_due(now, limit, policy.lease, policy.resend_after)
     sent = dispatch(sessions, claims, send, now)
     return SweepResult(placed=placed, claimed=len(claims), sent=sent)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from worker.errors import ApiError
+from worker.errors import ApiError, BadRequest
 from worker.operation import Operation, Status
 from worker.retry_after import RetryPolicy
 
@@ -153,6 +153,9 @@ class PollPolicy:
     retry: RetryPolicy = RetryPolicy()
     # How long a sweep's claim holds a group; a message stops calling in its last quarter.
     lease: timedelta = timedelta(seconds=120)
+    # A claim whose message no worker started is sent again only this long after the claim
+    # (at least ``lease``): while no worker consumes, ticks add no message per lease.
+    resend_after: timedelta = timedelta(seconds=600)
     # auto: List windows where they cost fewer requests than GETs; fetch: GETs only;
     # list: List windows for every run of operations.
     strategy: str = "auto"
@@ -173,6 +176,20 @@ class PollPolicy:
     # A 404 ends tracking only once 404s have lasted this long (OPTRACK_NOT_FOUND_GRACE): a
     # new operation may not be replicated yet. Zero: the first 404 ends it.
     not_found_grace: timedelta = timedelta(seconds=60)
+    # A 400 says our request was wrong: asking again soon cannot help. The wait doubles from
+    # the first to the ceiling (5 min, 10, 20 ... 6 h: OPTRACK_BAD_REQUEST_BACKOFF and
+    # OPTRACK_BAD_REQUEST_MAX_BACKOFF), so a fix on either side is still picked up within
+    # hours, without a request every few minutes for ever.
+    bad_request_first: timedelta = timedelta(minutes=5)
+    bad_request_max: timedelta = timedelta(hours=6)
+
+    def error_wait(self, error: ApiError, errors: int) -> float:
+        """Seconds before asking again after the ``errors``-th failure in a row, ``error``."""
+        if isinstance(error, BadRequest):
+            steps = max(0, min(errors, 32) - 1)
+            first = self.bad_request_first.total_seconds()
+            return min(self.bad_request_max.total_seconds(), first * 2.0**steps)
+        return max(self.interval.total_seconds(), self.retry.backoff(errors))
 
     @property
     def adaptive(self) -> bool:
@@ -272,7 +289,7 @@ def ordering_key(known: Known, now: datetime, allowance: timedelta) -> datetime 
 def failure(known: Known, error: ApiError, now: datetime, policy: PollPolicy) -> Failed:
     """A failed poll: count it and back this operation off (its group goes on)."""
     errors = known.consecutive_errors + 1
-    wait = max(policy.interval.total_seconds(), policy.retry.backoff(errors))
+    wait = policy.error_wait(error, errors)
     detail = f"{type(error).__name__}: {error}"[:1000]
     # Another error amid 404s neither ends nor restarts the streak.
     return Failed(known, detail, now + timedelta(seconds=wait), known.not_found_since)

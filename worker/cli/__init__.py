@@ -7,7 +7,14 @@ from typing import NoReturn
 
 import click
 
-from worker.cli import http_cmds, ops_cmds, report_cmds, service_cmds, tracking_cmds
+from worker.cli import (
+    dead_letter_cmds,
+    http_cmds,
+    ops_cmds,
+    report_cmds,
+    service_cmds,
+    tracking_cmds,
+)
 from worker.errors import ConfigError, OptrackError
 
 
@@ -23,6 +30,7 @@ for command in (
     *service_cmds.COMMANDS,
     *ops_cmds.COMMANDS,
     *http_cmds.COMMANDS,
+    *dead_letter_cmds.COMMANDS,
 ):
     cli.add_command(command)
 

@@ -23,9 +23,12 @@ def _count(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def status_table(rows: Sequence[OperationState]) -> Table:
-    """One line per tracked operation."""
-    table = Table(title=f"{len(rows)} tracked operation(s)", title_justify="left")
+def status_table(
+    rows: Sequence[OperationState], *, total: int | None = None, header: bool = True
+) -> Table:
+    """One line per tracked operation; a page of ``total`` (the first page has the header)."""
+    title = f"{len(rows) if total is None else total} tracked operation(s)" if header else None
+    table = Table(title=title, title_justify="left", show_header=header)
     table.add_column("operation", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for name in ("created", "failed", "queued", "total"):

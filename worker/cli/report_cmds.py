@@ -36,10 +36,12 @@ from worker.reports.formats import (
     to_json,
 )
 from worker.runtime import Runtime
-from worker.tracking import ALL_STATES, NOT_FOUND
+from worker.tracking import ACTIVE_STATES, ALL_STATES, NOT_FOUND
 
 DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_LIST_LIMIT = 20
+# `watch` draws this many bars at most; the rest share one summary row.
+MAX_BARS = 50
 
 
 def _one_format(as_json: bool, as_csv: bool) -> None:
@@ -344,11 +346,20 @@ def _progress_fields(item: reports.Progress, now: datetime) -> dict[str, object]
     return fields
 
 
-def follow(rt: Runtime, operation_ids: Sequence[str], interval: float) -> None:
-    """Show a progress bar per operation, re-read every ``interval`` s, until all have ended."""
+def follow(
+    rt: Runtime, operation_ids: Sequence[str], interval: float, *, once: bool = False
+) -> None:
+    """Show a progress bar per operation, re-read every ``interval`` s, until all have ended
+    (``once``: one frame, then return).
+
+    At most MAX_BARS bars; the operations past them share one summary row (how many ended),
+    counted in the database whatever their number.
+    """
     with rt.sessions() as session:
         ids = list(operation_ids) or list(reports.active_ids(session))
-        items = reports.progress(session, ids)
+        shown, rest = ids[:MAX_BARS], ids[MAX_BARS:]
+        items = reports.progress(session, shown)
+        others = reports.status_counts(session, rest)
     out = console()
     if not ids:
         out.print("nothing to watch: no operation is PENDING or PROCESSING")
@@ -374,20 +385,29 @@ def follow(rt: Runtime, operation_ids: Sequence[str], interval: float) -> None:
                 )
                 for item in items
             }
+            more = bar.add_task(f"+{len(rest)} more", total=len(rest), status="", eta="")
+            if not rest:
+                bar.update(more, visible=False)
             while True:
                 now = rt.clock.now()
                 for item in items:
                     bar.update(tasks[item.operation.id], **_progress_fields(item, now))  # type: ignore[arg-type]
+                active = sum(others.get(s, 0) for s in ACTIVE_STATES)
+                bar.update(
+                    more, completed=len(rest) - active, status="ended", eta=f"{active} active"
+                )
                 bar.refresh()
-                if all(item.ended for item in items):
+                if once or (all(item.ended for item in items) and not active):
                     break
                 rt.clock.sleep(interval)
                 with rt.sessions() as session:
-                    items = reports.progress(session, ids)
+                    items = reports.progress(session, shown)
+                    others = reports.status_counts(session, rest)
     except KeyboardInterrupt:
         click.echo("stopped watching; the worker goes on tracking", err=True)
         raise SystemExit(130) from None
-    out.print(f"all {len(ids)} operation(s) ended")
+    if not once:
+        out.print(f"all {len(ids)} operation(s) ended")
 
 
 @click.command()
@@ -399,13 +419,14 @@ def follow(rt: Runtime, operation_ids: Sequence[str], interval: float) -> None:
     type=click.FloatRange(min=0.2),
     help="Seconds between reads of the database.",
 )
-def watch(operation_ids: tuple[str, ...], interval: float) -> None:
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
+def watch(operation_ids: tuple[str, ...], interval: float, once: bool) -> None:
     """Progress bars of operations (default: all still active) until they end or Ctrl-C."""
     ids = [_checked_id(op_id) for op_id in dict.fromkeys(operation_ids)]
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
     try:
-        follow(rt, ids, interval)
+        follow(rt, ids, interval, once=once)
     except NotTracked as exc:
         raise usage_error(
             f"{exc.operation_id} is not tracked; see `optrack status` for tracked IDs"

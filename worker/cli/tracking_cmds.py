@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
 
-from worker import intake
+from worker import dead_letters, intake
 from worker.cli.common import ensure_schema, get_runtime, usage_error
 from worker.cli.render import console, pause_line, status_table
 from worker.cli.report_cmds import follow
@@ -17,6 +18,7 @@ from worker.reports import queries
 from worker.reports.formats import account_record, to_json
 
 WAIT_REREAD = 0.5  # seconds between reads of the database while `track --wait` waits
+STATUS_PAGE = 1000  # operations read and printed at a time by `status`
 
 
 def read_ids(args: tuple[str, ...]) -> list[str]:
@@ -64,22 +66,36 @@ def status(as_json: bool) -> None:
     """Show every tracked operation: status, stats, polling schedule, last error."""
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    with rt.sessions() as session:
-        rows = queries.every_operation(session)
     pause = rt.gate.current()
     now = rt.clock.now()
+    # Streamed a page at a time: memory stays flat however many operations are tracked.
+    with rt.sessions() as session:
+        letters = dead_letters.waiting(session)
+        total = queries.count_operations(session)
+    pages = queries.operation_pages(rt.sessions, STATUS_PAGE)
     if as_json:
-        payload = {
-            "account": account_record(pause, now),
-            "operations": [operation_record(row) for row in rows],
-        }
-        click.echo(to_json(payload))
+        head = {"account": account_record(pause, now), "dead_letters": letters}
+        click.echo(to_json(head)[:-2] + ',\n  "operations": [')
+        first = True
+        for page in pages:
+            for row in page:
+                click.echo(("    " if first else "  , ") + json.dumps(operation_record(row)))
+                first = False
+        click.echo("  ]\n}")
         return
     line = pause_line(pause, now)
     out = console()
     if line:
         out.print(f"[bold red]{line}[/]")
-    out.print(status_table(rows))
+    if letters:
+        out.print(
+            f"[bold yellow]{letters} dead letter(s): task messages given up on; "
+            "see `optrack dead-letters`[/]"
+        )
+    for number, page in enumerate(pages):
+        out.print(status_table(page, total=total, header=number == 0))
+    if total == 0:
+        out.print(status_table((), total=0))
 
 
 COMMANDS = (track, status)

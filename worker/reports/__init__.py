@@ -29,8 +29,10 @@ from worker.reports.queries import (
     get_operation,
     one_snapshot,
     operation_history,
+    operation_pages,
     operations,
     progress,
+    status_counts,
     summarize,
 )
 
@@ -55,9 +57,11 @@ __all__ = [
     "get_operation",
     "one_snapshot",
     "operation_history",
+    "operation_pages",
     "operations",
     "parse_span",
     "parse_when",
     "progress",
+    "status_counts",
     "summarize",
 ]

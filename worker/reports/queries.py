@@ -5,7 +5,7 @@ Nothing here reads the wall clock: callers pass ``now``. docs/reports.md defines
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,9 +20,10 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    tuple_,
     type_coerce,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker import dialect
 from worker.db import (
@@ -31,6 +32,7 @@ from worker.db import (
     TrackedOperation,
     UTCDateTime,
 )
+from worker.dialect import in_many
 from worker.errors import NotTracked
 from worker.reports.model import (
     Estimate,
@@ -419,12 +421,12 @@ def estimates(session: Session, ops: Sequence[OperationState]) -> dict[str, Esti
     """
     ids = [op.id for op in ops if op.status == PROCESSING]
     recent: dict[str, list[Any]] = {}
-    if ids:
-        rank = (
-            func.row_number()
-            .over(partition_by=HistoryEntry.operation_id, order_by=HistoryEntry.seq.desc())
-            .label("rank")
-        )
+    rank = (
+        func.row_number()
+        .over(partition_by=HistoryEntry.operation_id, order_by=HistoryEntry.seq.desc())
+        .label("rank")
+    )
+    for wanted in in_many(session, HistoryEntry.operation_id, ids):
         inner = (
             select(
                 HistoryEntry.operation_id,
@@ -433,7 +435,7 @@ def estimates(session: Session, ops: Sequence[OperationState]) -> dict[str, Esti
                 (HistoryEntry.created + HistoryEntry.failed).label("done"),
                 rank,
             )
-            .where(HistoryEntry.operation_id.in_(ids))
+            .where(wanted)
             .subquery()
         )
         stmt = (
@@ -479,8 +481,9 @@ def _estimate(op: OperationState, recent: list[Any]) -> Estimate:
 def progress_states(session: Session, operation_ids: Sequence[str]) -> list[OperationState]:
     """The current state of the given operations, in the given order; NotTracked if one is
     not tracked."""
-    stmt = select(*STATE_COLUMNS).where(TrackedOperation.id.in_(list(operation_ids)))
-    found = {op.id: op for op in _states(session, stmt)}
+    found: dict[str, OperationState] = {}
+    for wanted in in_many(session, TrackedOperation.id, list(dict.fromkeys(operation_ids))):
+        found.update((op.id, op) for op in _states(session, select(*STATE_COLUMNS).where(wanted)))
     missing = [op_id for op_id in operation_ids if op_id not in found]
     if missing:
         raise NotTracked(missing[0])
@@ -492,6 +495,61 @@ def progress(session: Session, operation_ids: Sequence[str]) -> tuple[Progress, 
     ordered = progress_states(session, operation_ids)
     guesses = estimates(session, ordered)
     return tuple(Progress(op, guesses[op.id]) for op in ordered)
+
+
+def status_counts(session: Session, operation_ids: Sequence[str]) -> dict[str, int]:
+    """How many of the given operations are in each status; NotTracked if one is not tracked.
+
+    For the operations ``watch`` does not draw a bar for: any number of them, in one array
+    (PostgreSQL) or a few chunks (SQLite).
+    """
+    wanted_ids = list(dict.fromkeys(operation_ids))
+    counts: dict[str, int] = {}
+    for wanted in in_many(session, TrackedOperation.id, wanted_ids):
+        stmt = (
+            select(TrackedOperation.status, func.count())
+            .where(wanted)
+            .group_by(TrackedOperation.status)
+        )
+        for status, n in session.execute(stmt):
+            counts[status] = counts.get(status, 0) + int(n)
+    if sum(counts.values()) < len(wanted_ids):
+        known: set[str] = set()
+        for wanted in in_many(session, TrackedOperation.id, wanted_ids):
+            known.update(session.scalars(select(TrackedOperation.id).where(wanted)))
+        raise NotTracked(next(i for i in wanted_ids if i not in known))
+    return counts
+
+
+def operation_pages(
+    sessions: sessionmaker[Session], size: int = 1000
+) -> Iterator[tuple[OperationState, ...]]:
+    """Every tracked operation, the most recently tracked last, ``size`` at a time.
+
+    Keyset pages on (tracked_at, id), each read in a session of its own: a page costs the same
+    at the end as at the start, only one is in memory, and no transaction (on SQLite: the
+    write lock) stays open while the caller prints.
+    """
+    after: tuple[datetime, str] | None = None
+    while True:
+        stmt = select(*STATE_COLUMNS).order_by(TrackedOperation.tracked_at, TrackedOperation.id)
+        if after is not None:
+            stmt = stmt.where(
+                tuple_(TrackedOperation.tracked_at, TrackedOperation.id)
+                > tuple_(literal(after[0], UTCDateTime()), literal(after[1]))
+            )
+        with sessions() as session:
+            found = _states(session, stmt.limit(size))
+        if found:
+            yield found
+        if len(found) < size:
+            return
+        after = (found[-1].tracked_at, found[-1].id)
+
+
+def count_operations(session: Session) -> int:
+    """How many operations are tracked."""
+    return int(session.scalar(select(func.count()).select_from(TrackedOperation)) or 0)
 
 
 def active_ids(session: Session) -> tuple[str, ...]:
