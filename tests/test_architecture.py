@@ -37,3 +37,17 @@ def test_the_contracts_hold() -> None:
     done = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "0 broken" in done.stdout
+
+
+def test_only_the_dialect_module_knows_which_database_it_talks_to() -> None:
+    # db.py's UTCDateTime is given the dialect by SQLAlchemy itself (SQLite stores it naive).
+    allowed = {PACKAGE / "dialect.py", PACKAGE / "db.py"}
+    pattern = re.compile(
+        r"dialect\.name|sqlalchemy\.dialects|skip_locked=|pg_try_advisory|unnest\("
+    )
+    found = [
+        str(path.relative_to(ROOT))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path not in allowed and pattern.search(path.read_text())
+    ]
+    assert found == []

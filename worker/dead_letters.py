@@ -18,9 +18,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from worker import dialect
 from worker.db import DeadLetter, TaskDelivery
 from worker.dialect import in_many
 
@@ -59,13 +59,9 @@ class Letter:
         )
 
 
-def _insert(session: Session) -> Any:
-    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
-
-
 def count_delivery(session: Session, task_id: str, task: str, now: datetime) -> int:
     """Count one more start of message ``task_id``; return how many starts it has had."""
-    insert = _insert(session)
+    insert = dialect.insert(session)
     stmt = insert(TaskDelivery).values(
         task_id=task_id, task=task, deliveries=1, first_at=now, last_at=now
     )
@@ -92,7 +88,7 @@ def bury(
     now: datetime,
 ) -> bool:
     """Keep the message as a dead letter and drop its counter; False if it was buried already."""
-    insert = _insert(session)
+    insert = dialect.insert(session)
     stmt = (
         insert(DeadLetter)
         .values(

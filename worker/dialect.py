@@ -15,7 +15,23 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, Select, any_, cast, func, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    DateTime,
+    Float,
+    Integer,
+    Select,
+    Table,
+    TypeDecorator,
+    any_,
+    bindparam,
+    cast,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -50,6 +66,53 @@ def in_many(session: Session, column: Any, values: Sequence[Any]) -> Iterator[An
         return
     for start in range(0, len(values), SQLITE_IN_CHUNK):
         yield column.in_(list(values[start : start + SQLITE_IN_CHUNK]))
+
+
+def update_many(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Bulk UPDATE of ``table`` by its ``id``; every dict holds ``id`` and the same columns.
+
+    PostgreSQL: one ``UPDATE ... FROM unnest(arrays)``, one array per column, so neither
+    per-row statements nor a huge SQL text. SQLite: one executemany.
+    """
+    if not rows:
+        return
+    names = [n for n in rows[0] if n != "id"]
+    if not is_postgresql(session):
+        stmt = (
+            update(table)
+            .where(table.c.id == bindparam("_id"))
+            .values({n: bindparam(n) for n in names})
+        )
+        session.connection().execute(stmt, [{**r, "_id": r["id"]} for r in rows])
+        return
+    arrays = ", ".join(f"CAST(:{n} AS {_pg_array_type(table.c[n].type)})" for n in ["id", *names])
+    sql = (
+        f"UPDATE {table.name} AS t SET "
+        + ", ".join(f"{n} = v.{n}" for n in names)
+        + f" FROM unnest({arrays}) AS v(id, {', '.join(names)}) WHERE t.id = v.id"
+    )
+    session.execute(text(sql), {n: [r[n] for r in rows] for n in ["id", *names]})
+
+
+def _pg_array_type(column_type: Any) -> str:
+    """The PostgreSQL array type of a column's values."""
+    if isinstance(column_type, TypeDecorator):  # UTCDateTime: judged by what it stores
+        column_type = column_type.impl
+    if isinstance(column_type, DateTime):
+        return "timestamptz[]"
+    if isinstance(column_type, BigInteger):
+        return "bigint[]"
+    if isinstance(column_type, Integer):
+        return "integer[]"
+    return "text[]"
+
+
+def try_advisory_lock(session: Session, key: int) -> bool:
+    """Take the lock ``key`` for this transaction; False if another one holds it. SQLite's
+    write lock, taken when the transaction began, already serializes writers: True."""
+    if not is_postgresql(session):
+        return True
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key}))
 
 
 def one_snapshot(session: Session) -> None:

@@ -10,32 +10,28 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Engine,
-    Integer,
     Row,
     and_,
-    bindparam,
     delete,
     func,
     insert,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker import dialect
 from worker.clock import Clock
 from worker.db import (
     AccountPause,
+    Base,
     HistoryEntry,
     PollGroup,
     RequestBudget,
     TrackedOperation,
-    UTCDateTime,
 )
 from worker.dialect import in_many
 from worker.errors import RetryLater
@@ -89,26 +85,6 @@ DB_UNREACHABLE = (OperationalError, InterfaceError)
 log = logging.getLogger(__name__)
 
 
-def _pg_array_type(column_type: Any) -> str:
-    """The PostgreSQL array type for a column of ``tracked_operations``."""
-    if isinstance(column_type, UTCDateTime):
-        return "timestamptz[]"
-    if isinstance(column_type, BigInteger):
-        return "bigint[]"
-    if isinstance(column_type, Integer):
-        return "integer[]"
-    return "text[]"
-
-
-def _insert(session: Session) -> Any:
-    """The dialect's INSERT that knows ON CONFLICT."""
-    return (postgresql if _is_postgresql(session) else sqlite).insert
-
-
-def _is_postgresql(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
 class Repository:
     """Queries of one session; the caller owns the transaction."""
 
@@ -145,7 +121,7 @@ class Repository:
         # Bound parameters per statement are limited (65,535 on PostgreSQL, 32,766 on SQLite).
         for start in range(0, len(rows), INSERT_BATCH):
             stmt = (
-                _insert(self.session)(TrackedOperation)
+                dialect.insert(self.session)(TrackedOperation)
                 .values(list(rows[start : start + INSERT_BATCH]))
                 .on_conflict_do_nothing(index_elements=["id"])
                 .returning(TrackedOperation.id)
@@ -234,29 +210,9 @@ class Repository:
     def update_many(self, rows: Sequence[dict[str, Any]]) -> None:
         """Bulk UPDATE by primary key; every dict holds ``id`` and the same other columns.
 
-        PostgreSQL gets one ``UPDATE ... FROM unnest(arrays)``; elsewhere executemany.
+        One statement however many rows (see ``dialect.update_many``).
         """
-        if not rows:
-            return
-        table = _OPERATIONS.c
-        if not _is_postgresql(self.session):
-            stmt = (
-                update(TrackedOperation)
-                .where(TrackedOperation.id == bindparam("_id"))
-                .values({k: bindparam(k) for k in rows[0] if k != "id"})
-                .execution_options(synchronize_session=False)
-            )
-            self.session.connection().execute(stmt, [{**r, "_id": r["id"]} for r in rows])
-            return
-        # One statement, one array per column: no per-row statements and no huge SQL text.
-        names = [n for n in rows[0] if n != "id"]
-        arrays = ", ".join(f"CAST(:{n} AS {_pg_array_type(table[n].type)})" for n in ["id", *names])
-        sql = (
-            "UPDATE tracked_operations AS t SET "
-            + ", ".join(f"{n} = v.{n}" for n in names)
-            + f" FROM unnest({arrays}) AS v(id, {', '.join(names)}) WHERE t.id = v.id"
-        )
-        self.session.execute(text(sql), {n: [r[n] for r in rows] for n in ["id", *names]})
+        dialect.update_many(self.session, Base.metadata.tables["tracked_operations"], rows)
 
     # --- poll groups --------------------------------------------------------------------
 
@@ -349,12 +305,7 @@ class Repository:
 
         SQLite's write lock, taken when the transaction began, already serializes sweeps.
         """
-        if not _is_postgresql(self.session):
-            return True
-        locked = self.session.scalar(
-            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK}
-        )
-        return bool(locked)
+        return dialect.try_advisory_lock(self.session, PLACEMENT_LOCK)
 
     def refresh_range(self, group_id: int) -> None:
         """Set a window's range to its members' createdAt (after a split or a merge)."""
@@ -406,8 +357,7 @@ class Repository:
         )
         claimable = and_(g.next_due_at <= now, or_(g.claim_token.is_(None), expired))
         due = select(g.id).where(claimable).order_by(g.next_due_at).limit(limit)
-        if _is_postgresql(self.session):
-            due = due.with_for_update(skip_locked=True)
+        due = dialect.skip_locked(due, self.session)
         expires = now + lease
         stmt = (
             update(g)
@@ -619,7 +569,7 @@ class DbGate:
         """Count one more 409/429/503 in a row in the account's row; return the count."""
         try:
             with self._sessions.begin() as session:
-                insert = _insert(session)
+                insert = dialect.insert(session)
                 stmt = insert(AccountPause).values(
                     account_sid=self.account_sid,
                     paused_until=now,
@@ -667,7 +617,7 @@ class DbGate:
 
     def _write_pause(self, until: datetime, reason: str, status: int) -> None:
         with self._sessions.begin() as session:
-            insert = _insert(session)
+            insert = dialect.insert(session)
             stmt = insert(AccountPause).values(
                 account_sid=self.account_sid,
                 paused_until=until,
@@ -731,7 +681,7 @@ class DbBudget:
             row = session.scalars(stmt.with_for_update()).one_or_none()
             if row is None:
                 session.execute(
-                    _insert(session)(RequestBudget)
+                    dialect.insert(session)(RequestBudget)
                     .values(account_sid=self.account_sid, next_slot_at=now)
                     .on_conflict_do_nothing(index_elements=["account_sid"])
                 )
