@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,10 +26,10 @@ from typing import Any, Literal, Protocol
 
 import requests
 from kombu.exceptions import KombuError
-from sqlalchemy import select, update
+from sqlalchemy import and_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import dialect
+from worker import claims, dialect
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
 from worker.records import iso, operation_record
@@ -238,35 +237,27 @@ _SENT_COLUMN: dict[ChannelName, str] = {"task": "task_sent_at", "webhook": "webh
 
 
 def _claim(session: Session, now: datetime, policy: DeliveryPolicy) -> tuple[str, list[_Claimed]]:
-    token = str(uuid.uuid4())
-    due = (
-        select(Notice.id)
-        .where(Notice.delivered_at.is_(None), Notice.next_attempt_at <= now)
-        .order_by(Notice.next_attempt_at, Notice.id)
-        .limit(policy.batch)
-    )
-    due = dialect.skip_locked(due, session)
-    stmt = (
-        update(Notice)
-        .where(Notice.id.in_(due.scalar_subquery()))
-        # Re-checked here: on SQLite this UPDATE is the claim, under the single write lock.
-        .where(Notice.delivered_at.is_(None), Notice.next_attempt_at <= now)
-        .values(next_attempt_at=now + policy.lease, claim_token=token)
-        .returning(
+    token = claims.new_token()
+    rows = claims.claim(
+        session,
+        Notice,
+        claimable=and_(Notice.delivered_at.is_(None), Notice.next_attempt_at <= now),
+        order_by=[Notice.next_attempt_at, Notice.id],
+        limit=policy.batch,
+        values={"next_attempt_at": now + policy.lease, "claim_token": token},
+        returning=[
             Notice.id,
             Notice.operation_id,
             Notice.payload,
             Notice.attempts,
             Notice.task_sent_at,
             Notice.webhook_sent_at,
-        )
-        .execution_options(synchronize_session=False)
+        ],
     )
     claimed = [
         _Claimed(row[0], row[1], row[2], row[3], {"task": row[4], "webhook": row[5]})
-        for row in session.execute(stmt)
+        for row in rows
     ]
-    claimed.sort(key=lambda c: c.id)
     return token, claimed
 
 

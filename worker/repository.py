@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import dialect
+from worker import claims, dialect
 from worker.clock import Clock
 from worker.db import (
     AccountPause,
@@ -341,32 +340,30 @@ class Repository:
     ) -> list[GroupClaim]:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
 
-        One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING: on PostgreSQL
-        two concurrent sweeps skip each other's rows; on SQLite the statement runs under the
-        database's single write lock, so the second sweep sees them claimed. A worker that
-        dies mid-poll leaves its groups due again when the lease runs out; a claim whose
-        message no worker started yet (still in the broker) only ``resend_after`` after it was
-        made, so a broker nobody consumes does not fill with one message per lease.
+        The one claim statement (``claims.claim``): concurrent sweeps never claim one group
+        twice. A worker that dies mid-poll leaves its groups due again when the lease runs
+        out; a claim whose message no worker started yet (still in the broker) only
+        ``resend_after`` after it was made, so a broker nobody consumes does not fill with one
+        message per lease.
         """
-        token = str(uuid.uuid4())
+        token = claims.new_token()
         g = PollGroup
         resend = lease if resend_after is None else max(lease, resend_after)
         expired = and_(
             g.claim_expires_at <= now,
             or_(g.claim_started_at.is_not(None), g.claim_expires_at <= now - (resend - lease)),
         )
-        claimable = and_(g.next_due_at <= now, or_(g.claim_token.is_(None), expired))
-        due = select(g.id).where(claimable).order_by(g.next_due_at).limit(limit)
-        due = dialect.skip_locked(due, self.session)
         expires = now + lease
-        stmt = (
-            update(g)
-            .where(g.id.in_(due.scalar_subquery()), claimable)
-            .values(claim_token=token, claim_expires_at=expires, claim_started_at=None)
-            .returning(g.id)
-            .execution_options(synchronize_session=False)
+        rows = claims.claim(
+            self.session,
+            g,
+            claimable=and_(g.next_due_at <= now, or_(g.claim_token.is_(None), expired)),
+            order_by=[g.next_due_at],
+            limit=limit,
+            values={"claim_token": token, "claim_expires_at": expires, "claim_started_at": None},
+            returning=[g.id],
         )
-        claimed = sorted(self.session.scalars(stmt))
+        claimed = [row[0] for row in rows]
         return [GroupClaim(group_id, token, expires) for group_id in claimed]
 
     def start_claim(self, group_id: int, token: str, now: datetime) -> None:
