@@ -1,21 +1,32 @@
 """The Celery app. ``celery -A worker.celery_app worker|beat`` runs it in production.
 
-Settings are read when Celery first configures the app, not at import.
+Settings are read once per process, when Celery first configures the app (not at import); each
+process builds one Runtime from them, on first use, and closes it at its end. Every task name
+lives here.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from worker import logs
 from worker.metrics import MetricsServer, start_worker_server
+from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
 
 TICK_TASK = "optrack.tick"
+POLL_TASK = "optrack.poll"
+TRACK_TASK = "optrack.track"
 DISCOVER_TASK = "optrack.discover"
 DELIVER_NOTICES_TASK = "optrack.deliver_notices"
 PRUNE_TASK = "optrack.prune"
@@ -81,26 +92,73 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-app = Celery("optrack", include=["worker.tasks", "worker.ops_tasks"])
-logs.connect_celery_signals()
-_metrics_server: MetricsServer | None = None
+class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
+    """The app: settings read once per process, one Runtime per process, the metrics server."""
+
+    _runtime: Runtime | None = None
+    _metrics_server: MetricsServer | None = None
+
+    @cached_property
+    def settings(self) -> Settings:
+        """This process's settings, read from the environment the first time they are asked."""
+        return load_settings()
+
+    @property
+    def runtime(self) -> Runtime:
+        """This process's runtime, built on first use (in a pool process: after the fork)."""
+        if self._runtime is None:
+            self._runtime = Runtime(self.settings)
+        return self._runtime
+
+    def forget_runtime(self) -> None:
+        """Drop a runtime inherited through a fork: its connections belong to the parent."""
+        self._runtime = None
+
+    def close_runtime(self) -> None:
+        """Close this process's runtime (its database pools and HTTP session)."""
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+
+    def start_metrics(self) -> None:
+        """Serve /metrics from the worker's main process for all its children."""
+        self._metrics_server = start_worker_server(self.settings)
+
+    def stop_metrics(self) -> None:
+        """Stop serving /metrics."""
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+
+
+app = OptrackCelery(
+    "optrack",
+    include=["worker.tasks", "worker.ops_tasks"],
+    task_cls="worker.delivery:GuardedTask",
+)
+logs.connect_celery_signals(lambda: app.settings)
 
 
 @app.on_configure.connect
-def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(load_settings()))
+def _configure(sender: OptrackCelery, **_: Any) -> None:
+    sender.conf.update(celery_config(sender.settings))
 
 
 @worker_init.connect
 def _start_metrics(**_: Any) -> None:
-    # The worker's main process serves /metrics for all its children (before they fork).
-    global _metrics_server
-    _metrics_server = start_worker_server(load_settings())
+    app.start_metrics()  # in the main process, before the pool forks
 
 
 @worker_shutdown.connect
 def _stop_metrics(**_: Any) -> None:
-    global _metrics_server
-    if _metrics_server is not None:
-        _metrics_server.close()
-        _metrics_server = None
+    app.stop_metrics()
+
+
+@worker_process_init.connect
+def _fresh_runtime(**_: Any) -> None:
+    app.forget_runtime()
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    app.close_runtime()

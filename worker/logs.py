@@ -14,14 +14,14 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import IO, Any
 
 from celery.signals import setup_logging, task_postrun, task_prerun
 
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 REDACTED = "***"
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(context)s%(message)s"
@@ -157,15 +157,6 @@ def configure(
     return handler
 
 
-def _on_setup_logging(
-    loglevel: int | str | None = None, logfile: str | None = None, **_: Any
-) -> None:
-    stream: IO[str] | None = None
-    if logfile:
-        stream = open(logfile, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
-    configure(load_settings(), loglevel or logging.INFO, stream)
-
-
 def _on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     bind_task(task_id, getattr(task, "name", None))
 
@@ -174,8 +165,18 @@ def _on_task_postrun(**_: Any) -> None:
     bind_task(None, None)
 
 
-def connect_celery_signals() -> None:
-    """Route Celery's logging setup and task start/end through this module."""
+def connect_celery_signals(settings: Callable[[], Settings]) -> None:
+    """Route Celery's logging setup and task start/end through this module; ``settings``
+    gives the process's settings (read once, by the app)."""
+
+    def _on_setup_logging(
+        loglevel: int | str | None = None, logfile: str | None = None, **_: Any
+    ) -> None:
+        stream: IO[str] | None = None
+        if logfile:
+            stream = open(logfile, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+        configure(settings(), loglevel or logging.INFO, stream)
+
     setup_logging.connect(_on_setup_logging, weak=False)
     task_prerun.connect(_on_task_prerun, weak=False)
     task_postrun.connect(_on_task_postrun, weak=False)

@@ -11,9 +11,9 @@ from typing import Any
 
 from worker import discovery, notices, retention
 from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
+from worker.delivery import GuardedTask
 from worker.records import iso
 from worker.runtime import Runtime
-from worker.tasks import GuardedTask, runtime
 
 log = logging.getLogger(__name__)
 MAX_BATCHES_PER_RUN = 10
@@ -30,10 +30,10 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
     return channels
 
 
-@app.task(name=DISCOVER_TASK, ignore_result=True, base=GuardedTask, periodic=True)
-def discover() -> dict[str, Any]:
+@app.task(bind=True, name=DISCOVER_TASK, ignore_result=True, periodic=True)
+def discover(self: GuardedTask) -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
-    rt = runtime()
+    rt = self.runtime
     result = discovery.discover(
         rt.sessions,
         rt.client,
@@ -50,10 +50,10 @@ def discover() -> dict[str, Any]:
     }
 
 
-@app.task(name=DELIVER_NOTICES_TASK, ignore_result=True, base=GuardedTask, periodic=True)
-def deliver_notices() -> dict[str, int]:
+@app.task(bind=True, name=DELIVER_NOTICES_TASK, ignore_result=True, periodic=True)
+def deliver_notices(self: GuardedTask) -> dict[str, int]:
     """Send the completion notices that are due."""
-    rt = runtime()
+    rt = self.runtime
     channels = notice_channels(rt)
     policy = notices.DeliveryPolicy()
     delivered = failed = 0
@@ -81,16 +81,16 @@ PRUNE_TIME_LIMIT = 1860.0
 
 
 @app.task(
+    bind=True,
     name=PRUNE_TASK,
     ignore_result=True,
     soft_time_limit=PRUNE_SOFT_TIME_LIMIT,
     time_limit=PRUNE_TIME_LIMIT,
-    base=GuardedTask,
     periodic=True,
 )
-def prune() -> dict[str, int]:
+def prune(self: GuardedTask) -> dict[str, int]:
     """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""
-    rt = runtime()
+    rt = self.runtime
     older_than = rt.settings.prune_older_than
     if older_than is None:
         log.info("prune: OPTRACK_PRUNE_OLDER_THAN is not set; nothing to do")
