@@ -22,9 +22,14 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
+
+# The root of every database error, for callers that must not import SQLAlchemy (adapters).
+DatabaseError = SQLAlchemyError
 
 GROUP_KINDS = ("list", "fetch")
 
@@ -295,8 +300,11 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
+def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
+    """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys. ``pooled``
+    False: a connection per use, for a process that reads seldom (a metrics scrape)."""
+    if not pooled:
+        kwargs["poolclass"] = NullPool
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):

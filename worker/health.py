@@ -15,8 +15,8 @@ from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import dialect
-from worker.db import AccountPause, Heartbeat, PollGroup, TrackedOperation
+from worker import dead_letters, dialect
+from worker.db import AccountPause, Heartbeat, Notice, PollGroup, TrackedOperation
 from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
 from worker.records import iso
 from worker.tracking import ACTIVE_STATES, PROCESSING
@@ -101,6 +101,38 @@ def configuration_error(session: Session, account_sid: str, now: datetime) -> Ac
     if row is not None and row.status_code == CONFIG_ERROR_STATUS and row.paused_until > now:
         return row
     return None
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What a metrics scrape reads of the database, in one session."""
+
+    counts: dict[str, int]
+    poll_lag: float
+    beat_at: datetime | None
+    notices_pending: int
+    processing_unchanged: float
+    paused: bool
+    credentials_rejected: bool
+    dead_letters: int
+
+
+def gauges(session: Session, account_sid: str, now: datetime) -> Gauges:
+    """Every gauge of ``optrack_*`` read from the database at ``now``."""
+    pause = session.get(AccountPause, account_sid)
+    pending = session.scalar(
+        select(func.count()).select_from(Notice).where(Notice.delivered_at.is_(None))
+    )
+    return Gauges(
+        counts=operation_counts(session),
+        poll_lag=poll_lag(session, now),
+        beat_at=last_beat(session),
+        notices_pending=int(pending or 0),
+        processing_unchanged=processing_unchanged(session, now),
+        paused=pause is not None and pause.paused_until > now,
+        credentials_rejected=credentials_rejected(session, account_sid, now) is not None,
+        dead_letters=dead_letters.waiting(session),
+    )
 
 
 @dataclass(frozen=True)

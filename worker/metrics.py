@@ -21,14 +21,11 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
-from worker import dead_letters, health
+from worker import health
 from worker.clock import Clock, SystemClock
-from worker.db import AccountPause, Notice, make_engine, make_sessionmaker
+from worker.db import DatabaseError, make_engine, make_sessionmaker
 from worker.settings import Settings
 from worker.tracking import ALL_STATES, Outcome, PollCounts
 
@@ -116,17 +113,8 @@ class DatabaseCollector:
         now = self.clock.now()
         try:
             with self.sessions() as session:
-                counts = health.operation_counts(session)
-                lag = health.poll_lag(session, now)
-                beat_at = health.last_beat(session)
-                pending = session.scalar(
-                    select(func.count()).select_from(Notice).where(Notice.delivered_at.is_(None))
-                )
-                unchanged = health.processing_unchanged(session, now)
-                pause = session.get(AccountPause, self.account_sid)
-                rejected = health.credentials_rejected(session, self.account_sid, now)
-                letters = dead_letters.waiting(session)
-        except SQLAlchemyError as exc:
+                read = health.gauges(session, self.account_sid, now)
+        except DatabaseError as exc:
             log.warning("metrics: the database did not answer: %s", type(exc).__name__)
             up.add_metric([], 0)
             yield up
@@ -135,42 +123,44 @@ class DatabaseCollector:
             "optrack_operations", "Tracked operations by status", labels=["status"]
         )
         for status in ALL_STATES:
-            operations.add_metric([status], counts.get(status, 0))
+            operations.add_metric([status], read.counts.get(status, 0))
         yield operations
         yield GaugeMetricFamily(
             "optrack_poll_lag_seconds",
             "How late the most overdue poll of an active operation is (0: none overdue)",
-            value=lag,
+            value=read.poll_lag,
         )
         yield GaugeMetricFamily(
-            "optrack_notices_pending", "Completion notices not delivered yet", value=pending or 0
+            "optrack_notices_pending",
+            "Completion notices not delivered yet",
+            value=read.notices_pending,
         )
         yield GaugeMetricFamily(
             "optrack_processing_unchanged_seconds",
             "How long the least recently changed PROCESSING operation has not changed (API "
             "updatedAt; 0: none)",
-            value=unchanged,
+            value=read.processing_unchanged,
         )
         yield GaugeMetricFamily(
             "optrack_account_paused",
             "1 while the account is paused (409/429/503 Retry-After, or 401/403)",
-            value=1 if pause is not None and pause.paused_until > now else 0,
+            value=1 if read.paused else 0,
         )
         yield GaugeMetricFamily(
             "optrack_credentials_rejected",
             "1 while a 401/403 pause of the account runs",
-            value=0 if rejected is None else 1,
+            value=1 if read.credentials_rejected else 0,
         )
         yield GaugeMetricFamily(
             "optrack_dead_letters",
             "Task messages given up on and not replayed yet (optrack dead-letters)",
-            value=letters,
+            value=read.dead_letters,
         )
-        if beat_at is not None:
+        if read.beat_at is not None:
             yield GaugeMetricFamily(
                 "optrack_beat_last_tick_timestamp_seconds",
                 "When beat's tick last ran (Unix time)",
-                value=beat_at.timestamp(),
+                value=read.beat_at.timestamp(),
             )
         up.add_metric([], 1)
         yield up
@@ -235,7 +225,7 @@ def start_worker_server(settings: Settings, clock: Clock | None = None) -> Metri
     if settings.metrics_dir is not None:
         prepare_multiproc_dir(settings.metrics_dir)
     # No pooled connection: forked children must not inherit a socket this thread uses.
-    engine = make_engine(settings.database_url, poolclass=NullPool)
+    engine = make_engine(settings.database_url, pooled=False)
     registry = build_registry(
         make_sessionmaker(engine),
         clock or SystemClock(),

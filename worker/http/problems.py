@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
+from worker.db import DatabaseError
 from worker.errors import InvalidOperationId, NotTracked
 from worker.reports import BadPeriod
 
@@ -66,8 +66,8 @@ def install(app: FastAPI) -> None:
     async def _bad_period(_: Request, exc: BadPeriod) -> JSONResponse:
         return answer(422, [{"reason": str(exc)}])
 
-    @app.exception_handler(SQLAlchemyError)
-    async def _database(_: Request, exc: SQLAlchemyError) -> JSONResponse:
+    @app.exception_handler(DatabaseError)
+    async def _database(_: Request, exc: DatabaseError) -> JSONResponse:
         # The driver's message may name hosts and users: the log gets the type, callers less.
         log.warning("http: the database did not answer: %s", type(exc).__name__)
         return answer(503, [{"reason": "the database did not answer; try again"}])
