@@ -27,5 +27,9 @@ typecheck: $(BIN)/.installed
 test: lint typecheck
 	$(BIN)/pytest
 
+# The tests without a database or a process: seconds.
+unit: $(BIN)/.installed
+	$(BIN)/pytest tests/unit
+
 clean:
 	rm -rf .optrack .pytest_cache .mypy_cache .ruff_cache

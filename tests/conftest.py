@@ -6,11 +6,8 @@ with CI=true it fails them, so a green CI run always means they ran.
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import uuid
@@ -23,6 +20,16 @@ from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.support.services import (
+    IN_CI,
+    PG_ADMIN_URL,
+    REDIS_URL,
+    SID,
+    TOKEN,
+    InventedApi,
+    port_open,
+    service_missing,
+)
 from worker.client import ApiClient, Timeouts
 from worker.clock import FakeClock
 from worker.db import make_engine, make_sessionmaker
@@ -31,71 +38,9 @@ from worker.repository import DbGate
 from worker.retry_after import RetryPolicy
 from worker.sandbox import SandboxServer
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
-PG_ADMIN_URL = os.environ.get(
-    "OPTRACK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-# A database number per test session, so that two test runs on one machine do not flush
-# each other's queues.
-REDIS_URL = os.environ.get(
-    "OPTRACK_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
-)
-SID = "AC" + "0" * 32
-TOKEN = "tok-" + "s3cr3t" * 4  # recognisable, so tests can search outputs for it
 # Hypothesis under CI: the same examples on every run, no example database.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 hypothesis_settings.load_profile("ci" if IN_CI else "default")
-
-
-def service_missing(what: str) -> None:
-    """Fail under CI, skip elsewhere."""
-    message = f"{what} is not reachable"
-    if IN_CI:
-        pytest.fail(message + " (CI=true: a missing service is a failure)")
-    pytest.skip(message)
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-class InventedApi(http.server.ThreadingHTTPServer):
-    """Another host that answers every GET with invented stats and no auth: where a
-    redirect leads. ``paths`` records what reached it."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        self.operation: dict[str, object] = {}
-        super().__init__(("127.0.0.1", 0), _InventedHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _InventedHandler(http.server.BaseHTTPRequestHandler):
-    server: InventedApi
-
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        path = self.path.split("?", 1)[0]
-        op = {**self.server.operation, "id": path.rsplit("/", 1)[-1]}
-        page = {"operations": [self.server.operation], "pagination": {"next": None, "self": "x"}}
-        body = json.dumps(op if "/Operations/" in path else page).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
@@ -128,7 +73,7 @@ def clock() -> FakeClock:
 @pytest.fixture(scope="session")
 def pg_template() -> str:
     """A migrated PostgreSQL template database; each test copies it."""
-    if not _port_open("127.0.0.1", 5432):
+    if not port_open("127.0.0.1", 5432):
         service_missing("PostgreSQL on 127.0.0.1:5432")
     name = f"optrack_tpl_{os.getpid()}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -227,7 +172,7 @@ def db_gate(sessions: sessionmaker[Session], clock: FakeClock) -> DbGate:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A real Redis database, flushed before and after the test."""
-    if not _port_open("127.0.0.1", 6379):
+    if not port_open("127.0.0.1", 6379):
         service_missing("Redis on 127.0.0.1:6379")
     import redis
 
@@ -241,7 +186,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def rabbitmq_url() -> Iterator[str]:
     """A vhost of its own on the shared RabbitMQ (other test runs use the same server)."""
-    if not _port_open("127.0.0.1", 5672):
+    if not port_open("127.0.0.1", 5672):
         service_missing("RabbitMQ on 127.0.0.1:5672")
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     if not Path(ctl).exists():
@@ -261,7 +206,7 @@ def rabbitmq_url() -> Iterator[str]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The fault tests' figures (docs/reliability.md)."""
-    from tests.fault_stack import summary_lines
+    from tests.support.fault_stack import summary_lines
 
     for line in summary_lines():
         terminalreporter.write_line(line)

@@ -190,7 +190,7 @@ def parse_page(data: object, served_at: datetime | None = None) -> Page:
 # The fast path: msgspec decodes and checks a well-formed answer in one pass, without building
 # dicts (a page of 1,000 in about a fifth of the time). Whatever it refuses goes through the
 # parsers above, which say exactly what is wrong, and skip a bad item of a page instead of
-# the page: the two agree on every answer both accept (tests/test_operation.py).
+# the page: the two agree on every answer both accept (tests/unit/test_operation.py).
 _Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 _When = Annotated[datetime, msgspec.Meta(tz=True)]
 

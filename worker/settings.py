@@ -58,7 +58,7 @@ class Bound:
 
 
 # Every duration and count setting, with its documented range (the README's "range" column,
-# kept equal by tests/test_settings.py). A value outside it stops the command at start (exit 2)
+# kept equal by tests/unit/test_settings.py). A value outside it stops the command at start (exit 2)
 # instead of overflowing a datetime on the first tick.
 BOUNDS: Mapping[str, Bound] = {
     "OPTRACK_POLL_INTERVAL": Bound(0.5, DAY),
