@@ -133,6 +133,8 @@ def test_a_message_that_kills_its_worker_is_a_dead_letter_after_the_maximum(
         db_url=pg_url,
         workers=("w1",),
         OPTRACK_CLAIM_LEASE="20",
+        OPTRACK_REQUEST_DEADLINE="8",  # a request and an in-place wait fit in half the lease
+        OPTRACK_MAX_INPLACE_WAIT="2",
         OPTRACK_RESEND_AFTER="20",
         OPTRACK_MAX_DELIVERIES=str(POISON_DELIVERIES),
     ) as stack:
