@@ -37,7 +37,16 @@ from worker.errors import RetryLater
 from worker.gate import LocalGate
 from worker.operation import Operation
 from worker.planning import GroupView, Member, NewGroup, Placement, Waiting
-from worker.tracking import ACTIVE_STATES, NOT_FOUND, PENDING, Change, Failed, Gone, Observed
+from worker.tracking import (
+    ACTIVE_STATES,
+    NOT_FOUND,
+    PENDING,
+    Change,
+    Failed,
+    Gone,
+    Known,
+    Observed,
+)
 
 
 @dataclass(frozen=True)
@@ -447,50 +456,47 @@ def _state(op: Operation, now: datetime, updated_at: datetime | None = None) -> 
     }
 
 
+def _bookkept(known: Known, **columns: Any) -> dict[str, Any]:
+    """A row's new columns, and the bookkeeping every recorded poll moves: polls, version."""
+    return {"id": known.id, **columns, "polls": known.polls + 1, "version": known.version + 1}
+
+
 def _observed_row(change: Observed, now: datetime) -> dict[str, Any]:
     known = change.known
     # An end leaves its group; a first sight is placed again by its createdAt.
     group_id = None if change.ended or change.first_sight else known.group_id
-    return {
-        "id": known.id,
+    return _bookkept(
+        known,
         **_state(change.answer, now, change.updated_at),
-        "polls": known.polls + 1,
-        "consecutive_errors": 0,
-        "last_error": None,
-        "not_before": None,
-        "not_found_since": None,
-        "group_id": group_id,
-        "version": known.version + 1,
-    }
+        consecutive_errors=0,
+        last_error=None,
+        not_before=None,
+        not_found_since=None,
+        group_id=group_id,
+    )
 
 
 def _failed_row(change: Failed, now: datetime) -> dict[str, Any]:
-    known = change.known
-    return {
-        "id": known.id,
-        "consecutive_errors": known.consecutive_errors + 1,
-        "polls": known.polls + 1,
-        "last_polled_at": now,
-        "last_error": change.error,
-        "not_before": change.not_before,
-        "not_found_since": change.not_found_since,
-        "version": known.version + 1,
-    }
+    return _bookkept(
+        change.known,
+        consecutive_errors=change.known.consecutive_errors + 1,
+        last_polled_at=now,
+        last_error=change.error,
+        not_before=change.not_before,
+        not_found_since=change.not_found_since,
+    )
 
 
 def _gone_row(change: Gone, now: datetime) -> dict[str, Any]:
-    known = change.known
-    return {
-        "id": known.id,
-        "status": NOT_FOUND,
-        "ended_at": now,
-        "last_polled_at": now,
-        "polls": known.polls + 1,
-        "last_error": change.detail,
-        "not_before": None,
-        "group_id": None,
-        "version": known.version + 1,
-    }
+    return _bookkept(
+        change.known,
+        status=NOT_FOUND,
+        ended_at=now,
+        last_polled_at=now,
+        last_error=change.detail,
+        not_before=None,
+        group_id=None,
+    )
 
 
 def _history_row(
