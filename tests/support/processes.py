@@ -86,6 +86,8 @@ def sandbox_process(env: dict[str, str], log: Path) -> Iterator[Sandbox]:
     line = process.stdout.readline()
     if "listening on" not in line:
         process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()  # else its pipe is collected later, a warning in another test
         raise RuntimeError(f"sandbox did not start: {line!r}; see {log}")
     try:
         yield Sandbox(process, line.split("listening on", 1)[1].strip())
@@ -173,6 +175,8 @@ def serve_process(env: dict[str, str], log: Path, *args: str) -> Iterator[Served
     lines = [process.stdout.readline() for _ in range(3)]
     if "listening on" not in lines[0]:
         process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
         raise RuntimeError(f"optrack serve did not start: {lines!r}; see {log}")
     try:
         yield Served(process, lines)
