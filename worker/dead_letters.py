@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from worker import dialect
 from worker.db import DeadLetter, TaskDelivery
 from worker.dialect import in_many
+from worker.records import iso
 
 # A reason is for people; the message's arguments are kept whole beside it.
 MAX_REASON = 2000
@@ -145,10 +146,6 @@ def mark_replayed(session: Session, letter_id: int, replay_task_id: str, now: da
 
 def as_json(letter: Letter) -> dict[str, Any]:
     """JSON-ready fields of one letter (times ISO 8601 UTC, ``Z``)."""
-
-    def iso(value: datetime | None) -> str | None:
-        return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
     return {
         "id": letter.id,
         "task": letter.task,

@@ -21,7 +21,8 @@ from typing import Any
 import click
 
 from worker import intake
-from worker.cli.render import console, history_table, status_table
+from worker.cli.render import console, status_table
+from worker.cli.report_cmds import history_view
 from worker.errors import THROTTLE_STATUSES, OptrackError
 from worker.migrate import upgrade
 from worker.reports import queries
@@ -164,10 +165,9 @@ def _wait_until_ended(
 def _print_results(rt: Runtime, ids: list[str], requests: list[dict[str, Any]]) -> None:
     out = console()
     with rt.sessions() as session:
-        repo = Repository(session)
         out.print(status_table(queries.progress_states(session, ids)))
         for op_id in ids:
-            out.print(history_table(op_id, repo.history(op_id)))
+            out.print(history_view(queries.operation_history(session, op_id, rt.clock.now())))
     out.print(f"API requests: {len(requests)}")
     for line in describe_faults(requests):
         out.print("  " + line)

@@ -19,6 +19,7 @@ import msgspec
 
 from worker.errors import InvalidOperationId, SchemaError
 from worker.http_date import parse_http_date
+from worker.records import utc_text
 
 ID_PREFIX = "comms_operation_"
 # The reference's pattern has no `$`; we accept only the whole string (fullmatch) and ASCII.
@@ -304,5 +305,5 @@ def parse_served_at(value: str | None, now: datetime) -> datetime | None:
 
 
 def format_datetime(value: datetime) -> str:
-    """Format an aware datetime the way the API writes them."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Format an aware datetime the way the API writes them (``records.utc_text``)."""
+    return utc_text(value)

@@ -6,7 +6,7 @@ never rename or remove one. Times are ISO 8601 in UTC with a Z, to the second.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 OPERATION_FIELDS = (
@@ -28,9 +28,14 @@ OPERATION_FIELDS = (
 )
 
 
+def utc_text(value: datetime) -> str:
+    """An aware datetime as ISO 8601 in UTC with a Z, to the second (as the API writes them)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a Z (to the second), or None."""
-    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``utc_text`` of ``value``, or None."""
+    return None if value is None else utc_text(value)
 
 
 def operation_record(op: object) -> dict[str, Any]:

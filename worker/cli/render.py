@@ -9,7 +9,7 @@ from datetime import datetime
 from rich.console import Console
 from rich.table import Table
 
-from worker.db import AccountPause, HistoryEntry
+from worker.db import AccountPause
 from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
 from worker.reports.formats import STATUS_COLORS
 from worker.reports.model import OperationState
@@ -50,25 +50,6 @@ def status_table(
             _short(row.last_polled_at),
             _short(row.ended_at) + " (ended)" if row.ended else _short(row.next_poll_at),
             (row.last_error or "") + errors,
-        )
-    return table
-
-
-def history_table(operation_id: str, entries: Sequence[HistoryEntry]) -> Table:
-    """One line per recorded change."""
-    table = Table(title=f"history of {operation_id}", title_justify="left")
-    table.add_column("observed (UTC)")
-    table.add_column("status")
-    for name in ("created", "failed", "queued", "total"):
-        table.add_column(name, justify="right")
-    for entry in entries:
-        table.add_row(
-            _short(entry.observed_at),
-            entry.status,
-            str(entry.created),
-            str(entry.failed),
-            str(entry.queued),
-            str(entry.total),
         )
     return table
 
