@@ -103,6 +103,11 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
         """This process's settings, read from the environment the first time they are asked."""
         return load_settings()
 
+    def use_settings(self, settings: Settings) -> None:
+        """Take ``settings`` as this process's (a command that read them already, before the
+        app is configured), so they are not read twice."""
+        self.__dict__["settings"] = settings
+
     @property
     def runtime(self) -> Runtime:
         """This process's runtime, built on first use (in a pool process: after the fork)."""

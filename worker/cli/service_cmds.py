@@ -72,6 +72,7 @@ def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
             + (["--no-auth"] if no_auth else [])
         )
     rt.close()  # the worker's processes build their own connections after forking
+    app.use_settings(rt.settings)  # read once: the app does not read the environment again
     try:
         app.worker_main(
             [
