@@ -36,7 +36,7 @@ from worker.reports.formats import (
     to_json,
 )
 from worker.runtime import Runtime
-from worker.tracking import ACTIVE_STATES, ALL_STATES, NOT_FOUND
+from worker.tracking import ACTIVE_STATES, ALL_STATES
 
 DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_LIST_LIMIT = 20
@@ -278,9 +278,7 @@ def history_view(report: reports.HistoryReport) -> RenderableType:
         )
     else:
         line = f"estimated finish: none ({est.note})"
-    took = ""
-    if op.ended_at is not None and op.remote_created_at is not None and op.status != NOT_FOUND:
-        took = f"; took {span_text((op.ended_at - op.remote_created_at).total_seconds())}"
+    took = "" if op.took_seconds is None else f"; took {span_text(op.took_seconds)}"
     facts = (
         f"created at {time_text(op.remote_created_at)} UTC, tracked at "
         f"{time_text(op.tracked_at)} UTC{took}"

@@ -17,7 +17,7 @@ from worker.reports.formats import (
     time_text,
 )
 from worker.reports.model import Flags, HistoryReport, OperationState, Summary
-from worker.tracking import NOT_FOUND, PROCESSING
+from worker.tracking import PROCESSING
 
 _CSS = """
 :root { --ink:#212121; --muted:#616161; --line:#e0e0e0; --bg:#fafafa; --card:#fff;
@@ -213,8 +213,8 @@ def _operation_card(report: HistoryReport) -> str:
         facts += f" · estimated finish {eta_text(report.estimate, report.now)}"
     elif op.ended_at is not None:
         facts += f" · ended {time_text(op.ended_at)} UTC"
-        if op.remote_created_at is not None and op.status != NOT_FOUND:
-            facts += f" after {span_text((op.ended_at - op.remote_created_at).total_seconds())}"
+        if op.took_seconds is not None:
+            facts += f" after {span_text(op.took_seconds)}"
     svg = charts.svg_text(charts.history_figure(report, compact=True))
     return (
         f'<div class="op"><h3>{escape(op.id)} <span class="st st-{escape(op.status)}">'

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from worker.reports.period import Period
-from worker.tracking import ACTIVE_STATES, ENDED_STATES
+from worker.tracking import ACTIVE_STATES, ENDED_STATES, FINISHED_STATES
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,15 @@ class OperationState:
     def done(self) -> int:
         """Senders processed so far: created plus failed."""
         return (self.created or 0) + (self.failed or 0)
+
+    @property
+    def took_seconds(self) -> float | None:
+        """From its createdAt to the end the API gave it (COMPLETED, CANCELED); else None."""
+        if self.status not in FINISHED_STATES or self.ended_at is None:
+            return None
+        if self.remote_created_at is None:
+            return None
+        return (self.ended_at - self.remote_created_at).total_seconds()
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ from worker.tracking import (
     ENDED_STATES,
     FINISHED_STATES,
     NOT_FOUND,
-    PENDING,
     PROCESSING,
 )
 
@@ -451,8 +450,7 @@ def estimates(session: Session, ops: Sequence[OperationState]) -> dict[str, Esti
 def _estimate(op: OperationState, recent: list[Any]) -> Estimate:
     none = Estimate(None, None, None, None, None, "")
     if op.status != PROCESSING:
-        ended = op.status != PENDING
-        return replace(none, note="ended" if ended else "not fetched yet")
+        return replace(none, note="ended" if op.status in ENDED_STATES else "not fetched yet")
     if not recent:
         return replace(none, note="no recorded change yet")
     latest = recent[0]
