@@ -1,6 +1,6 @@
 """Read queries of the HTTP API: keyset pages of tracked operations, the dashboard's watch list.
 
-A store beside ``repository`` (which owns the writes and the poll queries): every function
+Beside ``repository`` (which owns the writes and the poll queries): every function
 takes the caller's session and returns the reports' frozen ``OperationState`` values, so the
 adapters serialize them with the one formatter (``records.operation_record``).
 """

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from sqlalchemy import func, select
 
 from tests.support.processes import base_env
 from tests.support.services import TOKEN
+from worker import reports
 from worker.db import HistoryEntry, TrackedOperation, make_engine, make_sessionmaker
 from worker.runtime import Runtime
 from worker.sandbox import SandboxServer
@@ -181,3 +184,37 @@ def test_status_shows_rejected_credentials(
     record = json.loads(optrack(env, "status", "--json").stdout)
     assert record["account"]["pause_status_code"] == 401
     assert record["operations"][0]["status"] == "PENDING"  # no operation marked failed
+
+
+def test_reports_and_the_health_check_read_the_same_grammar(tmp_path: Path) -> None:
+    # `report --stuck-after 90` and `health --max-lag 1h30m` each failed once: one grammar now.
+    assert reports.parse_span("90") == timedelta(seconds=90)
+    assert reports.parse_span("1h30m") == timedelta(minutes=90)
+    env = {"OPTRACK_DATABASE_URL": f"sqlite:///{tmp_path / 'optrack.db'}", "PATH": "/usr/bin:/bin"}
+    runs = [["db", "upgrade"], ["health", "--max-lag", "1h30m"], ["report", "--stuck-after", "90"]]
+    done = [
+        subprocess.run(
+            [sys.executable, "-m", "worker", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        for argv in runs
+    ]
+    assert done[0].returncode == 0, done[0].stderr
+    assert done[1].returncode in (0, 1) and "not a duration" not in done[1].stderr  # 1: no beat
+    assert done[2].returncode == 0, done[2].stderr
+    assert "PROCESSING, unchanged > 1m 30s" in done[2].stdout
+
+
+def test_a_bad_bound_stops_the_cli_with_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(OPTRACK_HOME=str(tmp_path), OPTRACK_POLL_MAX_INTERVAL="1e12")
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "status"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "OPTRACK_POLL_MAX_INTERVAL='1e12' must be between 0.5 s and 1 d" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "optrack.sqlite").exists()  # nothing written

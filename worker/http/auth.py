@@ -19,11 +19,6 @@ class BearerAuth:
     def __init__(self, token: str | None) -> None:
         self._token = None if token is None else token.encode()
 
-    @property
-    def enabled(self) -> bool:
-        """False when the app was started with `--no-auth`."""
-        return self._token is not None
-
     def __call__(self, credentials: Credentials) -> None:
         if self._token is None:
             return
