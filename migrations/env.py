@@ -6,8 +6,8 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from worker.db import Base, make_engine
-from worker.settings import ensure_sqlite_dirs, load_settings
+from worker.db import Base, ensure_sqlite_dirs, make_engine
+from worker.settings import load_settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -26,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from worker.settings import Settings
 from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
 
 # The root of every database error, for callers that must not import SQLAlchemy (adapters).
@@ -320,3 +322,12 @@ def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
     """A session factory that keeps loaded values usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def ensure_sqlite_dirs(settings: Settings) -> None:
+    """Create the parent folders of SQLite files named by the database and broker URLs."""
+    for url in (settings.database_url, settings.broker_url):
+        if "sqlite:///" in url:
+            path = url.split("sqlite:///", 1)[1].split("?", 1)[0]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)

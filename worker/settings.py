@@ -516,12 +516,3 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         http_cors_origins=_cors_origins(env),
     )
     return check_lease(settings)
-
-
-def ensure_sqlite_dirs(settings: Settings) -> None:
-    """Create the parent folders of SQLite files named by the database and broker URLs."""
-    for url in (settings.database_url, settings.broker_url):
-        if "sqlite:///" in url:
-            path = url.split("sqlite:///", 1)[1].split("?", 1)[0]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from worker.db import ensure_sqlite_dirs
 from worker.errors import OptrackError
 from worker.migrate import is_migrated, upgrade
 from worker.runtime import Runtime
-from worker.settings import ensure_sqlite_dirs, load_settings
+from worker.settings import load_settings
 
 
 def get_runtime(ctx: click.Context) -> Runtime:
