@@ -32,4 +32,4 @@ unit: $(BIN)/.installed
 	$(BIN)/pytest tests/unit
 
 clean:
-	rm -rf .optrack .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .optrack .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis
