@@ -30,11 +30,11 @@ from tests.support.services import (
     port_open,
     service_missing,
 )
+from worker.account import DbGate
 from worker.client import ApiClient, Timeouts
 from worker.clock import FakeClock
 from worker.db import make_engine, make_sessionmaker
 from worker.migrate import upgrade
-from worker.repository import DbGate
 from worker.retry_after import RetryPolicy
 from worker.sandbox import SandboxServer
 

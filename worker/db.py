@@ -23,7 +23,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -32,6 +32,8 @@ from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
 
 # The root of every database error, for callers that must not import SQLAlchemy (adapters).
 DatabaseError = SQLAlchemyError
+# What a database that is down, restarting or locked raises (not a bug in a query).
+DB_UNREACHABLE = (OperationalError, InterfaceError)
 
 GROUP_KINDS = ("list", "fetch")
 

@@ -17,8 +17,8 @@ from celery import Task
 from celery.exceptions import Reject
 
 from worker import dead_letters
+from worker.db import DB_UNREACHABLE
 from worker.errors import InvalidMessage, InvalidOperationId
-from worker.repository import DB_UNREACHABLE
 from worker.retry_after import RetryPolicy
 from worker.runtime import Runtime
 

@@ -1,7 +1,7 @@
 """The account pause: what every caller of the API must honor, and an in-process keeper of it.
 
 409/429/503 are about the account, not one operation, so one pause stops every caller. The
-shared keeper is the database (``repository.DbGate``); ``LocalGate`` keeps it in one process.
+shared keeper is the database (``account.DbGate``); ``LocalGate`` keeps it in one process.
 """
 
 from __future__ import annotations

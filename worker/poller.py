@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient, next_page_token
 from worker.clock import Clock
+from worker.db import DB_UNREACHABLE
 from worker.errors import (
     ApiError,
     AuthError,
@@ -34,7 +35,7 @@ from worker.errors import (
 from worker.operation import Operation
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
-from worker.repository import DB_UNREACHABLE, PollTarget, Repository
+from worker.repository import PollTarget, Repository
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
 log = logging.getLogger(__name__)

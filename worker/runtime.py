@@ -12,13 +12,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import notices
+from worker.account import DbBudget, DbGate
 from worker.client import ApiClient, Timeouts
 from worker.clock import Clock, SystemClock
 from worker.db import ensure_sqlite_dirs, make_engine, make_sessionmaker
 from worker.metrics import Metrics
 from worker.poller import Poller
 from worker.recorder import Recorder
-from worker.repository import DbBudget, DbGate
 from worker.retry_after import RetryPolicy
 from worker.settings import Settings
 from worker.tracking import PollPolicy

@@ -12,11 +12,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import discovery, intake, sweep
+from worker.account import DbGate
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, PollGroup, TrackedOperation
 from worker.poller import Poller
 from worker.recorder import Recorder
-from worker.repository import DbGate, GroupClaim, Repository
+from worker.repository import GroupClaim, Repository
 from worker.sandbox import Fault, SandboxServer
 from worker.sandbox.simulation import SimulatedOperation
 from worker.tracking import Outcome, PollCounts, PollPolicy

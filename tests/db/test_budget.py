@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.services import SID
+from worker.account import DbBudget
 from worker.clock import FakeClock
 from worker.errors import RetryLater
-from worker.repository import DbBudget
 from worker.sandbox import SandboxServer
 
 

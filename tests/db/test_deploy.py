@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.services import SID
 from worker import health
+from worker.account import DbGate
 from worker.clock import FakeClock
 from worker.metrics import Metrics, build_registry
-from worker.repository import DbGate, Repository
+from worker.repository import Repository
 from worker.tracking import Outcome, PollCounts
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,11 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.services import SID, TOKEN
+from worker.account import DbGate
 from worker.celery_app import DISCOVER_TASK, celery_config
 from worker.clock import FakeClock
 from worker.db import AccountPause, TrackedOperation
 from worker.discovery import discover
-from worker.repository import DbGate
 from worker.sandbox import Fault, SandboxServer
 from worker.settings import load_settings
 

@@ -19,12 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.services import SID, TOKEN
 from worker import dead_letters, sweep
+from worker.account import DbGate
 from worker.client import ApiClient, Timeouts
 from worker.clock import FakeClock
 from worker.metrics import Metrics, MetricsServer, build_registry, serve
 from worker.poller import Poller
 from worker.recorder import Recorder
-from worker.repository import DbGate, GroupClaim, Repository
+from worker.repository import GroupClaim, Repository
 from worker.retry_after import RetryPolicy
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import PollPolicy

@@ -20,12 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from tests.support.services import SID, TOKEN
+from worker.account import DbGate
 from worker.client import ApiClient, LocalGate, Timeouts
 from worker.clock import FakeClock
 from worker.db import AccountPause, make_engine
 from worker.errors import RetryLater
 from worker.migrate import upgrade
-from worker.repository import DbGate
 from worker.retry_after import RetryPolicy
 from worker.sandbox import Fault, SandboxServer
 
@@ -149,7 +149,7 @@ def test_an_unreachable_database_does_not_lose_the_pause(
     gate = DbGate(down, SID, clock)
     sandbox.add_fault(Fault(kind="status", status=429, retry_after="60"))
     client = client_on(sandbox, gate, clock)
-    with caplog.at_level(logging.WARNING, logger="worker.repository"), client:
+    with caplog.at_level(logging.WARNING, logger="worker.account"), client:
         with pytest.raises(RetryLater) as first:
             client.fetch(MISSING)
         clock.advance(30)
@@ -170,7 +170,7 @@ def test_a_pause_written_while_the_database_was_away_is_written_when_it_is_back(
     gate = DbGate(engine, SID, clock)
     until = clock.now() + timedelta(seconds=90)
     os.rename(path, tmp_path / "away.sqlite")  # the next connection finds no table
-    with caplog.at_level(logging.INFO, logger="worker.repository"):
+    with caplog.at_level(logging.INFO, logger="worker.account"):
         gate.pause(until, "HTTP 429 (Retry-After 90)", 429)
         assert gate.paused_until(clock.now()) == (until, "HTTP 429 (Retry-After 90)")
         os.replace(tmp_path / "away.sqlite", path)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.db.test_tracking import POLICY, make_poller, poll_all, row, tick
 from tests.support.services import PG_ADMIN_URL, SID, TOKEN
 from worker import health, intake
+from worker.account import DbGate
 from worker.cli.render import pause_line
 from worker.client import ApiClient
 from worker.clock import FakeClock
@@ -23,7 +24,7 @@ from worker.db import HistoryEntry, PollGroup, make_engine, make_sessionmaker
 from worker.operation import Operation, Stats, Status
 from worker.poller import Poller
 from worker.recorder import Recorder
-from worker.repository import DbGate, Repository
+from worker.repository import Repository
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import (
     ENDED_STATES,

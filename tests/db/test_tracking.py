@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import intake, sweep
+from worker.account import DbGate
 from worker.cli.render import status_table
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, PollGroup, TrackedOperation
@@ -24,7 +25,7 @@ from worker.planning import FETCH, NewGroup
 from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.reports import queries
-from worker.repository import DbGate, GroupClaim, Repository
+from worker.repository import GroupClaim, Repository
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import Outcome, PollCounts, PollPolicy, Stale, observe
 
