@@ -20,17 +20,16 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import requests
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import text
 
-from bench.reports import NOW, PG_ADMIN_URL, Dataset, _admin, generate, load_postgres, load_sqlite
+from bench.databases import scratch_database
+from bench.reports import NOW, PG_ADMIN_URL, Dataset, generate, load_postgres, load_sqlite
 from bench.reports import measure as measure_ms
 from worker.clock import FakeClock
 from worker.db import make_engine
@@ -42,21 +41,6 @@ from worker.settings import load_settings
 
 PG_DATABASE = "optrack_bench_http"
 TOKEN = "bench-" + "x" * 32
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """Create optrack_bench_http, yield its URL, drop it whatever happens."""
-    admin = _admin(admin_url)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + "/" + PG_DATABASE
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _ok(response: requests.Response) -> requests.Response:
@@ -166,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"sqlite:///{Path(folder) / 'bench.sqlite'}"
             rows += bench_backend("sqlite", url, data, args.repeat)
     if not args.skip_postgres:
-        with postgres_database(args.pg_admin_url) as url:
+        with scratch_database(args.pg_admin_url, PG_DATABASE) as url:
             rows += bench_backend("postgresql", url, data, args.repeat)
     table = Table(
         title=f"HTTP API on {len(data.operations):,} operations / {len(data.history):,} history "

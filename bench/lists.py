@@ -24,8 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-
+from bench.databases import scratch_database
 from bench.reports import PG_ADMIN_URL, Dataset, load_postgres, load_sqlite
 from worker.db import make_engine
 from worker.migrate import upgrade
@@ -48,18 +47,9 @@ def dataset(count: int, now: datetime) -> Dataset:
 @contextmanager
 def pg_database() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database; dropped at exit."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + PG_DATABASE
-    try:
+    with scratch_database(PG_ADMIN_URL, PG_DATABASE) as url:
         upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def run_status(url: str) -> tuple[float, float]:

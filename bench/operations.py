@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.databases import scratch_database
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, TrackedOperation, make_engine, make_sessionmaker
 from worker.metrics import build_registry, serve
@@ -295,27 +296,6 @@ def bench_backend(url: str) -> tuple[list[tuple[str, str]], list[float]]:
 # --- the databases -------------------------------------------------------------------------
 
 
-def _drop_and_create(admin_url: str, create: bool) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-            if create:
-                conn.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    finally:
-        admin.dispose()
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """Create optrack_bench_ops, yield its URL, drop it whatever happens."""
-    _drop_and_create(admin_url, create=True)
-    try:
-        yield admin_url.rsplit("/", 1)[0] + "/" + PG_DATABASE
-    finally:
-        _drop_and_create(admin_url, create=False)
-
-
 @contextmanager
 def sqlite_database() -> Iterator[str]:
     """A SQLite file in a temporary folder, removed at the end."""
@@ -338,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
     args = parser.parse_args(argv)
     databases = {
-        "postgresql": lambda: postgres_database(args.pg_admin_url),
+        "postgresql": lambda: scratch_database(args.pg_admin_url, PG_DATABASE),
         "sqlite": sqlite_database,
     }
     if args.backend is not None:

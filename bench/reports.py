@@ -19,8 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,9 +27,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.databases import scratch_database
 from worker import reports
 from worker.db import make_engine, make_sessionmaker
 from worker.migrate import upgrade
@@ -262,25 +262,6 @@ def bench_backend(name: str, url: str, data: Dataset, repeat: int) -> Result:
         engine.dispose()
 
 
-def _admin(url: str) -> Engine:
-    return create_engine(url, isolation_level="AUTOCOMMIT")
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """Create optrack_bench_reports, yield its URL, drop it whatever happens."""
-    admin = _admin(admin_url)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + "/" + PG_DATABASE
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--operations", type=int, default=10_000)
@@ -303,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"sqlite:///{Path(folder) / 'bench.sqlite'}"
             results.append(bench_backend("sqlite", url, data, args.repeat))
     if not args.skip_postgres:
-        with postgres_database(args.pg_admin_url) as url:
+        with scratch_database(args.pg_admin_url, PG_DATABASE) as url:
             results.append(bench_backend("postgresql", url, data, args.repeat))
     table = Table(
         title=f"reports on {len(data.operations):,} operations / {len(data.history):,} history "

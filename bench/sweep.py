@@ -43,6 +43,7 @@ import redis
 import requests
 from sqlalchemy import create_engine, text
 
+from bench.databases import drop, recreate
 from worker.migrate import upgrade
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -142,11 +143,7 @@ def peak_rss_mb(worker: subprocess.Popen[bytes]) -> float:
 
 
 def fresh_pg() -> None:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{BENCH_DB}"'))
-    admin.dispose()
+    recreate(ADMIN_URL, BENCH_DB)
     redis.Redis.from_url(REDIS_URL).flushdb()
 
 
@@ -335,10 +332,7 @@ def main() -> None:
             database, n, interval = spec.split(":")
             print(f"{spec}…", file=sys.stderr, flush=True)
             results.append(run(database, int(n), float(interval), Path(tmp_name)))
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
-    admin.dispose()
+    drop(ADMIN_URL, BENCH_DB)
 
     print(f"\n$ python -m bench.sweep {' '.join(sys.argv[1:])}".rstrip())
     print(f"{os.cpu_count()} cores; sandbox, beat, 2 workers (concurrency 1), default settings\n")
