@@ -5,8 +5,10 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import Connection
 
 from worker.db import Base, ensure_sqlite_dirs, make_engine
+from worker.migrate import sqlite_foreign_keys_off
 from worker.settings import load_settings
 
 config = context.config
@@ -42,15 +44,21 @@ def run_migrations_online() -> None:
     engine.dispose()
 
 
-def _run(connection: object) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=True,  # SQLite needs batch mode for ALTER TABLE in later migrations
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+def _run(connection: Connection) -> None:
+    # On SQLite a batch migration rebuilds a table (copy, drop, rename): with foreign keys on,
+    # the drop would cascade into every child table. They are off for the migration, checked
+    # before it commits, and the whole upgrade is one transaction (SQLite's DDL is).
+    with sqlite_foreign_keys_off(connection) as check_foreign_keys:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=True,  # SQLite needs batch mode for ALTER TABLE
+            compare_type=True,
+            transactional_ddl=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+            check_foreign_keys()
 
 
 if context.is_offline_mode():
