@@ -6,6 +6,7 @@
     ├── NotTracked                    a report or command names an ID that is not tracked
     ├── WebhookSignatureError         a received notice's signature is missing, stale or wrong
     ├── InvalidMessage                a task message's arguments can never be processed
+    ├── MigrationError                a migration would break the data; nothing was changed
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
@@ -53,6 +54,10 @@ class InvalidOperationId(OptrackError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"{value!r} is not an operation ID: {reason}")
+
+
+class MigrationError(OptrackError):
+    """Raised when a migration would leave the database inconsistent; nothing was committed."""
 
 
 class NotTracked(OptrackError):

@@ -11,27 +11,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, create_engine, insert, inspect, select, text
+from sqlalchemy import create_engine, text
 
 from tests.support.migration_data import (
     ADDED_COLUMN_VALUES,
-    ALL_ROWS,
     DERIVED_COLUMNS,
-    rows_for,
+    Snapshot,
+    fill,
+    snapshot,
 )
 from tests.support.services import PG_ADMIN_URL, port_open, service_missing
 from worker.db import Base, make_engine
 from worker.migrate import MigrationError, alembic_config, sqlite_foreign_keys_off, upgrade
-
-Snapshot = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
-Columns = dict[str, set[str]]
 
 
 def _revisions() -> list[str]:
@@ -60,50 +57,6 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
-
-
-def _columns(url: str) -> Columns:
-    engine = make_engine(url)
-    inspector = inspect(engine)
-    columns = {
-        table: {column["name"] for column in inspector.get_columns(table)}
-        for table in inspector.get_table_names()
-        if table != "alembic_version"
-    }
-    engine.dispose()
-    return columns
-
-
-def _fill(url: str) -> Columns:
-    columns = _columns(url)
-    rows = rows_for(columns)
-    engine = make_engine(url)
-    metadata = MetaData()
-    metadata.reflect(engine)
-    with engine.begin() as conn:
-        for table in ALL_ROWS:  # parents first
-            if table in rows:
-                conn.execute(insert(metadata.tables[table]), rows[table])
-    engine.dispose()
-    return columns
-
-
-def _snapshot(url: str) -> Snapshot:
-    engine = make_engine(url)
-    metadata = MetaData()
-    metadata.reflect(engine)
-    snapshot: Snapshot = {}
-    with engine.connect() as conn:
-        for name, table in metadata.tables.items():
-            if name == "alembic_version":
-                continue
-            key = [column.name for column in table.primary_key.columns]
-            snapshot[name] = {
-                tuple(row[k] for k in key): dict(row)
-                for row in conn.execute(select(table)).mappings()
-            }
-    engine.dispose()
-    return snapshot
 
 
 def _current(url: str) -> str | None:
@@ -159,23 +112,23 @@ def test_a_database_of_every_revision_upgrades_with_every_row(
     empty_url: str, revision: str
 ) -> None:
     upgrade(empty_url, revision)
-    filled = _fill(empty_url)
-    before = _snapshot(empty_url)
+    filled = fill(empty_url)
+    before = snapshot(empty_url)
     assert all(before[table] for table in filled), "every table holds rows"
 
     upgrade(empty_url)
-    at_head = _snapshot(empty_url)
+    at_head = snapshot(empty_url)
     assert _current(empty_url) == HEAD
     _assert_kept(before, at_head, f"{revision} → head")
     _assert_derived(before, at_head)
 
     # One step down and up again, with the data.
     command.downgrade(alembic_config(empty_url), "-1")
-    below = _snapshot(empty_url)
+    below = snapshot(empty_url)
     _assert_kept(at_head, below, "head → -1")
     _assert_derived(at_head, below)
     upgrade(empty_url)
-    _assert_kept(below, _snapshot(empty_url), "-1 → head")
+    _assert_kept(below, snapshot(empty_url), "-1 → head")
 
 
 @pytest.mark.parametrize("revision", REVISIONS[1:])
@@ -183,16 +136,16 @@ def test_each_migration_goes_down_and_up_again_with_every_row(
     empty_url: str, revision: str
 ) -> None:
     upgrade(empty_url, revision)
-    _fill(empty_url)
-    before = _snapshot(empty_url)
+    fill(empty_url)
+    before = snapshot(empty_url)
 
     command.downgrade(alembic_config(empty_url), "-1")
-    below = _snapshot(empty_url)
+    below = snapshot(empty_url)
     _assert_kept(before, below, f"{revision} → -1")
     _assert_derived(before, below)
 
     upgrade(empty_url, revision)
-    again = _snapshot(empty_url)
+    again = snapshot(empty_url)
     _assert_kept(below, again, f"-1 → {revision}")
     _assert_derived(below, again)
 

@@ -13,6 +13,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import MetaData, insert, inspect, select
+
+from worker.db import make_engine
+
+Snapshot = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+Columns = dict[str, set[str]]
+
 T0 = datetime(2026, 11, 20, 9, 30, 0, tzinfo=UTC)
 
 
@@ -257,3 +264,50 @@ def rows_for(columns: dict[str, set[str]]) -> dict[str, list[dict[str, Any]]]:
         assert not missing, f"no migration test value for {table}.{sorted(missing)}: add it here"
         rows[table] = [{k: v for k, v in row.items() if k in names} for row in ALL_ROWS[table]]
     return rows
+
+
+def columns(url: str) -> Columns:
+    """The tables of the database and their column names."""
+    engine = make_engine(url)
+    inspector = inspect(engine)
+    columns = {
+        table: {column["name"] for column in inspector.get_columns(table)}
+        for table in inspector.get_table_names()
+        if table != "alembic_version"
+    }
+    engine.dispose()
+    return columns
+
+
+def fill(url: str) -> Columns:
+    """Insert the rows of the revision the database is at; return its tables' columns."""
+    present = columns(url)
+    rows = rows_for(present)
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    with engine.begin() as conn:
+        for table in ALL_ROWS:  # parents first
+            if table in rows:
+                conn.execute(insert(metadata.tables[table]), rows[table])
+    engine.dispose()
+    return present
+
+
+def snapshot(url: str) -> Snapshot:
+    """Every row of every table, by primary key."""
+    engine = make_engine(url)
+    metadata = MetaData()
+    metadata.reflect(engine)
+    snapshot: Snapshot = {}
+    with engine.connect() as conn:
+        for name, table in metadata.tables.items():
+            if name == "alembic_version":
+                continue
+            key = [column.name for column in table.primary_key.columns]
+            snapshot[name] = {
+                tuple(row[k] for k in key): dict(row)
+                for row in conn.execute(select(table)).mappings()
+            }
+    engine.dispose()
+    return snapshot

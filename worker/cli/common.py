@@ -21,10 +21,13 @@ def get_runtime(ctx: click.Context) -> Runtime:
 
 
 def ensure_schema(rt: Runtime) -> None:
-    """Migrate an embedded SQLite database; on a server, ask for `optrack db upgrade`."""
+    """Migrate an embedded SQLite database (backed up first, said on stderr); on a server, ask
+    for `optrack db upgrade`."""
     if rt.settings.database_url.startswith("sqlite"):
         ensure_sqlite_dirs(rt.settings)  # a fresh OPTRACK_HOME does not exist yet
-        upgrade(rt.settings.database_url)
+        migration = upgrade(rt.settings.database_url)
+        if migration.backup is not None:
+            click.echo(f"optrack: {migration.summary()}", err=True)
         return
     if not is_migrated(rt.engine):
         raise OptrackError("the database has no optrack tables yet; run `optrack db upgrade` first")

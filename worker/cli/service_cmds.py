@@ -8,11 +8,11 @@ from datetime import timedelta
 
 import click
 
-from worker import retention
+from worker import migrate, retention
 from worker.cli.common import ensure_schema, get_runtime
 from worker.cli.http_cmds import auth_token
 from worker.cli.ops_cmds import DURATION
-from worker.migrate import upgrade
+from worker.db import ensure_sqlite_dirs
 
 
 @click.group()
@@ -23,10 +23,42 @@ def db() -> None:
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(revision: str) -> None:
-    """Create or migrate the database named by OPTRACK_DATABASE_URL."""
+    """Create or migrate the database named by OPTRACK_DATABASE_URL (a SQLite file is backed
+    up first, to a file named after the revision it was at)."""
     rt = get_runtime(click.get_current_context())
-    upgrade(rt.settings.database_url, revision)
-    click.echo(f"database at revision {revision}")
+    ensure_sqlite_dirs(rt.settings)
+    click.echo(migrate.upgrade(rt.settings.database_url, revision).summary())
+
+
+@db.command("downgrade", context_settings={"ignore_unknown_options": True})
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Take the database back to REVISION (an id from `optrack db history`, or -1), to run the
+    release before; a SQLite file is backed up first."""
+    rt = get_runtime(click.get_current_context())
+    click.echo(migrate.downgrade(rt.settings.database_url, revision).summary())
+
+
+@db.command("current")
+def db_current() -> None:
+    """Show the database's revision, and whether it is this release's (head)."""
+    rt = get_runtime(click.get_current_context())
+    current = migrate.current_revision(rt.settings.database_url)
+    head = migrate.head_revision()
+    if current is None:
+        click.echo(f"(empty): no optrack schema yet; this release's is {head}")
+    elif current == head:
+        click.echo(f"{current} (head)")
+    else:
+        click.echo(f"{current}; this release's is {head}: run `optrack db upgrade`")
+
+
+@db.command("history")
+def db_history() -> None:
+    """List the revisions, newest first, marking the database's and this release's."""
+    rt = get_runtime(click.get_current_context())
+    for line in migrate.history(rt.settings.database_url):
+        click.echo(line)
 
 
 @db.command("prune")
