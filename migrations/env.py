@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from worker.db import Base, ensure_sqlite_dirs, make_engine
-from worker.migrate import sqlite_foreign_keys_off
+from worker.dialect import sqlite_foreign_keys_off
 from worker.settings import load_settings
 
 config = context.config

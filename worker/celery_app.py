@@ -7,19 +7,25 @@ lives here.
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.signals import (
+    beat_init,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
 )
 
-from worker import logs
+from worker import liveness, logs
+from worker.clock import SystemClock
 from worker.metrics import MetricsServer, start_worker_server
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
@@ -97,6 +103,7 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
 
     _runtime: Runtime | None = None
     _metrics_server: MetricsServer | None = None
+    _heartbeat: liveness.ProcessHeartbeat | None = None
 
     @cached_property
     def settings(self) -> Settings:
@@ -129,6 +136,20 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
         """Serve /metrics from the worker's main process for all its children."""
         self._metrics_server = start_worker_server(self.settings)
 
+    def start_heartbeat(self, role: str) -> None:
+        """Refuse to run beside another release (OtherReleaseRunning), then beat for this
+        process (``worker`` or ``beat``) until ``stop_heartbeat``."""
+        heartbeat = liveness.ProcessHeartbeat(self.settings.database_url, role, SystemClock())
+        heartbeat.refuse_beside_other_releases()
+        heartbeat.start()
+        self._heartbeat = heartbeat
+
+    def stop_heartbeat(self) -> None:
+        """Stop beating and forget this process's heartbeat."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+
     def stop_metrics(self) -> None:
         """Stop serving /metrics."""
         if self._metrics_server is not None:
@@ -150,13 +171,33 @@ def _configure(sender: OptrackCelery, **_: Any) -> None:
 
 
 @worker_init.connect
-def _start_metrics(**_: Any) -> None:
-    app.start_metrics()  # in the main process, before the pool forks
+def _start_main_process(**_: Any) -> None:
+    # In the main process, before the pool forks.
+    _refuse_beside_other_releases("worker")
+    app.start_metrics()
 
 
 @worker_shutdown.connect
-def _stop_metrics(**_: Any) -> None:
+def _stop_main_process(**_: Any) -> None:
     app.stop_metrics()
+    app.stop_heartbeat()
+
+
+@beat_init.connect
+def _start_beat(**_: Any) -> None:
+    _refuse_beside_other_releases("beat")
+    atexit.register(app.stop_heartbeat)
+
+
+def _refuse_beside_other_releases(role: str) -> None:
+    try:
+        app.start_heartbeat(role)
+    except liveness.OtherReleaseRunning as exc:
+        # Said once, plainly, and the process ends: no traceback, no half-started worker.
+        logging.getLogger("optrack").critical("%s", exc)
+        sys.stderr.write(f"optrack: {exc}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 @worker_process_init.connect

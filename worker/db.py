@@ -35,6 +35,9 @@ DatabaseError = SQLAlchemyError
 # What a database that is down, restarting or locked raises (not a bug in a query).
 DB_UNREACHABLE = (OperationalError, InterfaceError)
 
+# The Alembic revision these models are: the head of migrations/ (a test keeps them equal).
+SCHEMA_REVISION = "0009"
+
 GROUP_KINDS = ("list", "fetch")
 
 NAMING = {
@@ -278,12 +281,15 @@ class DeadLetter(Base):
 
 
 class Heartbeat(Base):
-    """The last time a periodic component (beat) showed it was alive, for `optrack health`."""
+    """The last time a process or the tick showed it was alive, and the schema it runs: for
+    `optrack health`, and to refuse to run beside another release (``liveness``)."""
 
     __tablename__ = "heartbeats"
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     beat_at: Mapped[datetime]
+    # SCHEMA_REVISION of the writer (migration 0009); NULL: written by an older release.
+    schema_revision: Mapped[str | None] = mapped_column(String(32))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -12,12 +12,14 @@ on SQLite; the caller runs its statement once per clause and adds the results up
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Connection,
     DateTime,
     Float,
     Integer,
@@ -37,6 +39,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+
+from worker.errors import MigrationError
 
 SQLITE_IN_CHUNK = 10_000
 
@@ -181,3 +185,32 @@ def percentiles(
         high = min(low + 1, count - 1)
         found.append(by_rank[low] + (k - low) * (by_rank[high] - by_rank[low]))
     return count, found, float(longest)
+
+
+@contextmanager
+def sqlite_foreign_keys_off(connection: Connection) -> Iterator[Callable[[], None]]:
+    """Foreign keys off on a SQLite connection for a migration; yields the check to run
+    before it commits. Elsewhere a no-op: PostgreSQL's ALTER TABLE never rebuilds a table."""
+    if connection.dialect.name != "sqlite":
+        yield lambda: None
+        return
+    if connection.in_transaction():
+        # The pragma is a no-op inside a transaction: the cascade would go unnoticed.
+        raise MigrationError("a SQLite migration must start outside a transaction")
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    raw.execute("PRAGMA foreign_keys=OFF")
+
+    def check() -> None:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            tables = sorted({str(row[0]) for row in broken})
+            raise MigrationError(
+                f"the migration would leave {len(broken)} row(s) pointing at nothing "
+                f"(in {', '.join(tables)}); nothing was changed"
+            )
+
+    try:
+        yield check
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")

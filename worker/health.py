@@ -16,12 +16,20 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker import dead_letters, dialect
-from worker.db import AccountPause, Heartbeat, Notice, PollGroup, TrackedOperation
+from worker.db import (
+    SCHEMA_REVISION,
+    AccountPause,
+    Heartbeat,
+    Notice,
+    PollGroup,
+    TrackedOperation,
+)
 from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
 from worker.records import iso
 from worker.tracking import ACTIVE_STATES, PROCESSING
 
-BEAT = "beat"
+# The tick's heartbeat. (Releases before 0009 wrote "beat": liveness tells them by that name.)
+TICK = "tick"
 
 
 def database_problem(engine: Engine) -> str | None:
@@ -37,10 +45,12 @@ def database_problem(engine: Engine) -> str | None:
 
 def beat_ticked(session: Session, now: datetime) -> None:
     """Record that beat's tick ran at ``now`` (in the caller's transaction)."""
-    stmt = dialect.insert(session)(Heartbeat).values(name=BEAT, beat_at=now)
+    stmt = dialect.insert(session)(Heartbeat).values(
+        name=TICK, beat_at=now, schema_revision=SCHEMA_REVISION
+    )
     stmt = stmt.on_conflict_do_update(
         index_elements=["name"],
-        set_={"beat_at": stmt.excluded.beat_at},
+        set_={"beat_at": stmt.excluded.beat_at, "schema_revision": SCHEMA_REVISION},
         # A late, redelivered tick never moves the heartbeat back.
         where=Heartbeat.beat_at < stmt.excluded.beat_at,
     )
@@ -49,7 +59,7 @@ def beat_ticked(session: Session, now: datetime) -> None:
 
 def last_beat(session: Session) -> datetime | None:
     """When beat's tick last ran, or None if it never did."""
-    row = session.get(Heartbeat, BEAT)
+    row = session.get(Heartbeat, TICK)
     return None if row is None else row.beat_at
 
 

@@ -8,8 +8,7 @@ regretted upgrade is undone by copying it back.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import make_url
 
 from worker.db import make_engine
-from worker.errors import ConfigError, MigrationError
+from worker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,32 +152,3 @@ def backup_sqlite(database_url: str, revision: str) -> Path | None:
 def is_migrated(engine: Engine) -> bool:
     """True if the database behind ``engine`` has optrack's tables."""
     return inspect(engine).has_table("tracked_operations")
-
-
-@contextmanager
-def sqlite_foreign_keys_off(connection: Connection) -> Iterator[Callable[[], None]]:
-    """Foreign keys off on a SQLite connection for a migration; yields the check to run
-    before it commits. Elsewhere a no-op: PostgreSQL's ALTER TABLE never rebuilds a table."""
-    if connection.dialect.name != "sqlite":
-        yield lambda: None
-        return
-    if connection.in_transaction():
-        # The pragma is a no-op inside a transaction: the cascade would go unnoticed.
-        raise MigrationError("a SQLite migration must start outside a transaction")
-    raw = connection.connection.driver_connection
-    assert raw is not None
-    raw.execute("PRAGMA foreign_keys=OFF")
-
-    def check() -> None:
-        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-        if broken:
-            tables = sorted({str(row[0]) for row in broken})
-            raise MigrationError(
-                f"the migration would leave {len(broken)} row(s) pointing at nothing "
-                f"(in {', '.join(tables)}); nothing was changed"
-            )
-
-    try:
-        yield check
-    finally:
-        raw.execute("PRAGMA foreign_keys=ON")

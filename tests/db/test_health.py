@@ -80,7 +80,7 @@ def test_beat_never_ticked(db_url: str, tmp_path: Path) -> None:
 def test_beat_stopped_ticking(db_url: str, sessions: sessionmaker[Session], tmp_path: Path) -> None:
     healthy_state(sessions, datetime.now(UTC))
     with sessions.begin() as session:
-        row = session.get(Heartbeat, health.BEAT)
+        row = session.get(Heartbeat, health.TICK)
         assert row is not None
         row.beat_at = datetime.now(UTC) - timedelta(hours=2)
     result = optrack_health(db_url, tmp_path, "--max-beat-age", "10m")

@@ -27,8 +27,10 @@ from tests.support.migration_data import (
     snapshot,
 )
 from tests.support.services import PG_ADMIN_URL, port_open, service_missing
-from worker.db import Base, make_engine
-from worker.migrate import MigrationError, alembic_config, sqlite_foreign_keys_off, upgrade
+from worker.db import SCHEMA_REVISION, Base, make_engine
+from worker.dialect import sqlite_foreign_keys_off
+from worker.errors import MigrationError
+from worker.migrate import alembic_config, upgrade
 
 
 def _revisions() -> list[str]:
@@ -166,3 +168,7 @@ def test_a_sqlite_migration_that_leaves_a_dangling_row_is_refused(tmp_path: Path
     with engine.connect() as conn:  # the pool's connection has its foreign keys back on
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
+
+
+def test_the_models_know_the_head_revision() -> None:
+    assert SCHEMA_REVISION == HEAD

@@ -192,7 +192,10 @@ OTHER_TABLES: dict[str, list[dict[str, Any]]] = {
         }
     ],
     "request_budgets": [{"account_sid": "AC" + "1" * 32, "next_slot_at": at(61)}],
-    "heartbeats": [{"name": "beat", "beat_at": at(58)}],
+    "heartbeats": [
+        {"name": "beat", "beat_at": at(58), "schema_revision": None},
+        {"name": "worker:optrack@host-1:4242", "beat_at": at(59), "schema_revision": "0009"},
+    ],
     "task_deliveries": [
         {
             "task_id": "8c1d2e3f-0000-4000-8000-00000000000a",
@@ -246,6 +249,7 @@ ADDED_COLUMN_VALUES: dict[tuple[str, str], Any] = {
     ("tracked_operations", "not_found_since"): None,
     ("account_pauses", "consecutive_throttles"): 0,
     ("poll_groups", "claim_started_at"): None,
+    ("heartbeats", "schema_revision"): None,
     # 0004's downgrade brings back the per-operation claim, with no claim held.
     ("tracked_operations", "claim_token"): None,
 }

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import click
 
-from worker import migrate, retention
+from worker import liveness, migrate, retention
 from worker.cli.common import ensure_schema, get_runtime
 from worker.cli.http_cmds import auth_token
 from worker.cli.ops_cmds import DURATION
@@ -20,22 +20,35 @@ def db() -> None:
     """Database schema commands (Alembic owns the schema)."""
 
 
+FORCE = click.option(
+    "--force",
+    is_flag=True,
+    help="Migrate even while processes of another release still beat on the database.",
+)
+
+
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
-def db_upgrade(revision: str) -> None:
+@FORCE
+def db_upgrade(revision: str, force: bool) -> None:
     """Create or migrate the database named by OPTRACK_DATABASE_URL (a SQLite file is backed
     up first, to a file named after the revision it was at)."""
     rt = get_runtime(click.get_current_context())
     ensure_sqlite_dirs(rt.settings)
+    if not force:
+        liveness.refuse_beside_other_releases(rt.engine, rt.clock.now())
     click.echo(migrate.upgrade(rt.settings.database_url, revision).summary())
 
 
 @db.command("downgrade", context_settings={"ignore_unknown_options": True})
 @click.argument("revision")
-def db_downgrade(revision: str) -> None:
+@FORCE
+def db_downgrade(revision: str, force: bool) -> None:
     """Take the database back to REVISION (an id from `optrack db history`, or -1), to run the
     release before; a SQLite file is backed up first."""
     rt = get_runtime(click.get_current_context())
+    if not force:
+        liveness.refuse_beside_other_releases(rt.engine, rt.clock.now())
     click.echo(migrate.downgrade(rt.settings.database_url, revision).summary())
 
 
@@ -93,6 +106,8 @@ def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
     from worker.celery_app import app
 
     rt = get_runtime(click.get_current_context())
+    # Before the embedded database is migrated: never under a running older release.
+    liveness.refuse_beside_other_releases(rt.engine, rt.clock.now())
     ensure_schema(rt)
     server = None
     if serve:
