@@ -5,7 +5,9 @@ Its deliveries are counted in the database before the work starts; the delivery 
 ``OPTRACK_MAX_DELIVERIES`` becomes a dead letter instead of running (``worker.dead_letters``);
 invalid input is rejected once; a database that does not answer is retried with backoff
 (``optrack.track``, ``optrack.poll``) or left to the next run (the periodic tasks). Nothing is
-acknowledged and forgotten. The app makes it every task's class (``task_cls``).
+acknowledged and forgotten. A message an older release sent in a shape the task no longer
+takes runs as ``worker.compat`` translates it. The app makes it every task's class
+(``task_cls``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject
 
-from worker import dead_letters
+from worker import compat, dead_letters
 from worker.db import DB_UNREACHABLE
 from worker.errors import InvalidMessage, InvalidOperationId
 from worker.retry_after import RetryPolicy
@@ -43,9 +45,10 @@ class GuardedTask(Task):  # type: ignore[misc]  # celery ships no type hints
         return runtime
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        older = compat.translate(self.name, args, kwargs)
         request = self.request
         if request.called_directly or request.is_eager or not request.id:
-            return self.run(*args, **kwargs)
+            return self.run(*args, **kwargs) if older is None else older(self.runtime)
         rt = self.runtime
         task_id = str(request.id)
         try:
@@ -57,7 +60,7 @@ class GuardedTask(Task):  # type: ignore[misc]  # celery ships no type hints
             reason = f"started {count - 1} times without ending (OPTRACK_MAX_DELIVERIES)"
             return self._bury(rt, task_id, args, reason, count - 1)
         try:
-            result = self.run(*args, **kwargs)
+            result = self.run(*args, **kwargs) if older is None else older(rt)
         except (InvalidMessage, InvalidOperationId) as exc:
             log.error("%s[%s] rejected, not retried: %s", self.name, task_id, exc)
             self._forget(rt, task_id)

@@ -299,6 +299,29 @@ class Repository:
         )
         return [self.create_group(NewGroup(kind, tuple(p)), now) for p in parts[1:] if p]
 
+    def make_due(self, operation_ids: Sequence[str], now: datetime) -> tuple[int, int]:
+        """Make the groups of the active operations among ``operation_ids`` due at ``now`` (a
+        group due earlier keeps its time). Returns how many groups they are in and how many of
+        them no group polls yet."""
+        t = TrackedOperation
+        group_ids: set[int] = set()
+        waiting = 0
+        for wanted in self._id_filters(sorted(set(operation_ids))):
+            stmt = select(t.group_id).where(wanted, t.status.in_(ACTIVE_STATES))
+            for (group_id,) in self.session.execute(stmt):
+                if group_id is None:
+                    waiting += 1
+                else:
+                    group_ids.add(int(group_id))
+        for wanted in in_many(self.session, PollGroup.id, sorted(group_ids)):
+            self.session.execute(
+                update(PollGroup)
+                .where(wanted, PollGroup.next_due_at > now)
+                .values(next_due_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        return len(group_ids), waiting
+
     def try_lock_placement(self) -> bool:
         """Take the placement lock for this transaction; False if another sweep holds it.
 

@@ -5,6 +5,9 @@ The claim lives here, whole: minted by ``Repository.claim_due`` (a token and a l
 group), dispatched after the claim committed, given back at once if the broker refuses a
 message, ended by the poll that finishes the group (``Repository.finish``). A claim whose
 message died runs out with its lease and the group is due again.
+
+``hasten`` makes the groups of given operations due at once (a poll message of 0.1.0, which
+named operations, not a group: ``worker.compat``).
 """
 
 from __future__ import annotations
@@ -112,6 +115,28 @@ def _upkeep(
             repo.merge(a.id, b.id)
             merged.update((a.id, b.id))  # both views are stale now; the next tick looks again
             budget -= 1
+
+
+@dataclass(frozen=True)
+class Hastened:
+    """What ``hasten`` did."""
+
+    groups: int  # the groups the operations are in, all due now
+    waiting: int  # operations still in no group (another sweep was placing): the next tick's
+
+
+def hasten(
+    sessions: sessionmaker[Session],
+    operation_ids: Sequence[str],
+    now: datetime,
+    policy: PollPolicy,
+) -> Hastened:
+    """Make the groups of these operations due now, so the next tick polls them: the waiting
+    ones are placed first (as a tick would); ended or unknown operations are left alone."""
+    place(sessions, now, policy)
+    with sessions.begin() as session:
+        groups, waiting = Repository(session).make_due(operation_ids, now)
+    return Hastened(groups, waiting)
 
 
 def sweep(

@@ -1,8 +1,10 @@
 """Celery tasks: thin adapters that take the process's runtime, call a service, and return.
 
 Task names are stable (``worker.celery_app``): other services send ``optrack.track`` by name
-with a JSON list of IDs. Every task is a ``delivery.GuardedTask``: its deliveries counted, the
-one past ``OPTRACK_MAX_DELIVERIES`` a dead letter, nothing acknowledged and forgotten.
+with a JSON list of IDs. A signature only grows; an older release's shape is translated by
+``worker.compat`` before the body runs. Every task is a ``delivery.GuardedTask``: its
+deliveries counted, the one past ``OPTRACK_MAX_DELIVERIES`` a dead letter, nothing
+acknowledged and forgotten.
 """
 
 from __future__ import annotations
@@ -61,9 +63,8 @@ def tick(self: GuardedTask) -> dict[str, int]:
 def poll(self: GuardedTask, group_id: int, claim_token: str) -> dict[str, int]:
     """Poll one claimed group: List pages over its window, or one GET per member."""
     if not isinstance(group_id, int) or isinstance(group_id, bool):
-        # A message from before poll groups: its operations are polled by their groups now.
-        log.warning("poll: dropping a message of an older format (%r)", type(group_id).__name__)
-        return {}
+        # 0.1.0's shape never reaches here (worker.compat translates it): this is garbage.
+        raise InvalidMessage(f"optrack.poll takes a poll group's id, not {type(group_id).__name__}")
     rt = self.runtime
     try:
         counts = rt.poller.poll(group_id, claim_token)
