@@ -9,6 +9,8 @@
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
+        ├── UnstorableAnswer          an answer the database refused to store (recorded in
+        │                             its place, not raised): its operation backs off
         └── HttpError                 an error status; carries the API's error list
             ├── BadRequest            400: our request was wrong; do not retry
             ├── AuthError             401/403: credentials rejected; pause the account
@@ -110,6 +112,11 @@ class TransportError(ApiError):
 
 class SchemaError(ApiError):
     """Raised when a 200 answer's body breaks the documented schema; nothing of it is stored."""
+
+
+class UnstorableAnswer(ApiError):
+    """Recorded in place of an answer the database refused to store: that operation alone
+    backs off, as after a failed poll; the rest of its write is recorded."""
 
 
 class HttpError(ApiError):

@@ -15,6 +15,8 @@ from worker import intake
 from worker.account import DbGate
 from worker.clock import FakeClock
 from worker.db import PollGroup
+from worker.errors import ApiErrorDetail, ServerError
+from worker.recorder import Recorder, Result
 from worker.sandbox import Fault, SandboxServer
 from worker.tracking import Outcome
 
@@ -104,3 +106,41 @@ def test_a_429_whose_message_the_database_cannot_store_still_pauses_every_proces
     assert pause is not None and pause.status_code == 429
     assert_storable(pause.reason, 1000)
     assert len(sandbox.requests_log()) == 1  # nobody called during the pause
+
+
+def test_a_write_the_database_refuses_costs_only_its_own_operation(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    make_client,  # type: ignore[no-untyped-def]
+    clock: FakeClock,
+) -> None:
+    """Whatever the edge lets through: an error built here (the client would have cleaned its
+    text) that neither database can encode, among true answers of the sandbox."""
+    ops = [sandbox.add_operation(total=4, duration=3600) for _ in range(5)]
+    intake.track(sessions, [o.id for o in ops], clock.now())
+    client = make_client()
+    results: dict[str, Result] = {o.id: client.fetch(o.id) for o in ops}
+    refused = ServerError(500, (ApiErrorDetail(20500, "lone \ud800"),), sandbox.base_url)
+    results[ops[2].id] = refused
+
+    recorded = Recorder(sessions, POLICY).record(results, clock.now())
+
+    assert recorded.outcomes == {
+        o.id: Outcome.ERROR if o is ops[2] else Outcome.CHANGED for o in ops
+    }
+    assert recorded.history == 4 and recorded.rows == 5
+    for op in ops:
+        if op is not ops[2]:
+            assert row(sessions, op.id).status == "PROCESSING"
+            assert history_count(sessions, op.id) == 1
+    bad = row(sessions, ops[2].id)  # backed off, as after any failed poll
+    assert (bad.status, bad.consecutive_errors) == ("PENDING", 1)
+    assert bad.not_before == clock.now() + POLICY.interval
+    assert bad.last_error is not None and bad.last_error.startswith(
+        "UnstorableAnswer: the database refused the answer (UnicodeEncodeError"
+    )
+    # Refused again: the operation keeps backing off, nothing else is touched.
+    clock.current = bad.not_before
+    again = Recorder(sessions, POLICY).record({ops[2].id: refused}, clock.now())
+    assert again.outcomes == {ops[2].id: Outcome.ERROR}
+    assert row(sessions, ops[2].id).consecutive_errors == 2
