@@ -39,6 +39,7 @@ from worker.tracking import (
     Gone,
     Known,
     Observed,
+    first_sight_key,
 )
 
 
@@ -101,13 +102,22 @@ class Repository:
             already_tracked=tuple(i for i in wanted if i not in added),
         )
 
-    def add_seen(self, answers: Sequence[Operation], now: datetime) -> TrackResult:
+    def add_seen(
+        self, answers: Sequence[Operation], now: datetime, allowance: timedelta
+    ) -> TrackResult:
         """Start tracking operations as a listing showed them: their state is the first step
-        of their history, and their createdAt places them at once."""
+        of their history, and their createdAt places them at once. An updatedAt ahead of the
+        clocks by more than ``allowance`` is not recorded (``tracking.first_sight_key``)."""
         by_id = {op.id: op for op in answers}
-        rows = [{**_new_row(op.id, now), **_state(op, now), "version": 1} for op in by_id.values()]
+        keys = {op.id: first_sight_key(op, now, allowance) for op in by_id.values()}
+        rows = [
+            {**_new_row(op.id, now), **_state(op, now, keys[op.id]), "version": 1}
+            for op in by_id.values()
+        ]
         added = self._insert_new(rows)
-        history = [_history_row(by_id[op_id], 1, now) for op_id in by_id if op_id in added]
+        history = [
+            _history_row(by_id[op_id], 1, now, keys[op_id]) for op_id in by_id if op_id in added
+        ]
         for start in range(0, len(history), INSERT_BATCH):
             self.session.execute(insert(HistoryEntry), history[start : start + INSERT_BATCH])
         return TrackResult(

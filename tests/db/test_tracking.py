@@ -395,7 +395,7 @@ def test_upkeep_never_regroups_a_group_a_poll_holds(
     sandbox.clear_requests()
     with sessions.begin() as session:  # seen, in two GET groups small enough to merge
         repo = Repository(session)
-        repo.add_seen(answers, clock.now())
+        repo.add_seen(answers, clock.now(), POLICY.clock_allowance)
         for op in ops:
             repo.create_group(NewGroup(FETCH, (op.id,)), clock.now())
     with sessions.begin() as session:
