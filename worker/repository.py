@@ -335,7 +335,23 @@ class Repository:
         )
 
     def merge(self, into: int, other: int) -> None:
-        """Move every member of ``other`` into ``into`` and drop ``other``."""
+        """Move every member of ``other`` into ``into`` and drop ``other``.
+
+        The merged group is due when the earlier of the two was, and counts the later change
+        (the adaptive cadence): a merge delays none of its members.
+        """
+        g = PollGroup
+        times = self.session.execute(
+            select(func.min(g.next_due_at), func.max(g.last_change_at)).where(
+                g.id.in_((into, other))
+            )
+        ).one()
+        self.session.execute(
+            update(g)
+            .where(g.id == into)
+            .values(next_due_at=times[0], last_change_at=times[1])
+            .execution_options(synchronize_session=False)
+        )
         self.session.execute(
             update(TrackedOperation)
             .where(TrackedOperation.group_id == other)

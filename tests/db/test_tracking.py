@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,6 +78,13 @@ def group_of(sessions: sessionmaker[Session], op_id: str, clock: FakeClock) -> P
         group = session.get(PollGroup, group_id)
         assert group is not None
         return group
+
+
+def due_times(sessions: sessionmaker[Session]) -> dict[int, datetime | None]:
+    """Each poll group's next due time; None while a poll holds it."""
+    with sessions() as session:
+        groups = session.scalars(select(PollGroup)).all()
+        return {g.id: None if g.claim_token else g.next_due_at for g in groups}
 
 
 def make_poller(sessions, client, policy: PollPolicy = POLICY) -> Poller:  # type: ignore[no-untyped-def]
@@ -400,18 +407,48 @@ def test_upkeep_never_regroups_a_group_a_poll_holds(
             repo.create_group(NewGroup(FETCH, (op.id,)), clock.now())
     with sessions.begin() as session:
         held = Repository(session).claim_due(clock.now(), 10, POLICY.lease)
-    assert len(held) == 2
-    poll_all(poller, held[:1])  # one poll is done; the other still holds its group
-    clock.advance(10)
+    # A merge keeps the lower id: the group still held is the one the other is merged into.
+    into, other = sorted(held, key=lambda claim: claim.group_id)
+    started = clock.now()
+    poll_all(poller, [other])  # one poll is done; the other still holds its group
+    assert due_times(sessions) == {other.group_id: started + POLICY.interval, into.group_id: None}
+    clock.advance(9)
     sweep.place(sessions, clock.now(), POLICY)
     with sessions() as session:  # no merge moved members from under the running poll
-        assert session.get(PollGroup, held[1].group_id) is not None
-    poll_all(poller, held[1:])
+        assert session.get(PollGroup, into.group_id) is not None
+    poll_all(poller, [into])
     asked = [r["path"].rsplit("/", 1)[1] for r in sandbox.requests_log()]
     assert sorted(asked) == sorted(o.id for o in ops)  # each asked once
+    assert due_times(sessions) == {
+        other.group_id: started + POLICY.interval,
+        into.group_id: clock.now() + POLICY.interval,
+    }
     sweep.place(sessions, clock.now(), POLICY)  # both free now: merged
+    # ... and due when the earlier was: a merge delays none of its members.
+    assert due_times(sessions) == {into.group_id: started + POLICY.interval}
+
+
+def test_a_merge_keeps_the_earlier_due_time_and_the_later_change(
+    sessions: sessionmaker[Session], clock: FakeClock
+) -> None:
+    now = clock.now()
+    with sessions.begin() as session:
+        repo = Repository(session)
+        into, other = (repo.create_group(NewGroup(FETCH, ()), now) for _ in range(2))
+        for group_id, due, change in ((into, 19, -3600), (other, 10, -5)):
+            session.execute(
+                update(PollGroup)
+                .where(PollGroup.id == group_id)
+                .values(
+                    next_due_at=now + timedelta(seconds=due),
+                    last_change_at=now + timedelta(seconds=change),
+                )
+            )
+        repo.merge(into, other)
     with sessions() as session:
-        assert session.scalar(select(func.count()).select_from(PollGroup)) == 1
+        [merged] = session.scalars(select(PollGroup)).all()
+    assert merged.id == into and merged.next_due_at == now + timedelta(seconds=10)
+    assert merged.last_change_at == now - timedelta(seconds=5)
 
 
 def test_400_backs_off_growing_to_a_ceiling_of_hours_and_shows_in_status(
