@@ -429,15 +429,35 @@ class Repository:
                     .execution_options(synchronize_session=False)
                 )
 
-    def finish(self, group_id: int, token: str, values: dict[str, Any]) -> bool:
-        """Record a group's poll and end its claim; False if the claim was lost meanwhile."""
-        result = self.session.execute(
-            update(PollGroup)
-            .where(PollGroup.id == group_id, PollGroup.claim_token == token)
-            .values(claim_token=None, claim_expires_at=None, **values)
+    def finish(self, group_id: int, token: str, values: dict[str, Any]) -> int | None:
+        """Record a group's poll and end its claim; return its active members, None if the
+        claim was lost meanwhile.
+
+        The members are counted here, not taken from the poll: a placement may have joined
+        some while the poll ran. The group's row is locked first, so a placement that wrote
+        its joins has committed them (they are counted) and a later one adds its own to this
+        count (SQLite's write lock, taken when the transaction began, does the same).
+        """
+        g = PollGroup
+        held = self.session.scalar(
+            select(g.id).where(g.id == group_id, g.claim_token == token).with_for_update()
+        )
+        if held is None:
+            return None
+        t = TrackedOperation
+        members = int(
+            self.session.scalar(
+                select(func.count()).where(t.group_id == group_id, t.status.in_(ACTIVE_STATES))
+            )
+            or 0
+        )
+        self.session.execute(
+            update(g)
+            .where(g.id == group_id)
+            .values(claim_token=None, claim_expires_at=None, members=members, **values)
             .execution_options(synchronize_session=False)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return members
 
     def drop_group(self, group_id: int) -> None:
         """Delete a group that has no active member left."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 from types import SimpleNamespace
@@ -14,9 +15,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.db.test_pause import ClockWithNeighbour
+from tests.support.services import SID, TOKEN
 from worker import intake, sweep
 from worker.account import DbGate
 from worker.cli.render import status_table
+from worker.client import ApiClient
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, PollGroup, TrackedOperation
 from worker.errors import InvalidOperationId
@@ -426,6 +430,51 @@ def test_upkeep_never_regroups_a_group_a_poll_holds(
     sweep.place(sessions, clock.now(), POLICY)  # both free now: merged
     # ... and due when the earlier was: a merge delays none of its members.
     assert due_times(sessions) == {into.group_id: started + POLICY.interval}
+
+
+def test_members_joined_while_a_poll_holds_the_group_are_counted_and_it_never_outgrows_a_batch(
+    sessions: sessionmaker[Session], sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    """A placement during a poll joins its group (a GET group with room is filled whether a
+    poll holds it or not); the poll's end must not write back the members it read first."""
+    policy = replace(POLICY, fetch_group=3)
+    ops = [sandbox.add_operation(total=2, duration=3600) for _ in range(6)]
+    intake.track(sessions, [o.id for o in ops[:2]], clock.now())
+    with ApiClient(sandbox.base_url, SID, TOKEN, clock=clock) as client:  # seen once
+        poll_all(make_poller(sessions, client, policy), tick(sessions, clock, policy=policy))
+    clock.advance(policy.interval.total_seconds())
+    [claim] = tick(sessions, clock, policy=policy)
+    assert group_sizes(sessions) == {claim.group_id: (2, 2)}
+
+    def another_tick_places_more() -> None:  # runs while the poll waits out a short 429
+        intake.track(sessions, [ops[2].id], neighbour.now())
+        sweep.place(sessions, neighbour.now(), policy)
+
+    neighbour = ClockWithNeighbour(clock.now(), another_tick_places_more)
+    sandbox.simulation.clock = lambda: neighbour.now().timestamp()
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="1", match=ops[0].id))
+    with ApiClient(sandbox.base_url, SID, TOKEN, clock=neighbour) as client:
+        make_poller(sessions, client, policy).poll(claim.group_id, claim.token)
+    assert neighbour.during_sleep is None  # the placement ran mid-poll
+    assert group_sizes(sessions) == {claim.group_id: (3, 3)}  # (counted, members)
+
+    intake.track(sessions, [o.id for o in ops[3:]], neighbour.now())
+    sweep.place(sessions, neighbour.now(), policy)
+    sizes = group_sizes(sessions)
+    assert all(counted == members <= 3 for counted, members in sizes.values()), sizes
+    assert sum(members for _, members in sizes.values()) == 6
+
+
+def group_sizes(sessions: sessionmaker[Session]) -> dict[int, tuple[int, int]]:
+    """Each group's members column and its active members counted."""
+    t = TrackedOperation
+    with sessions() as session:
+        counted = dict(
+            session.execute(
+                select(t.group_id, func.count()).where(t.group_id.is_not(None)).group_by(t.group_id)
+            ).all()
+        )
+        return {g.id: (g.members, counted.get(g.id, 0)) for g in session.scalars(select(PollGroup))}
 
 
 def test_a_merge_keeps_the_earlier_due_time_and_the_later_change(
