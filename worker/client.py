@@ -40,6 +40,7 @@ from worker.errors import (
     TransportError,
     UnexpectedRedirect,
     WrongBaseUrl,
+    storable_text,
 )
 from worker.gate import AccountGate, LocalGate
 from worker.operation import (
@@ -355,7 +356,11 @@ def _json_body(response: _Answer) -> bytes:
 
 
 def _error_list(raw: bytes) -> tuple[ApiErrorDetail, ...]:
-    """The API's ``{"errors": [...]}`` list; tolerant, since error bodies are best effort."""
+    """The API's ``{"errors": [...]}`` list; tolerant, since error bodies are best effort.
+
+    Its text is made storable here (``storable_text``): it reaches ``last_error`` and the
+    account pause's reason, and a NUL or a lone surrogate there would fail the whole write.
+    """
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -372,9 +377,9 @@ def _error_list(raw: bytes) -> tuple[ApiErrorDetail, ...]:
         details.append(
             ApiErrorDetail(
                 code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-                message=str(item.get("message", ""))[:500],
-                info_url=str(item["infoUrl"]) if item.get("infoUrl") else None,
-                context=None if context in (None, "null") else str(context)[:200],
+                message=storable_text(str(item.get("message", "")), 500),
+                info_url=storable_text(str(item["infoUrl"]), 500) if item.get("infoUrl") else None,
+                context=None if context in (None, "null") else storable_text(str(context), 200),
             )
         )
     return tuple(details)

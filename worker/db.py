@@ -34,6 +34,10 @@ from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
 DatabaseError = SQLAlchemyError
 # What a database that is down, restarting or locked raises (not a bug in a query).
 DB_UNREACHABLE = (OperationalError, InterfaceError)
+# What a write the database refused raises, short of being unreachable (catch that first): a
+# value it cannot store (NUL on PostgreSQL, a lone surrogate on both: UnicodeEncodeError), a
+# constraint.
+DB_REFUSED = (SQLAlchemyError, ValueError)
 
 # The Alembic revision these models are: the head of migrations/ (a test keeps them equal).
 SCHEMA_REVISION = "0009"

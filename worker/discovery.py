@@ -18,6 +18,7 @@ from worker.errors import ApiError, RetryLater
 from worker.operation import Operation, Status
 from worker.recorder import Recorder
 from worker.repository import Repository
+from worker.tracking import PollPolicy, trusted_updated_at
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,15 @@ def discover(
     *,
     page_size: int = 1000,
     recorder: Recorder | None = None,
+    clock_allowance: timedelta = PollPolicy.clock_allowance,
 ) -> DiscoveryResult:
     """Track every PROCESSING operation created in the last ``window``; idempotent.
 
     A new operation starts with the state and createdAt the listing showed (its first
-    history row), so the sweep places it at once; with a ``recorder``, what the listing
-    shows of operations already tracked is recorded too (every page is news).
+    history row), so the sweep places it at once, but never an updatedAt ahead of the clocks
+    by more than ``clock_allowance`` (OPTRACK_CLOCK_ALLOWANCE, as for a poll); with a
+    ``recorder``, what the listing shows of operations already tracked is recorded too
+    (every page is news).
     """
     found: dict[str, Operation] = {}
     stopped: str | None = None
@@ -78,7 +82,7 @@ def discover(
     except ApiError as exc:
         stopped = str(exc)
     with sessions.begin() as session:
-        tracked = Repository(session).add_seen(list(found.values()), now)
+        tracked = Repository(session).add_seen(list(found.values()), now, clock_allowance)
     if recorder is not None and tracked.already_tracked:
         recorder.record({op_id: found[op_id] for op_id in tracked.already_tracked}, now)
     result = DiscoveryResult(
@@ -90,5 +94,13 @@ def discover(
     )
     for op_id in result.added:
         log.info("discovered %s; tracking it", op_id, extra={"operation_id": op_id})
+        if not trusted_updated_at(found[op_id], now, clock_allowance):
+            log.warning(
+                "%s: updatedAt %s runs ahead of the answer's Date and the local clock by more "
+                "than OPTRACK_CLOCK_ALLOWANCE; not recorded",
+                op_id,
+                found[op_id].updated_at.isoformat(),
+                extra={"operation_id": op_id},
+            )
     (log.info if result.complete else log.warning)("discovery: %s", result.summary())
     return result

@@ -10,6 +10,8 @@
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
+        ├── UnstorableAnswer          an answer the database refused to store (recorded in
+        │                             its place, not raised): its operation backs off
         └── HttpError                 an error status; carries the API's error list
             ├── BadRequest            400: our request was wrong; do not retry
             ├── AuthError             401/403: credentials rejected; pause the account
@@ -23,6 +25,9 @@
 
 ``RetryLater`` is what the client raises when the account is paused for longer than it may
 wait in place; the caller turns it into a scheduled time, never a sleep.
+
+Text the API sends into an error (a message, a Location) passes ``storable_text`` at the client:
+an error's text ends up in ``last_error`` and the pause's reason, which every database must take.
 """
 
 from __future__ import annotations
@@ -37,6 +42,19 @@ THROTTLE_STATUSES = frozenset({409, 429, 503})
 AUTH_STATUSES = frozenset({401, 403})
 # The status an account pause carries for a 404 no API route gives: OPTRACK_API_BASE_URL is wrong.
 CONFIG_ERROR_STATUS = 404
+CUT_MARK = "…"
+
+
+def storable_text(value: str, limit: int) -> str:
+    """``value`` as every database stores it: NUL removed (PostgreSQL refuses it), lone
+    surrogates replaced by U+FFFD (no UTF-8 encodes them), at most ``limit`` characters."""
+    # Bounded first, so a huge body costs no more than the text kept (plus NULs removed).
+    text = value[: limit * 2].replace("\x00", "")
+    # A surrogate pair written as two code points becomes its character; a lone one, U+FFFD.
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if len(text) <= limit and len(value) <= limit * 2:
+        return text
+    return text[: max(0, limit - len(CUT_MARK))] + CUT_MARK[:limit]
 
 
 class OptrackError(Exception):
@@ -101,6 +119,11 @@ class SchemaError(ApiError):
     """Raised when a 200 answer's body breaks the documented schema; nothing of it is stored."""
 
 
+class UnstorableAnswer(ApiError):
+    """Recorded in place of an answer the database refused to store: that operation alone
+    backs off, as after a failed poll; the rest of its write is recorded."""
+
+
 class HttpError(ApiError):
     """Raised for an error status; carries the status and the API's error list."""
 
@@ -157,6 +180,7 @@ def redirect_target(location: str | None) -> str:
     """The host (and port) a Location header points to, for messages; never its userinfo."""
     if not location:
         return "nowhere (no Location header)"
+    location = storable_text(location, 2000)
     try:
         parts = urlsplit(location.strip())
         host, port = parts.hostname, parts.port

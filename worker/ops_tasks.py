@@ -40,6 +40,7 @@ def discover(self: GuardedTask) -> dict[str, Any]:
         rt.clock.now(),
         rt.settings.discovery_window,
         recorder=rt.recorder,
+        clock_allowance=rt.poll_policy.clock_allowance,
     )
     rt.metrics.discovered.inc(len(result.added))
     return {

@@ -140,7 +140,7 @@ class Poller:
                 run.deferral.reason,
                 len(left),
             )
-        self._finish(group, token, members, started, run)
+        self._finish(group, token, started, run)
         return run.counts
 
     def refresh(self, operation_ids: Sequence[str]) -> PollCounts:
@@ -291,14 +291,12 @@ class Poller:
         self,
         group: Any,
         token: str,
-        members: Sequence[PollTarget],
         started: datetime,
         run: _Run,
     ) -> None:
         """Write the group's schedule: due one interval after this poll started."""
-        remaining = len(members) - len(run.removed & {m.id for m in members})
         last_change = started if run.changed else group.last_change_at
-        values: dict[str, Any] = {"members": remaining}
+        values: dict[str, Any] = {}
         if run.deferral is not None:
             values["next_due_at"] = run.deferral.until
         elif run.list_error is not None:
@@ -323,9 +321,10 @@ class Poller:
         def write() -> None:
             with self.sessions.begin() as session:
                 repo = Repository(session)
-                if not repo.finish(group.id, token, values):
+                remaining = repo.finish(group.id, token, values)
+                if remaining is None:
                     log.warning("group %d: claim lost before its schedule was written", group.id)
-                elif remaining <= 0 and not repo.members(group.id):
+                elif remaining == 0:
                     repo.drop_group(group.id)
 
         self._write(write, run, "the group's schedule")

@@ -4,6 +4,11 @@ Used for every answer, whoever asked: a poll group's pages and GETs, discovery's
 Each call is one transaction. The rows are read, the changes decided, then the changed rows
 are locked (in id order) and decided again, so two writers that saw one change record it
 once and neither waits on rows that did not change.
+
+A transaction the database refuses for any reason but being unreachable (a value it cannot
+store, a constraint) is written again in halves, down to the one answer it refuses, which is
+recorded as ``UnstorableAnswer``: that operation backs off, the others are recorded. An
+unreachable database is the caller's to wait out (``poller``): nothing is split for it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.errors import ApiError, OperationNotFound
+from worker.db import DB_REFUSED, DB_UNREACHABLE
+from worker.errors import ApiError, OperationNotFound, UnstorableAnswer, storable_text
 from worker.operation import Operation
 from worker.repository import Repository
 from worker.tracking import (
@@ -54,6 +60,17 @@ class Recorded:
         """True if any row was written."""
         return self.rows > 0
 
+    def __add__(self, other: Recorded) -> Recorded:
+        return Recorded(
+            {**self.outcomes, **other.outcomes},
+            self.leaving | other.leaving,
+            self.rows + other.rows,
+            self.history + other.history,
+        )
+
+
+NOTHING = Recorded({}, frozenset(), 0, 0)
+
 
 class Recorder:
     """Writes answers about tracked operations (see the module docstring)."""
@@ -66,9 +83,47 @@ class Recorder:
         self.on_end = list(on_end)
 
     def record(self, results: Mapping[str, Result], now: datetime) -> Recorded:
-        """Write what ``results`` say about the tracked, active operations among them."""
+        """Write what ``results`` say about the tracked, active operations among them; an
+        answer the database refuses costs only its own operation (module docstring)."""
         if not results:
-            return Recorded({}, frozenset(), 0, 0)
+            return NOTHING
+        try:
+            return self._record(results, now)
+        except DB_UNREACHABLE:
+            raise
+        except DB_REFUSED as exc:
+            if len(results) > 1:
+                items = list(results.items())
+                half = len(items) // 2
+                log.info(
+                    "the database refused a write of %d answers (%s); written again in halves",
+                    len(items),
+                    type(exc).__name__,
+                )
+                return self.record(dict(items[:half]), now) + self.record(dict(items[half:]), now)
+            [(op_id, result)] = results.items()
+            return self._refused(op_id, result, exc, now)
+
+    def _refused(self, op_id: str, result: Result, exc: Exception, now: datetime) -> Recorded:
+        """Back the operation off in place of the answer the database refused."""
+        first_line = str(exc).partition("\n")[0]  # SQLAlchemy appends the SQL and its values
+        reason = storable_text(f"{type(exc).__name__}: {first_line}", 200)
+        extra = {"operation_id": op_id}
+        if isinstance(result, UnstorableAnswer):  # its fixed text refused too: a constraint
+            log.error(
+                "%s: the database refused even its backoff (%s); asked again with its group",
+                op_id,
+                reason,
+                extra=extra,
+            )
+            return NOTHING
+        log.error(
+            "%s: the database refused its answer (%s); it backs off", op_id, reason, extra=extra
+        )
+        unstorable = UnstorableAnswer(f"the database refused the answer ({reason})")
+        return self.record({op_id: unstorable}, now)
+
+    def _record(self, results: Mapping[str, Result], now: datetime) -> Recorded:
         with self.sessions.begin() as session:
             repo = Repository(session)
             stored = repo.states(results)

@@ -39,6 +39,7 @@ from worker.tracking import (
     Gone,
     Known,
     Observed,
+    first_sight_key,
 )
 
 
@@ -101,13 +102,22 @@ class Repository:
             already_tracked=tuple(i for i in wanted if i not in added),
         )
 
-    def add_seen(self, answers: Sequence[Operation], now: datetime) -> TrackResult:
+    def add_seen(
+        self, answers: Sequence[Operation], now: datetime, allowance: timedelta
+    ) -> TrackResult:
         """Start tracking operations as a listing showed them: their state is the first step
-        of their history, and their createdAt places them at once."""
+        of their history, and their createdAt places them at once. An updatedAt ahead of the
+        clocks by more than ``allowance`` is not recorded (``tracking.first_sight_key``)."""
         by_id = {op.id: op for op in answers}
-        rows = [{**_new_row(op.id, now), **_state(op, now), "version": 1} for op in by_id.values()]
+        keys = {op.id: first_sight_key(op, now, allowance) for op in by_id.values()}
+        rows = [
+            {**_new_row(op.id, now), **_state(op, now, keys[op.id]), "version": 1}
+            for op in by_id.values()
+        ]
         added = self._insert_new(rows)
-        history = [_history_row(by_id[op_id], 1, now) for op_id in by_id if op_id in added]
+        history = [
+            _history_row(by_id[op_id], 1, now, keys[op_id]) for op_id in by_id if op_id in added
+        ]
         for start in range(0, len(history), INSERT_BATCH):
             self.session.execute(insert(HistoryEntry), history[start : start + INSERT_BATCH])
         return TrackResult(
@@ -348,7 +358,23 @@ class Repository:
         )
 
     def merge(self, into: int, other: int) -> None:
-        """Move every member of ``other`` into ``into`` and drop ``other``."""
+        """Move every member of ``other`` into ``into`` and drop ``other``.
+
+        The merged group is due when the earlier of the two was, and counts the later change
+        (the adaptive cadence): a merge delays none of its members.
+        """
+        g = PollGroup
+        times = self.session.execute(
+            select(func.min(g.next_due_at), func.max(g.last_change_at)).where(
+                g.id.in_((into, other))
+            )
+        ).one()
+        self.session.execute(
+            update(g)
+            .where(g.id == into)
+            .values(next_due_at=times[0], last_change_at=times[1])
+            .execution_options(synchronize_session=False)
+        )
         self.session.execute(
             update(TrackedOperation)
             .where(TrackedOperation.group_id == other)
@@ -426,15 +452,35 @@ class Repository:
                     .execution_options(synchronize_session=False)
                 )
 
-    def finish(self, group_id: int, token: str, values: dict[str, Any]) -> bool:
-        """Record a group's poll and end its claim; False if the claim was lost meanwhile."""
-        result = self.session.execute(
-            update(PollGroup)
-            .where(PollGroup.id == group_id, PollGroup.claim_token == token)
-            .values(claim_token=None, claim_expires_at=None, **values)
+    def finish(self, group_id: int, token: str, values: dict[str, Any]) -> int | None:
+        """Record a group's poll and end its claim; return its active members, None if the
+        claim was lost meanwhile.
+
+        The members are counted here, not taken from the poll: a placement may have joined
+        some while the poll ran. The group's row is locked first, so a placement that wrote
+        its joins has committed them (they are counted) and a later one adds its own to this
+        count (SQLite's write lock, taken when the transaction began, does the same).
+        """
+        g = PollGroup
+        held = self.session.scalar(
+            select(g.id).where(g.id == group_id, g.claim_token == token).with_for_update()
+        )
+        if held is None:
+            return None
+        t = TrackedOperation
+        members = int(
+            self.session.scalar(
+                select(func.count()).where(t.group_id == group_id, t.status.in_(ACTIVE_STATES))
+            )
+            or 0
+        )
+        self.session.execute(
+            update(g)
+            .where(g.id == group_id)
+            .values(claim_token=None, claim_expires_at=None, members=members, **values)
             .execution_options(synchronize_session=False)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return members
 
     def drop_group(self, group_id: int) -> None:
         """Delete a group that has no active member left."""

@@ -244,12 +244,12 @@ def observe(
             f"updatedAt {answer.updated_at.isoformat()} older than the recorded "
             f"{recorded.isoformat() if recorded else None}",
         )
-    if trusted and not older:
+    if known.remote_updated_at is None:
+        key = first_sight_key(answer, now, policy.clock_allowance)
+    elif trusted and not older:
         key = answer.updated_at
-    elif known.remote_updated_at is not None:
+    else:
         key = known.remote_updated_at
-    else:  # first sight of an untrusted one: no later than it was served
-        key = min(answer.created_at, reference_time(answer, now))
     history = (known.status, known.total, known.queued, known.created, known.failed) != (
         answer.status.value,
         stats.total,
@@ -277,6 +277,14 @@ def trusted_updated_at(answer: Operation, now: datetime, allowance: timedelta) -
     """False when the answer's updatedAt runs ahead of its `Date` or ``now`` by more than
     ``allowance``: a node with a fast clock, which must not order the answers."""
     return answer.updated_at <= reference_time(answer, now) + allowance
+
+
+def first_sight_key(answer: Operation, now: datetime, allowance: timedelta) -> datetime:
+    """The ordering key recorded when an operation is first seen (by a poll or a listing):
+    its updatedAt, or, when that runs ahead of the clocks, no later than it was served."""
+    if trusted_updated_at(answer, now, allowance):
+        return answer.updated_at
+    return min(answer.created_at, reference_time(answer, now))
 
 
 def ordering_key(known: Known, now: datetime, allowance: timedelta) -> datetime | None:

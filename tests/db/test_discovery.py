@@ -13,12 +13,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.db.test_tracking import POLICY, make_poller, poll_all, tick
 from tests.support.services import SID, TOKEN
 from worker.account import DbGate
 from worker.celery_app import DISCOVER_TASK, celery_config
 from worker.clock import FakeClock
 from worker.db import AccountPause, TrackedOperation
 from worker.discovery import discover
+from worker.reports.queries import operation_history
+from worker.repository import Repository
 from worker.sandbox import Fault, SandboxServer
 from worker.settings import load_settings
 
@@ -107,6 +110,59 @@ def test_a_429_mid_way_keeps_what_was_found_and_says_when_to_resume(
     later = discover(sessions, client, clock.now(), WEEK, page_size=3)
     assert later.complete and later.already_tracked == 3 and len(later.added) == 4
     assert tracked(sessions) == set(processing)
+
+
+@pytest.mark.parametrize(
+    ("offset", "date_offset"),
+    [(30 * 86400, 0.0), (600, 600.0)],
+    ids=["30_days_ahead", "10_minutes_fast_node_date_too"],
+)
+def test_discovery_never_records_an_updated_at_ahead_of_the_clocks(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    make_client,  # type: ignore[no-untyped-def]
+    db_gate: DbGate,
+    clock: FakeClock,
+    offset: float,
+    date_offset: float,
+) -> None:
+    """The rule polls apply (OPTRACK_CLOCK_ALLOWANCE), applied to a listing's first sight."""
+    op = sandbox.add_operation(total=10, duration=100)
+    clock.advance(30)
+    listing = Fault("future_updated_at", offset=offset, date_offset=date_offset, match="status=")
+    sandbox.add_fault(listing)
+    client = make_client(gate=db_gate)
+
+    assert discover(sessions, client, clock.now(), WEEK).added == (op.id,)
+
+    with sessions() as session:
+        first = Repository(session).get(op.id)
+        assert first is not None and first.created == 3  # its counts are recorded ...
+        assert first.remote_updated_at is not None
+        assert first.remote_updated_at <= clock.now()  # ... not its updatedAt
+    clock.advance(POLICY.interval.total_seconds())
+    poll_all(make_poller(sessions, client), tick(sessions, clock))
+    with sessions() as session:  # what `optrack history` shows
+        rows = operation_history(session, op.id, clock.now()).rows
+    assert [r.seq for r in rows] == [1, 2] and rows[1].created == 4
+    assert rows[0].remote_updated_at <= rows[1].remote_updated_at <= clock.now()
+    assert rows[1].elapsed_seconds is not None and rows[1].elapsed_seconds >= 0
+
+
+def test_discovery_trusts_an_updated_at_within_the_allowance_it_is_given(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    make_client,  # type: ignore[no-untyped-def]
+    clock: FakeClock,
+) -> None:
+    op = sandbox.add_operation(total=10, duration=100)
+    sandbox.add_fault(Fault("future_updated_at", offset=600, match="status="))
+    hour = timedelta(hours=1)
+    discover(sessions, make_client(), clock.now(), WEEK, clock_allowance=hour)
+    with sessions() as session:
+        first = Repository(session).get(op.id)
+        assert first is not None and first.remote_updated_at is not None
+        assert first.remote_updated_at > clock.now() + timedelta(seconds=599)
 
 
 def test_the_beat_entry_is_opt_in() -> None:

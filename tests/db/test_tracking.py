@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import io
 import threading
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.db.test_pause import ClockWithNeighbour
+from tests.support.services import SID, TOKEN
 from worker import intake, sweep
 from worker.account import DbGate
 from worker.cli.render import status_table
+from worker.client import ApiClient
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, PollGroup, TrackedOperation
 from worker.errors import InvalidOperationId
@@ -78,6 +82,13 @@ def group_of(sessions: sessionmaker[Session], op_id: str, clock: FakeClock) -> P
         group = session.get(PollGroup, group_id)
         assert group is not None
         return group
+
+
+def due_times(sessions: sessionmaker[Session]) -> dict[int, datetime | None]:
+    """Each poll group's next due time; None while a poll holds it."""
+    with sessions() as session:
+        groups = session.scalars(select(PollGroup)).all()
+        return {g.id: None if g.claim_token else g.next_due_at for g in groups}
 
 
 def make_poller(sessions, client, policy: PollPolicy = POLICY) -> Poller:  # type: ignore[no-untyped-def]
@@ -395,23 +406,98 @@ def test_upkeep_never_regroups_a_group_a_poll_holds(
     sandbox.clear_requests()
     with sessions.begin() as session:  # seen, in two GET groups small enough to merge
         repo = Repository(session)
-        repo.add_seen(answers, clock.now())
+        repo.add_seen(answers, clock.now(), POLICY.clock_allowance)
         for op in ops:
             repo.create_group(NewGroup(FETCH, (op.id,)), clock.now())
     with sessions.begin() as session:
         held = Repository(session).claim_due(clock.now(), 10, POLICY.lease)
-    assert len(held) == 2
-    poll_all(poller, held[:1])  # one poll is done; the other still holds its group
-    clock.advance(10)
+    # A merge keeps the lower id: the group still held is the one the other is merged into.
+    into, other = sorted(held, key=lambda claim: claim.group_id)
+    started = clock.now()
+    poll_all(poller, [other])  # one poll is done; the other still holds its group
+    assert due_times(sessions) == {other.group_id: started + POLICY.interval, into.group_id: None}
+    clock.advance(9)
     sweep.place(sessions, clock.now(), POLICY)
     with sessions() as session:  # no merge moved members from under the running poll
-        assert session.get(PollGroup, held[1].group_id) is not None
-    poll_all(poller, held[1:])
+        assert session.get(PollGroup, into.group_id) is not None
+    poll_all(poller, [into])
     asked = [r["path"].rsplit("/", 1)[1] for r in sandbox.requests_log()]
     assert sorted(asked) == sorted(o.id for o in ops)  # each asked once
+    assert due_times(sessions) == {
+        other.group_id: started + POLICY.interval,
+        into.group_id: clock.now() + POLICY.interval,
+    }
     sweep.place(sessions, clock.now(), POLICY)  # both free now: merged
+    # ... and due when the earlier was: a merge delays none of its members.
+    assert due_times(sessions) == {into.group_id: started + POLICY.interval}
+
+
+def test_members_joined_while_a_poll_holds_the_group_are_counted_and_it_never_outgrows_a_batch(
+    sessions: sessionmaker[Session], sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    """A placement during a poll joins its group (a GET group with room is filled whether a
+    poll holds it or not); the poll's end must not write back the members it read first."""
+    policy = replace(POLICY, fetch_group=3)
+    ops = [sandbox.add_operation(total=2, duration=3600) for _ in range(6)]
+    intake.track(sessions, [o.id for o in ops[:2]], clock.now())
+    with ApiClient(sandbox.base_url, SID, TOKEN, clock=clock) as client:  # seen once
+        poll_all(make_poller(sessions, client, policy), tick(sessions, clock, policy=policy))
+    clock.advance(policy.interval.total_seconds())
+    [claim] = tick(sessions, clock, policy=policy)
+    assert group_sizes(sessions) == {claim.group_id: (2, 2)}
+
+    def another_tick_places_more() -> None:  # runs while the poll waits out a short 429
+        intake.track(sessions, [ops[2].id], neighbour.now())
+        sweep.place(sessions, neighbour.now(), policy)
+
+    neighbour = ClockWithNeighbour(clock.now(), another_tick_places_more)
+    sandbox.simulation.clock = lambda: neighbour.now().timestamp()
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="1", match=ops[0].id))
+    with ApiClient(sandbox.base_url, SID, TOKEN, clock=neighbour) as client:
+        make_poller(sessions, client, policy).poll(claim.group_id, claim.token)
+    assert neighbour.during_sleep is None  # the placement ran mid-poll
+    assert group_sizes(sessions) == {claim.group_id: (3, 3)}  # (counted, members)
+
+    intake.track(sessions, [o.id for o in ops[3:]], neighbour.now())
+    sweep.place(sessions, neighbour.now(), policy)
+    sizes = group_sizes(sessions)
+    assert all(counted == members <= 3 for counted, members in sizes.values()), sizes
+    assert sum(members for _, members in sizes.values()) == 6
+
+
+def group_sizes(sessions: sessionmaker[Session]) -> dict[int, tuple[int, int]]:
+    """Each group's members column and its active members counted."""
+    t = TrackedOperation
     with sessions() as session:
-        assert session.scalar(select(func.count()).select_from(PollGroup)) == 1
+        counted = dict(
+            session.execute(
+                select(t.group_id, func.count()).where(t.group_id.is_not(None)).group_by(t.group_id)
+            ).all()
+        )
+        return {g.id: (g.members, counted.get(g.id, 0)) for g in session.scalars(select(PollGroup))}
+
+
+def test_a_merge_keeps_the_earlier_due_time_and_the_later_change(
+    sessions: sessionmaker[Session], clock: FakeClock
+) -> None:
+    now = clock.now()
+    with sessions.begin() as session:
+        repo = Repository(session)
+        into, other = (repo.create_group(NewGroup(FETCH, ()), now) for _ in range(2))
+        for group_id, due, change in ((into, 19, -3600), (other, 10, -5)):
+            session.execute(
+                update(PollGroup)
+                .where(PollGroup.id == group_id)
+                .values(
+                    next_due_at=now + timedelta(seconds=due),
+                    last_change_at=now + timedelta(seconds=change),
+                )
+            )
+        repo.merge(into, other)
+    with sessions() as session:
+        [merged] = session.scalars(select(PollGroup)).all()
+    assert merged.id == into and merged.next_due_at == now + timedelta(seconds=10)
+    assert merged.last_change_at == now - timedelta(seconds=5)
 
 
 def test_400_backs_off_growing_to_a_ceiling_of_hours_and_shows_in_status(

@@ -22,6 +22,8 @@ from worker.errors import (
     TransportError,
     UnexpectedRedirect,
     WrongBaseUrl,
+    redirect_target,
+    storable_text,
 )
 from worker.operation import Status, parse_served_at
 from worker.retry_after import RetryPolicy
@@ -309,6 +311,49 @@ def test_a_redirect_error_never_shows_credentials(sandbox: SandboxServer, make_c
     shown = str(info.value) + repr(info.value) + repr(vars(info.value))
     assert "evil.example:8443" in str(info.value)
     assert TOKEN not in shown and SID not in shown and "steal" not in shown
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "stored"),
+    [
+        ("Internal server error.", 500, "Internal server error."),
+        ("a\x00b\x00", 500, "ab"),  # PostgreSQL refuses NUL in text
+        ("lone \ud800 high, lone \udfff low", 500, "lone \ufffd high, lone \ufffd low"),
+        ("\udfff\ud800", 500, "\ufffd\ufffd"),  # a pair in the wrong order is two lone ones
+        ("a pair \ud83d\ude00 as two code points", 500, "a pair \U0001f600 as two code points"),
+        ("\U0001f600 ünïcödé ✓", 500, "\U0001f600 ünïcödé ✓"),  # real text is kept as it is
+        ("x" * 501, 500, "x" * 499 + "…"),
+        ("x" * 500, 500, "x" * 500),
+        ("\x00" * 600 + "ok", 500, "ok"),  # NULs removed count for nothing
+        ("x" * 10_000_000, 5, "xxxx…"),
+        ("abc", 0, ""),
+        ("", 10, ""),
+    ],
+)
+def test_storable_text_strips_nul_replaces_lone_surrogates_and_caps(
+    value: str, limit: int, stored: str
+) -> None:
+    assert storable_text(value, limit) == stored
+    assert len(stored) <= limit
+    stored.encode("utf-8")
+
+
+def test_an_error_body_with_nul_lone_surrogates_and_no_end_is_made_storable(
+    sandbox: SandboxServer, make_client
+) -> None:
+    message = "bad \x00 byte, lone \ud800 surrogate, " + "then more " * 1000
+    sandbox.add_fault(Fault(kind="status", status=500, message=message))
+    with pytest.raises(ServerError) as info:
+        make_client().list_page()
+    [error] = info.value.errors
+    assert error.message.startswith("bad  byte, lone \ufffd surrogate, then more")
+    assert len(error.message) == 500 and error.message.endswith("…")
+    assert "\x00" not in str(info.value)
+    str(info.value).encode("utf-8")
+
+
+def test_a_redirect_target_is_storable_text() -> None:
+    assert redirect_target("http://ev\x00il.exam\udc80ple:81/x") == "evil.exam\ufffdple:81"
 
 
 @pytest.mark.parametrize("listing", [False, True])

@@ -371,6 +371,22 @@ def test_status_faults_use_documented_bodies(
     assert http.get(list_url(sandbox), timeout=5).status_code == 200  # count 1 is used up
 
 
+def test_a_status_fault_may_carry_any_message_nul_and_lone_surrogates_included(
+    sandbox: SandboxServer, http: requests.Session
+) -> None:
+    message = "bad\x00byte, lone \ud800 and \udfff, then " + "x" * 5000
+    fault = {"kind": "status", "status": 500, "message": message}
+    assert (
+        http.post(sandbox.root_url + "/_sandbox/faults", json=fault, timeout=5).status_code == 201
+    )
+    resp = http.get(list_url(sandbox), timeout=5)
+    error = only_error(resp)
+    assert (resp.status_code, error["code"], error["message"]) == (500, 20500, message)
+    # Sent as JSON escapes: the body itself is valid UTF-8.
+    assert b"\\u0000" in resp.content and b"\\ud800" in resp.content
+    resp.content.decode("utf-8")
+
+
 def test_fault_queue_over_http(
     sandbox: SandboxServer, http: requests.Session, clock: FakeClock
 ) -> None:
@@ -423,6 +439,8 @@ def test_fault_queue_over_http(
         {"kind": "stale", "lag": -1},
         {"kind": "future_updated_at", "offset": 1e12},
         {"kind": "status", "date_offset": "soon"},
+        {"kind": "status", "message": 42},
+        {"kind": "status", "message": "x" * 100_001},
         [1, 2],
     ],
 )

@@ -52,7 +52,13 @@ def discover(window: timedelta, page_size: int) -> None:
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
     result = discovery.discover(
-        rt.sessions, rt.client, rt.clock.now(), window, page_size=page_size, recorder=rt.recorder
+        rt.sessions,
+        rt.client,
+        rt.clock.now(),
+        window,
+        page_size=page_size,
+        recorder=rt.recorder,
+        clock_allowance=rt.poll_policy.clock_allowance,
     )
     for op_id in result.added:
         click.echo(f"tracking {op_id}")

@@ -281,7 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Retry-After"] = retry_after
         if fault.status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="Twilio"'
-        return _Reply(fault.status, error_body(fault.status), headers)
+        return _Reply(fault.status, error_body(fault.status, fault.message), headers)
 
     def _route(self, method: str, path: str, query: str, now: float) -> _Reply:
         """The API's answer to a request, as the operations stand at ``now``."""

@@ -63,6 +63,7 @@ RETRY_AFTER_FORMS = ("seconds", "date", "raw")
 AUTO = "auto"  # Fault.retry_after default: "1" for 409/429/503, no header otherwise
 MAX_TOTAL = 1_000_000
 MAX_BULK = 100_000
+MAX_MESSAGE = 100_000  # a fault's error message: long enough to exceed any cap of ours
 SortKey = tuple[int, str]
 
 
@@ -223,7 +224,7 @@ _FAULT_TYPES: dict[str, type | tuple[type, ...]] = {
     **{"kind": str, "status": int, "retry_after": (str, type(None)), "retry_after_form": str},
     **{"count": int, "match": (str, type(None)), "delay": _NUMBER, "variant": str},
     **{"location": (str, type(None)), "offset": _NUMBER, "date_offset": _NUMBER},
-    **{"lag": _NUMBER, "interval": _NUMBER},
+    **{"lag": _NUMBER, "interval": _NUMBER, "message": (str, type(None))},
 }
 
 
@@ -236,7 +237,8 @@ class Fault:
     ``location`` + the request's path and query), ``future_updated_at`` (updatedAt shifted by
     ``offset`` seconds), ``stale`` (the state of ``lag`` seconds ago with today's updatedAt),
     ``trickle`` (the body one byte every ``interval`` seconds). ``date_offset`` shifts the
-    answer's ``Date`` header, whatever the kind.
+    answer's ``Date`` header, whatever the kind. ``message`` replaces the documented message of
+    a ``status`` error body: any text, NUL and lone surrogates included (JSON escapes them).
     """
 
     kind: FaultKind
@@ -252,6 +254,7 @@ class Fault:
     date_offset: float = 0.0
     lag: float = 0.0
     interval: float = 0.5
+    message: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, _FAULT_TYPES)
@@ -271,6 +274,8 @@ class Fault:
         _check(math.isfinite(self.lag) and 0 <= self.lag <= MAX_SHIFT, "lag", "lag must be >= 0")
         ok = math.isfinite(self.interval) and 0 < self.interval <= 60
         _check(ok, "interval", "interval must be 0..60 seconds")
+        ok = self.message is None or len(self.message) <= MAX_MESSAGE
+        _check(ok, "message", f"message must be at most {MAX_MESSAGE} characters")
         if self.location is not None:
             _check(
                 re.fullmatch(r"https?://[!-~]+", self.location) is not None,
