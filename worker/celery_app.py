@@ -3,13 +3,21 @@
 Settings are read once per process, when Celery first configures the app (not at import); each
 process builds one Runtime from them, on first use, and closes it at its end. Every task name
 lives here.
+
+Shutdown: a pool process ignores SIGTERM until its first task and then only notes it (its
+Runtime's ``stop``), so SIGTERM to the whole process group (systemd's KillMode=control-group)
+no longer kills the pool under the main process's warm shutdown, which then waited for the
+lost jobs. The main process passes its own SIGTERM on to the pool processes, so a poll in
+flight ends at once either way and gives its group back.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import sys
 from functools import cached_property
 from pathlib import Path
@@ -18,10 +26,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import (
     beat_init,
+    task_prerun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
+    worker_shutting_down,
 )
 
 from worker import liveness, logs
@@ -104,6 +114,8 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
     _runtime: Runtime | None = None
     _metrics_server: MetricsServer | None = None
     _heartbeat: liveness.ProcessHeartbeat | None = None
+    _pool_process = False
+    _worker: Any = None  # the WorkController of this main process
 
     @cached_property
     def settings(self) -> Settings:
@@ -125,6 +137,34 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
     def forget_runtime(self) -> None:
         """Drop a runtime inherited through a fork: its connections belong to the parent."""
         self._runtime = None
+
+    def enter_pool_process(self) -> None:
+        """In a new pool process: a fresh runtime, and SIGTERM ignored (billiard keeps an
+        ignored signal; any handler set now it replaces with one that exits at once)."""
+        self.forget_runtime()
+        self._pool_process = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def note_sigterm(self) -> None:
+        """In a pool process, once a task starts: SIGTERM asks this process's runtime to stop
+        (a poll in flight ends and gives its group back); the pool's close ends the process."""
+        if self._pool_process and signal.getsignal(signal.SIGTERM) is not self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        self.runtime.stop.request()
+
+    def stop_pool(self) -> None:
+        """In the main process, at its warm shutdown: SIGTERM to every pool process, so that
+        a SIGTERM to the main process alone (KillMode=mixed, `kill PID`) ends a poll too."""
+        pool = getattr(self._worker, "pool", None)
+        try:
+            pids = list(pool.info.get("processes", [])) if pool is not None else []
+        except (AttributeError, TypeError):  # not started yet, or a pool without processes
+            pids = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # it has just ended
+                os.kill(pid, signal.SIGTERM)
 
     def close_runtime(self) -> None:
         """Close this process's runtime (its database pools and HTTP session)."""
@@ -171,10 +211,16 @@ def _configure(sender: OptrackCelery, **_: Any) -> None:
 
 
 @worker_init.connect
-def _start_main_process(**_: Any) -> None:
+def _start_main_process(sender: Any = None, **_: Any) -> None:
     # In the main process, before the pool forks.
     _refuse_beside_other_releases("worker")
+    app._worker = sender
     app.start_metrics()
+
+
+@worker_shutting_down.connect
+def _stop_pool(**_: Any) -> None:
+    app.stop_pool()
 
 
 @worker_shutdown.connect
@@ -202,7 +248,12 @@ def _refuse_beside_other_releases(role: str) -> None:
 
 @worker_process_init.connect
 def _fresh_runtime(**_: Any) -> None:
-    app.forget_runtime()
+    app.enter_pool_process()
+
+
+@task_prerun.connect
+def _note_sigterm(**_: Any) -> None:
+    app.note_sigterm()
 
 
 @worker_process_shutdown.connect

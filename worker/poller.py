@@ -6,6 +6,10 @@ than what is stored. Members the pages did not show fall back to one GET each. A
 asks for each member. Each write decides against the rows it has locked, so two messages
 that saw one change record it once. Then the group's schedule is written (one row).
 
+A worker that is stopping ends the poll at once: the request in flight is interrupted, what was
+learned is written, and the group is given back due now (``shutdown``), so the next start
+polls it instead of waiting for the claim's lease to run out.
+
 Answers are never asked for twice because the database went away: a write that finds it
 unreachable is tried again in place, with backoff, while the claim lasts (a task retry would
 send every request of the message again).
@@ -36,6 +40,7 @@ from worker.operation import Operation
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
 from worker.repository import PollTarget, Repository
+from worker.shutdown import ShutdownRequested, Stop
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
 log = logging.getLogger(__name__)
@@ -89,12 +94,14 @@ class Poller:
         policy: PollPolicy,
         clock: Clock,
         recorder: Recorder,
+        stop: Stop | None = None,
     ) -> None:
         self.sessions = sessions
         self.client = client
         self.policy = policy
         self.clock = clock
         self.recorder = recorder
+        self.stop = stop or Stop()
 
     def poll(self, group_id: int, token: str) -> PollCounts:
         """Poll the group if it is still claimed with ``token``; return what it did."""
@@ -121,6 +128,9 @@ class Poller:
         except _OutOfTime:
             run.deferral = _Deferral(self.clock.now(), "the claim's lease was running out")
             log.warning("group %d: out of time; the rest is due again", group_id)
+        except ShutdownRequested:
+            run.deferral = _Deferral(self.clock.now(), "the worker is stopping")
+            log.warning("group %d: the worker is stopping; given back, due now", group_id)
         except RetryLater as exc:
             run.deferral = _Deferral(exc.not_before, exc.reason)
         except (AuthError, WrongBaseUrl) as exc:
@@ -134,7 +144,7 @@ class Poller:
             left = [m for m in members if m.id not in run.seen and m.id not in run.removed]
             run.counts.add(Outcome.DEFERRED, len(left))
             log.info(
-                "group %d: account paused until %s (%s); %d poll(s) deferred",
+                "group %d: due again at %s (%s); %d poll(s) deferred",
                 group_id,
                 run.deferral.until.isoformat(),
                 run.deferral.reason,
@@ -153,12 +163,13 @@ class Poller:
         sent_before = self.client.requests_sent
         try:
             self._fetch(members, run)
-        except (RetryLater, AuthError, WrongBaseUrl) as exc:
-            log.warning("refresh stopped: %s", exc)
+        except (RetryLater, AuthError, WrongBaseUrl, ShutdownRequested) as exc:
+            log.warning("refresh stopped: %s", exc or "the process is stopping")
         run.counts.requests = self.client.requests_sent - sent_before
         return run.counts
 
     def _check_deadline(self, run: _Run) -> None:
+        self.stop.check()
         if self.clock.now() >= run.deadline:
             raise _OutOfTime
 
@@ -174,12 +185,13 @@ class Poller:
         try:
             while True:
                 self._check_deadline(run)
-                page = self.client.list_page(
-                    start_date=min(starts) - WINDOW_PAD,
-                    end_date=max(ends) + WINDOW_PAD,
-                    page_size=PAGE_SIZE,
-                    page_token=token,
-                )
+                with self.stop.interruptible():
+                    page = self.client.list_page(
+                        start_date=min(starts) - WINDOW_PAD,
+                        end_date=max(ends) + WINDOW_PAD,
+                        page_size=PAGE_SIZE,
+                        page_token=token,
+                    )
                 run.pages += 1
                 run.listed += len(page.operations)
                 run.reachable = True
@@ -222,7 +234,8 @@ class Poller:
                     continue
                 self._check_deadline(run)
                 try:
-                    results[member.id] = self.client.fetch(member.id)
+                    with self.stop.interruptible():
+                        results[member.id] = self.client.fetch(member.id)
                 except (AuthError, RetryLater, WrongBaseUrl):
                     raise
                 except ApiError as exc:
@@ -241,7 +254,8 @@ class Poller:
         if run.reachable or not any(isinstance(r, OperationNotFound) for r in results.values()):
             return
         try:
-            self.client.list_page(page_size=1)
+            with self.stop.interruptible():
+                self.client.list_page(page_size=1)
         except (AuthError, RetryLater, WrongBaseUrl):
             raise
         except ApiError as exc:  # says nothing of the base URL: the 404s count, within the grace
@@ -272,8 +286,10 @@ class Poller:
                 return write()
             except DB_UNREACHABLE as exc:
                 wait = min(WRITE_RETRY_MAX, WRITE_RETRY_FIRST * 2 ** (attempt - 1))
-                if attempt == WRITE_ATTEMPTS or self.clock.now() + timedelta(seconds=wait) >= (
-                    run.expires
+                if (
+                    attempt == WRITE_ATTEMPTS
+                    or self.stop.requested  # no waiting at shutdown: the guard retries it
+                    or self.clock.now() + timedelta(seconds=wait) >= run.expires
                 ):
                     raise
                 log.warning(

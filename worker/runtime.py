@@ -21,6 +21,7 @@ from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.retry_after import RetryPolicy
 from worker.settings import Settings
+from worker.shutdown import Stop
 from worker.tracking import PollPolicy
 
 
@@ -30,6 +31,8 @@ class Runtime:
 
     settings: Settings
     clock: Clock = field(default_factory=SystemClock)
+    # Asked by a signal (a stopping worker's pool process); a poll in flight ends at once.
+    stop: Stop = field(default_factory=Stop)
 
     @cached_property
     def engine(self) -> Engine:
@@ -110,7 +113,9 @@ class Runtime:
 
     @cached_property
     def poller(self) -> Poller:
-        return Poller(self.sessions, self.client, self.poll_policy, self.clock, self.recorder)
+        return Poller(
+            self.sessions, self.client, self.poll_policy, self.clock, self.recorder, self.stop
+        )
 
     def close(self) -> None:
         """Release pooled connections."""

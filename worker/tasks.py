@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 def tick(self: GuardedTask) -> dict[str, int]:
     """Place waiting operations into poll groups, claim the due groups, dispatch their polls."""
     rt = self.runtime
+    if rt.stop.requested:
+        # A stopping worker claims nothing: it would hold the claims it could not poll.
+        log.info("tick: the worker is stopping; nothing claimed")
+        return {"placed": 0, "claimed": 0}
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         health.beat_ticked(session, now)  # `optrack health` checks that beat keeps ticking
