@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.support.private_services import private_redis
-from tests.support.processes import Sandbox, base_env, sandbox_process, wait_for
+from tests.support.processes import CELERY, Sandbox, base_env, sandbox_process, wait_for
 from worker.db import PollGroup, TrackedOperation, make_engine, make_sessionmaker
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -154,3 +154,60 @@ def test_sigterm_to_the_group_stops_run_within_seconds_and_gives_the_claim_back(
             assert first_poll - restarted < 30
             took = _stop_group(second)
         assert took < STOP_WITHIN
+
+
+def _text(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
+COMMANDS = {
+    "worker": [*CELERY, "worker", "-c", "2", "--loglevel=INFO"],
+    "beat": [*CELERY, "beat", "--loglevel=INFO"],
+    "serve": [sys.executable, "-m", "worker", "serve", "--no-auth"],
+    "run": [sys.executable, "-m", "worker", "run"],
+}
+READY = {"worker": "ready.", "beat": "beat: Starting", "serve": "dashboard", "run": "ready."}
+
+
+@pytest.mark.parametrize("target", ["group", "main"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql+redis"])
+def test_sigterm_stops_each_process_kind_within_seconds(
+    tmp_path: Path, backend: str, target: str, request: pytest.FixtureRequest
+) -> None:
+    with ExitStack() as exits:
+        if backend == "sqlite":
+            services: dict[str, str] = {}
+        else:
+            redis = exits.enter_context(private_redis(tmp_path / "redis"))
+            services = {
+                "OPTRACK_DATABASE_URL": request.getfixturevalue("pg_url"),
+                "OPTRACK_BROKER_URL": redis.url(),
+            }
+        env = base_env(tmp_path, OPTRACK_TICK_INTERVAL="0.5", OPTRACK_HTTP_PORT="0", **services)
+        subprocess.run([sys.executable, "-m", "worker", "db", "upgrade"], env=env, check=True)
+        for kind, command in COMMANDS.items():
+            log = tmp_path / f"{kind}.log"
+            with log.open("ab") as out:
+                process = subprocess.Popen(
+                    command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            try:
+                wait_for(lambda log=log, kind=kind: READY[kind] in _text(log), 60, kind)
+                started = time.monotonic()
+                if target == "group":
+                    os.killpg(process.pid, signal.SIGTERM)
+                else:
+                    process.send_signal(signal.SIGTERM)
+                wait_for(
+                    lambda process=process: process.poll() is not None and not _group(process.pid),
+                    STOP_WITHIN,
+                    f"every process of `{kind}` to exit",
+                    interval=0.05,
+                )
+                took = time.monotonic() - started
+                print(f"\n{backend}: `{kind}` stopped {took:.2f} s after SIGTERM to the {target}")
+                assert "Traceback" not in _text(log)
+            finally:
+                if _group(process.pid):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
