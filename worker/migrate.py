@@ -6,7 +6,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, inspect
+
+from worker.errors import OptrackError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,8 +25,19 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database at ``database_url`` to ``revision``."""
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the database at ``database_url`` to ``revision``; OptrackError if there is none."""
+    config = alembic_config(database_url)
+    try:
+        # Alembic asserts on some unknown names ("", "head+1"): both mean "no such revision".
+        ScriptDirectory.from_config(config).get_revisions(revision)
+    except (CommandError, AssertionError):
+        raise OptrackError(
+            f"no migration {revision!r}: give head, base or a revision id (alembic history)"
+        ) from None
+    try:
+        command.upgrade(config, revision)
+    except CommandError as exc:  # a relative step back ("-1") is no upgrade
+        raise OptrackError(f"cannot upgrade to {revision!r}: {exc}") from None
 
 
 def is_migrated(engine: Engine) -> bool:
