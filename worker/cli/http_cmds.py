@@ -72,7 +72,12 @@ def serve(host: str | None, port: int | None, no_auth: bool, loglevel: str) -> N
     click.echo(f"API: {base}/api/v1 (OpenAPI: {base}/api/v1/openapi.json)", nl=True)
     sys.stdout.flush()
     logs.configure(settings, loglevel.upper())
-    app = create_app(rt, token=token, cors_origins=settings.http_cors_origins)
+    app = create_app(
+        rt,
+        token=token,
+        cors_origins=settings.http_cors_origins,
+        allowed_hosts=settings.http_allowed_hosts,
+    )
     run(app, sock, loglevel)
 
 
