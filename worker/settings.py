@@ -145,7 +145,7 @@ class Settings:
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
     notify_task: str | None = None
     notify_queue: str = DEFAULT_NOTIFY_QUEUE
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)  # path and query may hold a token
     webhook_secret: str = field(default="", repr=False)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -178,8 +178,9 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Values that must never appear in a log line."""
-        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token) if s)
+        """Values that must never appear in a log line (the webhook URL's path and query too)."""
+        hook = () if self.webhook_url is None else url_secrets(self.webhook_url)
+        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token, *hook) if s)
 
     @property
     def notices_enabled(self) -> bool:
@@ -381,6 +382,22 @@ def _allowed_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
                 "(no scheme, port, path or wildcard)"
             )
     return tuple(dict.fromkeys(h.strip("[]") for h in hosts))
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The parts of ``url`` that may hold a token: its credentials, and its path with its query
+    (the request target, as urllib3 logs it at DEBUG), unless that is only ``/``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return (url,)
+    found = [parts.netloc.rsplit("@", 1)[0]] if "@" in parts.netloc else []
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    if target not in ("", "/"):
+        found.append(target)
+    if parts.fragment:
+        found.append(parts.fragment)
+    return tuple(found)
 
 
 def is_loopback(host: str | None) -> bool:
