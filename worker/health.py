@@ -38,9 +38,14 @@ def database_problem(engine: Engine) -> str | None:
         if not inspect(engine).has_table("heartbeats"):
             return "the database is not migrated to this version; run `optrack db upgrade`"
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[0]
-        return f"the database does not answer: {reason}"
+        return unreachable(exc)
     return None
+
+
+def unreachable(exc: SQLAlchemyError) -> str:
+    """One line saying the database did not answer, and the driver's first line of why."""
+    lines = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()
+    return f"the database does not answer: {lines[0] if lines else type(exc).__name__}"
 
 
 def beat_ticked(session: Session, now: datetime) -> None:

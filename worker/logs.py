@@ -132,6 +132,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def redact_logger(name: str, secrets: Iterable[str]) -> None:
+    """Redact ``secrets`` from every record logger ``name`` makes, whatever handler gets it
+    (ours, or an embedding application's): one filter per logger, its secrets added to."""
+    logger = logging.getLogger(name)
+    for existing in logger.filters:
+        if isinstance(existing, RedactFilter):
+            merged = {*existing.secrets, *(s for s in secrets if s)}
+            existing.secrets = sorted(merged, key=len, reverse=True)
+            return
+    logger.addFilter(RedactFilter(secrets))
+
+
 def make_handler(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
     """A stream handler with our filters and the configured format."""
     handler = logging.StreamHandler(stream or sys.stderr)

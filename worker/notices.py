@@ -29,10 +29,11 @@ from kombu.exceptions import KombuError
 from sqlalchemy import and_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import claims, dialect
+from worker import claims, dialect, logs
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
 from worker.records import iso, operation_record
+from worker.settings import url_secrets
 from worker.tracking import ENDED_STATES
 from worker.webhooks import SIGNATURE_HEADER, sign
 
@@ -166,7 +167,7 @@ class WebhookChannel:
     ``OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1``).
     """
 
-    url: str
+    url: str = field(repr=False)  # its path and query may hold a token
     secret: str = field(repr=False)
     timeout: float = 10.0
     session: requests.Session = field(default_factory=webhook_session, repr=False)
@@ -175,6 +176,9 @@ class WebhookChannel:
     def __post_init__(self) -> None:
         # Also for a session passed in: nothing from the environment routes or authenticates us.
         self.session.trust_env = False
+        # The URL's path and query often hold a token, and urllib3 logs the request line at
+        # DEBUG: redacted in its records themselves, so no handler of anyone's ever sees it.
+        logs.redact_logger("urllib3.connectionpool", url_secrets(self.url))
 
     def send(self, message: Message) -> None:
         """One POST, no redirects followed; raise DeliveryError unless the answer is 2xx."""

@@ -30,7 +30,8 @@ OPERATION_FIELDS = (
 
 def utc_text(value: datetime) -> str:
     """An aware datetime as ISO 8601 in UTC with a Z, to the second (as the API writes them)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Not strftime: its %Y writes the year 1 as "1", not "0001".
+    return value.astimezone(UTC).replace(tzinfo=None, microsecond=0).isoformat() + "Z"
 
 
 def iso(value: datetime | None) -> str | None:

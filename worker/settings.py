@@ -26,6 +26,9 @@ POLL_STRATEGIES = ("auto", "list", "fetch")
 DEFAULT_HTTP_PORT = 8080
 # A guessable token is no lock: at least this many characters (token_urlsafe(32) gives 43).
 MIN_HTTP_TOKEN = 16
+# OPTRACK_HTTP_ALLOWED_HOSTS: at most this many names, each a DNS name or an IP address.
+MAX_ALLOWED_HOSTS = 64
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # The hard time limit comes this much after the soft one (a tenth, at least 5 s), for the
 # task to log and write what it learned.
 HARD_LIMIT_GRACE = 0.1
@@ -142,7 +145,7 @@ class Settings:
     discovery_window: timedelta = DEFAULT_DISCOVERY_WINDOW
     notify_task: str | None = None
     notify_queue: str = DEFAULT_NOTIFY_QUEUE
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)  # path and query may hold a token
     webhook_secret: str = field(default="", repr=False)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -154,6 +157,8 @@ class Settings:
     http_port: int = DEFAULT_HTTP_PORT
     http_token: str = field(default="", repr=False)
     http_cors_origins: tuple[str, ...] = ()
+    # Host names the API answers besides the address it listens on (a proxy's, a port map's).
+    http_allowed_hosts: tuple[str, ...] = ()
 
     @property
     def task_soft_time_limit(self) -> float:
@@ -173,8 +178,9 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Values that must never appear in a log line."""
-        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token) if s)
+        """Values that must never appear in a log line (the webhook URL's path and query too)."""
+        hook = () if self.webhook_url is None else url_secrets(self.webhook_url)
+        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token, *hook) if s)
 
     @property
     def notices_enabled(self) -> bool:
@@ -357,6 +363,43 @@ def _cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(origins))
 
 
+def _allowed_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    name = "OPTRACK_HTTP_ALLOWED_HOSTS"
+    hosts = [h.strip().lower().rstrip(".") for h in env.get(name, "").split(",") if h.strip()]
+    if len(hosts) > MAX_ALLOWED_HOSTS:
+        raise ConfigError(f"{name} names {len(hosts)} hosts; at most {MAX_ALLOWED_HOSTS}")
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            continue
+        except ValueError:
+            pass
+        labels = host.split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            shown = host if len(host) <= 60 else host[:60] + "…"
+            raise ConfigError(
+                f"{name}: {shown!r} is not a host name or IP address such as ops.example.com "
+                "(no scheme, port, path or wildcard)"
+            )
+    return tuple(dict.fromkeys(h.strip("[]") for h in hosts))
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The parts of ``url`` that may hold a token: its credentials, and its path with its query
+    (the request target, as urllib3 logs it at DEBUG), unless that is only ``/``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return (url,)
+    found = [parts.netloc.rsplit("@", 1)[0]] if "@" in parts.netloc else []
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    if target not in ("", "/"):
+        found.append(target)
+    if parts.fragment:
+        found.append(parts.fragment)
+    return tuple(found)
+
+
 def is_loopback(host: str | None) -> bool:
     """True for localhost and any loopback address (all of 127/8, ::1)."""
     if not host:
@@ -514,5 +557,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         http_port=_int(env, "OPTRACK_HTTP_PORT", DEFAULT_HTTP_PORT),
         http_token=_http_token(env),
         http_cors_origins=_cors_origins(env),
+        http_allowed_hosts=_allowed_hosts(env),
     )
     return check_lease(settings)

@@ -218,3 +218,20 @@ def test_a_bad_bound_stops_the_cli_with_exit_2(tmp_path: Path) -> None:
     assert "OPTRACK_POLL_MAX_INTERVAL='1e12' must be between 0.5 s and 1 d" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "optrack.sqlite").exists()  # nothing written
+
+
+def test_a_database_that_does_not_answer_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = base_env(
+        tmp_path, OPTRACK_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{port}/optrack"
+    )
+    for args in (["track", GOOD], ["status"], ["report"], ["dead-letters"]):
+        result = optrack(env, *args)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("optrack: the database does not answer: ")
+        assert f"port {port} failed" in lines[0] and "Traceback" not in result.stderr

@@ -41,6 +41,7 @@ from worker.settings import load_settings
 HTTP_TOKEN = "http-" + "t0k3n" * 6  # recognisable in any output
 GOOD = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 OTHER = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -180,20 +181,93 @@ def test_track_validates_every_id_first_and_writes_nothing_on_error(api: Api) ->
     ],
 )
 def test_malformed_bodies_are_422_with_a_reason(api: Api, body: bytes, reason: str) -> None:
-    answer = api.http.post(api.url + "/api/v1/operations", data=body, timeout=10)
+    answer = api.http.post(api.url + "/api/v1/operations", data=body, headers=JSON_TYPE, timeout=10)
     assert answer.status_code == 422
     assert reason in answer.json()["errors"][0]["reason"]
     assert api.tracked() == 0
 
 
-def test_curl_style_form_content_type_is_read_as_json(api: Api) -> None:
-    answer = api.http.post(
-        api.url + "/api/v1/operations",
-        data=json.dumps({"ids": [GOOD]}),
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-        timeout=10,
-    )
-    assert answer.status_code == 200 and answer.json()["added"] == [GOOD]
+@pytest.mark.parametrize("token", [HTTP_TOKEN, None])
+def test_a_state_change_must_be_json_so_no_other_site_can_send_it(api: Api, token: Any) -> None:
+    # text/plain, a form or multipart: what a page on another site may POST without a
+    # preflight. Refused with or without the token; nothing tracked.
+    body = json.dumps({"ids": [GOOD]})
+    with serve_app(api.rt, token=token) as server:
+        for content_type in (
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonp",
+            None,
+        ):
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            answer = api.http.post(
+                server.url + "/api/v1/operations", data=body, headers=headers, timeout=10
+            )
+            assert answer.status_code == 415, (content_type, answer.text)
+            assert "Content-Type: application/json" in answer.json()["errors"][0]["reason"]
+        assert api.tracked() == 0
+        kinds = ("application/json", "Application/JSON; charset=utf-8")
+        for content_type in kinds:
+            answer = api.http.post(
+                server.url + "/api/v1/operations",
+                data=body,
+                headers={"Content-Type": content_type},
+                timeout=10,
+            )
+            assert answer.status_code == 200, (content_type, answer.text)
+    assert api.tracked() == 1
+
+
+def test_a_host_header_that_names_another_site_is_refused(api: Api) -> None:
+    # DNS rebinding: evil.example resolved to 127.0.0.1 sends its own name as Host.
+    with serve_app(api.rt, token=None) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for host in (
+            "evil.example",
+            f"evil.example:{port}",
+            f"127.0.0.1.evil.example:{port}",
+            f"localhost.:{port + 1}",
+            f"127.0.0.1:{port + 1}",
+            "127.0.0.1",
+            f"10.0.0.1:{port}",
+            f"[::2]:{port}",
+            f"::1:{port}",
+            "",
+        ):
+            for method, path in (("GET", "/api/v1/operations"), ("GET", "/healthz"), ("GET", "/")):
+                answer = requests.request(
+                    method, server.url + path, headers={"Host": host}, timeout=10
+                )
+                assert answer.status_code == 400, (host, path, answer.text)
+                assert "OPTRACK_HTTP_ALLOWED_HOSTS" in answer.json()["errors"][0]["reason"]
+            post = requests.post(
+                server.url + "/api/v1/operations",
+                json={"ids": [GOOD]},
+                headers={"Host": host},
+                timeout=10,
+            )
+            assert post.status_code == 400
+        assert api.tracked() == 0
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"LOCALHOST.:{port}",
+            f"[::1]:{port}",
+        ):
+            answer = requests.get(
+                server.url + "/api/v1/operations", headers={"Host": host}, timeout=10
+            )
+            assert answer.status_code == 200, (host, answer.text)
+    with serve_app(api.rt, token=None, allowed_hosts=("ops.example.com",)) as server:
+        for host, status in (
+            ("ops.example.com", 200),
+            ("ops.example.com:443", 200),
+            ("x.example", 400),
+        ):
+            answer = requests.get(server.url + "/healthz", headers={"Host": host}, timeout=10)
+            assert answer.status_code in ((200, 503) if status == 200 else (400,)), host
 
 
 def test_bodies_are_capped(api: Api) -> None:
@@ -204,7 +278,8 @@ def test_bodies_are_capped(api: Api) -> None:
     assert api.tracked() == 0
 
     huge = json.dumps({"ids": [GOOD], "pad": "x" * (1024 * 1024)})
-    assert api.http.post(api.url + "/api/v1/operations", data=huge, timeout=10).status_code == 413
+    big = api.http.post(api.url + "/api/v1/operations", data=huge, headers=JSON_TYPE, timeout=10)
+    assert big.status_code == 413
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams
         yield b'{"ids": ["' + GOOD.encode() + b'"], "pad": "'
@@ -212,7 +287,9 @@ def test_bodies_are_capped(api: Api) -> None:
             yield b"y" * 4096
         yield b'"}'
 
-    streamed = api.http.post(api.url + "/api/v1/operations", data=chunks(), timeout=10)
+    streamed = api.http.post(
+        api.url + "/api/v1/operations", data=chunks(), headers=JSON_TYPE, timeout=10
+    )
     assert streamed.status_code == 413
     assert api.tracked() == 0
 
@@ -499,6 +576,21 @@ def test_serve_no_auth_on_loopback(serve_env: dict[str, str], tmp_path: Path) ->
         assert "no auth: loopback only" in served.lines[1]
         answer = requests.get(served.url + "/api/v1/operations", timeout=10)
         assert answer.status_code == 200
+        # Another site's page: a "simple" cross-site POST, and a rebound name as Host.
+        simple = requests.post(
+            served.url + "/api/v1/operations",
+            data=json.dumps({"ids": [GOOD]}),
+            headers={"Content-Type": "text/plain", "Origin": "https://evil.example"},
+            timeout=10,
+        )
+        assert simple.status_code == 415
+        port = served.url.rsplit(":", 1)[1]
+        rebound = requests.get(
+            served.url + "/api/v1/operations", headers={"Host": f"evil.example:{port}"}, timeout=10
+        )
+        assert rebound.status_code == 400
+        listed = requests.get(served.url + "/api/v1/operations", timeout=10).json()
+        assert listed["operations"] == []
 
 
 def test_serve_says_when_the_port_is_taken(serve_env: dict[str, str]) -> None:
@@ -520,6 +612,14 @@ def test_serve_says_when_the_port_is_taken(serve_env: dict[str, str]) -> None:
         ({"OPTRACK_HTTP_TOKEN": "a" * 16 + " b"}, "must not contain spaces"),
         ({"OPTRACK_HTTP_CORS_ORIGINS": "*"}, "is not an origin"),
         ({"OPTRACK_HTTP_CORS_ORIGINS": "https://a.example/path"}, "is not an origin"),
+        ({"OPTRACK_HTTP_ALLOWED_HOSTS": "*.example.com"}, "is not a host name or IP"),
+        ({"OPTRACK_HTTP_ALLOWED_HOSTS": "https://ops.example.com"}, "is not a host name or IP"),
+        ({"OPTRACK_HTTP_ALLOWED_HOSTS": "ops.example.com:8080"}, "is not a host name or IP"),
+        ({"OPTRACK_HTTP_ALLOWED_HOSTS": "-a.example"}, "is not a host name or IP"),
+        (
+            {"OPTRACK_HTTP_ALLOWED_HOSTS": ",".join(f"h{n}.example" for n in range(65))},
+            "at most 64",
+        ),
     ],
 )
 def test_http_settings_are_checked(env: dict[str, str], message: str) -> None:
@@ -542,6 +642,9 @@ def test_http_settings_defaults_and_the_token_is_a_secret() -> None:
         }
     )
     assert settings.http_cors_origins == ("https://a.example", "https://b.example:8443")
+    assert default.http_allowed_hosts == ()
+    hosts = load_settings({"OPTRACK_HTTP_ALLOWED_HOSTS": "Ops.Example.com., 10.0.0.5, [::1], api"})
+    assert hosts.http_allowed_hosts == ("ops.example.com", "10.0.0.5", "::1", "api")
     assert HTTP_TOKEN in settings.secrets and HTTP_TOKEN not in repr(settings)
 
 

@@ -678,3 +678,57 @@ def test_the_documented_receiver_refuses_a_replay_and_takes_a_fresh_notice(
 
     handled = [line for line in output if line.startswith("ended:")]
     assert handled == [f"ended: {fresh.id} {OP_IDS[1]} COMPLETED"]
+
+
+def test_the_webhook_urls_path_and_query_never_reach_a_log(
+    sessions: sessionmaker[Session], receiver: Receiver, clock: FakeClock
+) -> None:
+    import io
+    import logging
+    import socket
+
+    from worker import logs
+
+    in_path, in_query = "p4th-t0k3n-" + "x1" * 8, "qu3ry-t0k3n-" + "y2" * 8
+    url = receiver.url.replace("/hooks/optrack", f"/hooks/{in_path}?sig={in_query}")
+    with socket.socket() as closed:  # a port nothing listens on: the error path too
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}/hooks/{in_path}?sig={in_query}"
+    settings = load_settings({"OPTRACK_WEBHOOK_URL": url, "OPTRACK_WEBHOOK_SECRET": SECRET})
+    assert {f"/hooks/{in_path}?sig={in_query}"} <= set(settings.secrets)
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    levels = {name: logging.getLogger(name).level for name in root.manager.loggerDict}
+    ours, theirs = io.StringIO(), io.StringIO()
+    try:
+        logs.configure(settings, logging.DEBUG, ours)
+        foreign = logging.StreamHandler(theirs)  # an embedding application's: no filter of ours
+        foreign.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        root.addHandler(foreign)
+        for name in levels:  # every logger at DEBUG
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+        with sessions.begin() as session:
+            Repository(session).add(OP_IDS[:2], clock.now())
+        end_operation(sessions, OP_IDS[0], clock.now())
+        receiver.fail_next = 1
+        channel = WebhookChannel(settings.webhook_url or "", SECRET)
+        failed = deliver_pending(sessions, clock, [channel], DeliveryPolicy(backoff_base=1))
+        clock.advance(2)
+        done = deliver_pending(sessions, clock, [channel], DeliveryPolicy(backoff_base=1))
+        end_operation(sessions, OP_IDS[1], clock.now())
+        refused = deliver_pending(sessions, clock, [WebhookChannel(nowhere, SECRET)])
+        shown = [repr(channel), repr(settings), str(failed), str(done), str(refused)]
+        shown += [str(n.last_error) for n in notices(sessions)]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert done.delivered == (OP_IDS[0],) and refused.failed and failed.failed
+    # urllib3 did log the request line at DEBUG: without its target.
+    assert '"POST *** HTTP/1.1" 500' in ours.getvalue()
+    assert '"POST *** HTTP/1.1" 204' in theirs.getvalue()
+    for text in (ours.getvalue(), theirs.getvalue(), *shown):
+        assert in_path not in text and in_query not in text, text

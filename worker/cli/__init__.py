@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 import click
@@ -15,7 +16,9 @@ from worker.cli import (
     service_cmds,
     tracking_cmds,
 )
+from worker.db import DB_UNREACHABLE
 from worker.errors import ConfigError, OptrackError
+from worker.health import unreachable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,20 +38,30 @@ for command in (
     cli.add_command(command)
 
 
-def main() -> NoReturn:
-    """Entry point: run the CLI; configuration errors exit 2, other optrack errors exit 1."""
+def main(args: Sequence[str] | None = None) -> NoReturn:
+    """Entry point: run the CLI and exit with ``exit_code``."""
+    sys.exit(exit_code(args))
+
+
+def exit_code(args: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``args`` (default: sys.argv); usage and configuration errors are 2, other
+    optrack errors and a database that does not answer 1, each said in one line on stderr."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(args=list(args) if args is not None else None, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except ConfigError as exc:
         click.echo(f"optrack: configuration error: {exc}", err=True)
-        sys.exit(2)
+        return 2
     except OptrackError as exc:
         click.echo(f"optrack: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(0)
+        return 1
+    except DB_UNREACHABLE as exc:
+        # Said as `optrack health` says it, not as a driver's traceback of a hundred lines.
+        click.echo(f"optrack: {unreachable(exc)}", err=True)
+        return 1
+    return code if isinstance(code, int) else 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import click
 
 from worker.db import ensure_sqlite_dirs
@@ -36,3 +39,19 @@ def ensure_schema(rt: Runtime) -> None:
 def usage_error(message: str) -> click.UsageError:
     """A usage error (exit 2) with our message."""
     return click.UsageError(message)
+
+
+# What --loglevel takes (Celery's and uvicorn's names alike); anything else is a usage error.
+LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
+# The largest row id a BigInteger column holds: a larger one is refused before any query.
+MAX_ROW_ID = 2**63 - 1
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan (which compares false to both ends) and infinities."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number

@@ -9,7 +9,7 @@ from kombu.exceptions import KombuError
 from rich.table import Table
 
 from worker import dead_letters
-from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.cli.common import MAX_ROW_ID, ensure_schema, get_runtime, usage_error
 from worker.cli.render import console
 from worker.errors import OptrackError
 from worker.reports.formats import to_json
@@ -47,7 +47,7 @@ def dead_letters_cmd(ctx: click.Context, as_json: bool, replayed: bool) -> None:
 
 
 @dead_letters_cmd.command("replay")
-@click.argument("letter_ids", nargs=-1, type=int, metavar="ID...")
+@click.argument("letter_ids", nargs=-1, type=click.IntRange(1, MAX_ROW_ID), metavar="ID...")
 @click.option("--all", "every", is_flag=True, help="Replay every letter not replayed yet.")
 def replay(letter_ids: tuple[int, ...], every: bool) -> None:
     """Send dead letters again as new messages (a new task id, a new delivery count)."""

@@ -7,7 +7,7 @@ import sys
 import click
 
 from worker import logs
-from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.cli.common import LOG_LEVELS, ensure_schema, get_runtime, usage_error
 from worker.errors import OptrackError
 from worker.settings import Settings, is_loopback
 
@@ -50,7 +50,7 @@ def dashboard_line(base: str, token: str | None, *, show_token: bool) -> str:
     help="Port, 0 picks a free one [default: OPTRACK_HTTP_PORT or 8080].",
 )
 @click.option("--no-auth", is_flag=True, help="Serve /api/ without a token (loopback only).")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--loglevel", "-l", default="INFO", show_default=True, type=LOG_LEVELS)
 def serve(host: str | None, port: int | None, no_auth: bool, loglevel: str) -> None:
     """Serve the JSON API (/api/v1) and the live dashboard (/) over HTTP."""
     from worker.http import create_app
@@ -72,7 +72,12 @@ def serve(host: str | None, port: int | None, no_auth: bool, loglevel: str) -> N
     click.echo(f"API: {base}/api/v1 (OpenAPI: {base}/api/v1/openapi.json)", nl=True)
     sys.stdout.flush()
     logs.configure(settings, loglevel.upper())
-    app = create_app(rt, token=token, cors_origins=settings.http_cors_origins)
+    app = create_app(
+        rt,
+        token=token,
+        cors_origins=settings.http_cors_origins,
+        allowed_hosts=settings.http_allowed_hosts,
+    )
     run(app, sock, loglevel)
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import reports
-from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.cli.common import FiniteRange, ensure_schema, get_runtime, usage_error
 from worker.cli.render import console, styled_status
 from worker.errors import InvalidOperationId, NotTracked, OptrackError
 from worker.operation import validate_operation_id
@@ -40,6 +40,9 @@ from worker.tracking import ACTIVE_STATES, ALL_STATES
 
 DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_LIST_LIMIT = 20
+# Bounds that no real use meets, so a typo is a usage error instead of an overflow in SQL.
+MAX_LIST_LIMIT = 100_000_000
+MAX_CHARTS = 100
 # `watch` draws this many bars at most; the rest share one summary row.
 MAX_BARS = 50
 
@@ -178,7 +181,7 @@ def _charted(
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, MAX_LIST_LIMIT),
     help=f"Operations per list (stuck, NOT_FOUND, in error); text and HTML default to "
     f"{DEFAULT_LIST_LIMIT}, JSON to all. Counts are always complete.",
 )
@@ -187,7 +190,7 @@ def _charted(
     "chart_count",
     default=6,
     show_default=True,
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, MAX_CHARTS),
     help="Operations charted one by one in the HTML.",
 )
 def report(
@@ -414,7 +417,7 @@ def follow(
     "--interval",
     default=DEFAULT_WATCH_INTERVAL,
     show_default=True,
-    type=click.FloatRange(min=0.2),
+    type=FiniteRange(0.2, 3600.0),
     help="Seconds between reads of the database.",
 )
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")

@@ -9,7 +9,7 @@ from datetime import timedelta
 import click
 
 from worker import liveness, migrate, retention
-from worker.cli.common import ensure_schema, get_runtime
+from worker.cli.common import LOG_LEVELS, FiniteRange, ensure_schema, get_runtime
 from worker.cli.http_cmds import auth_token
 from worker.cli.ops_cmds import DURATION
 from worker.db import ensure_sqlite_dirs
@@ -97,8 +97,15 @@ def db_prune(older_than: timedelta, batch_size: int) -> None:
 
 
 @click.command()
-@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--concurrency",
+    "-c",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Worker processes.",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True, type=LOG_LEVELS)
 @click.option("--serve", is_flag=True, help="Also run `optrack serve` (API and dashboard).")
 @click.option("--no-auth", is_flag=True, help="With --serve: no token (loopback only).")
 def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
@@ -143,10 +150,26 @@ def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8900, show_default=True, help="Port (0 picks a free one).")
-@click.option("--seed", default=5, show_default=True, help="Operations created at start.")
 @click.option(
-    "--duration", default=30.0, show_default=True, help="Seconds a seeded operation runs."
+    "--port",
+    default=8900,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port (0 picks a free one).",
+)
+@click.option(
+    "--seed",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0, 10_000),
+    help="Operations created at start.",
+)
+@click.option(
+    "--duration",
+    default=30.0,
+    show_default=True,
+    type=FiniteRange(0.1, 86400.0),
+    help="Seconds a seeded operation runs.",
 )
 def sandbox(host: str, port: int, seed: int, duration: float) -> None:
     """Serve a faithful sandbox of the SenderPool Operations API (for demos and tests)."""
@@ -164,7 +187,13 @@ def sandbox(host: str, port: int, seed: int, duration: float) -> None:
 
 
 @click.command()
-@click.option("--timeout", default=180.0, show_default=True, help="Give up after seconds.")
+@click.option(
+    "--timeout",
+    default=180.0,
+    show_default=True,
+    type=FiniteRange(1.0, 86400.0),
+    help="Give up after seconds.",
+)
 @click.option("--serve", is_flag=True, help="Keep the dashboard up after the end, until Ctrl-C.")
 @click.option(
     "--port",

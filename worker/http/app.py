@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.http import dashboard, problems, routes
 from worker.http.auth import BearerAuth
+from worker.http.guards import SameSiteGuard
 from worker.runtime import Runtime
 
 # 10,000 IDs of the longest form, quoted and comma-separated, are about 550 kB.
@@ -111,8 +112,17 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(rt: Runtime, *, token: str | None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
-    """The HTTP app on ``rt``; ``token=None`` serves the API without auth (`--no-auth`)."""
+def create_app(
+    rt: Runtime,
+    *,
+    token: str | None,
+    cors_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
+) -> FastAPI:
+    """The HTTP app on ``rt``; ``token=None`` serves the API without auth (`--no-auth`).
+
+    ``allowed_hosts``: Host names answered besides the address listened on (``guards``).
+    """
     app = FastAPI(
         title="optrack",
         summary="Track Twilio Comms SenderPool operations: the intake and the reports over HTTP",
@@ -146,4 +156,6 @@ def create_app(rt: Runtime, *, token: str | None, cors_origins: tuple[str, ...] 
         )
     app.add_middleware(ApiHeaders)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
+    # Outermost: another site's request is refused before anything else reads it.
+    app.add_middleware(SameSiteGuard, allowed_hosts=allowed_hosts)
     return app

@@ -6,7 +6,8 @@ import base64
 import binascii
 import json
 
-from worker.operation import MAX_ID_LENGTH
+from worker.errors import InvalidOperationId
+from worker.operation import validate_operation_id
 
 _VERSION = 1
 
@@ -26,11 +27,13 @@ def decode(cursor: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: "[[[[…" nested deep
         raise BadCursor("cursor is not one this API gave out; start again without it") from None
     if not isinstance(data, dict) or data.get("v") != _VERSION:
         raise BadCursor("cursor is not one this API gave out; start again without it")
-    after = data.get("after")
-    if not isinstance(after, str) or len(after) > MAX_ID_LENGTH:
-        raise BadCursor("cursor is not one this API gave out; start again without it")
-    return after
+    # Every cursor we give out ends a page on a tracked, hence valid, ID: anything else (a NUL,
+    # a lone surrogate the database cannot encode) is tampering.
+    try:
+        return validate_operation_id(data.get("after"))
+    except InvalidOperationId:
+        raise BadCursor("cursor is not one this API gave out; start again without it") from None

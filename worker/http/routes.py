@@ -107,6 +107,8 @@ async def track_request(request: Request) -> TrackRequest:
     raw = await request.body()
     try:
         return TrackRequest.model_validate(json.loads(raw or b"null"))
+    except RecursionError:  # "[[[[…" nested deeper than the parser recurses
+        raise Problem(422, [{"reason": 'body is nested too deep; send {"ids": [...]}'}]) from None
     except ValueError as exc:  # not JSON, or not {"ids": [...]}
         reason = (
             'body must be JSON like {"ids": ["comms_operation_…"]}'

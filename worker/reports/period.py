@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from worker.durations import EXAMPLES, has_units, parse_duration
+from worker.durations import EXAMPLES, DurationTooLong, has_units, parse_duration
 from worker.errors import OptrackError
 
 
@@ -17,17 +17,27 @@ def parse_span(text: str) -> timedelta:
     """A span in the one duration grammar (``90``, ``30m``, ``1h30m``, ``7d``)."""
     try:
         return parse_duration(text)
+    except DurationTooLong as exc:
+        raise BadPeriod(str(exc)) from None
     except ValueError:
         raise BadPeriod(f"{text!r} is not a span; use a duration such as {EXAMPLES}") from None
 
 
 def parse_when(text: str, now: datetime) -> datetime:
-    """A time: ISO 8601 date or datetime (naive means UTC), ``now``, or a span ago (``7d``)."""
+    """A time: ISO 8601 date or datetime (naive means UTC), ``now``, or a span ago (``7d``).
+
+    Its UTC instant must be in the calendar (years 1 to 9999): ``0001-01-01T00:00:00+01:00``
+    is a BadPeriod, not an OverflowError.
+    """
     raw = text.strip()
     if raw.lower() == "now":
         return now
     if has_units(raw):
-        return now - parse_span(raw)
+        span = parse_span(raw)
+        try:
+            return now - span
+        except OverflowError:
+            raise BadPeriod(f"{text.strip()!r} ago is before the year 1") from None
     try:
         if len(raw) == 10:
             day = date.fromisoformat(raw)
@@ -38,7 +48,12 @@ def parse_when(text: str, now: datetime) -> datetime:
             f"{text!r} is not a time; use an ISO 8601 date or datetime "
             "(2026-01-31, 2026-01-31T08:00Z) or a span ago (30m, 12h, 7d)"
         ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise BadPeriod(
+            f"{text.strip()!r} is outside the calendar in UTC (years 1 to 9999)"
+        ) from None
 
 
 @dataclass(frozen=True)
