@@ -7,6 +7,7 @@ regretted upgrade is undone by copying it back.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import make_url
@@ -24,6 +26,8 @@ from worker.db import make_engine
 from worker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+# What Alembic takes for a revision: an id or its prefix, head, base, or a step (-1, head-1).
+REVISION = re.compile(r"[A-Za-z0-9_]+(?:[+-][0-9]+)?|[+-][0-9]+")
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,10 @@ def _migrate(database_url: str, revision: str, run: Callable[[Config, str], None
     backup = backup_sqlite(database_url, before) if before is not None else None
     try:
         run(config, revision)
-    except CommandError as exc:  # an unknown revision, a downgrade past base: the user's input
+    except (
+        CommandError,
+        RevisionError,
+    ) as exc:  # an unknown revision, a downgrade past base: the user's input
         raise ConfigError(f"cannot migrate to {revision!r}: {exc}") from exc
     return Migration(before, current_revision(database_url), backup)
 
@@ -110,11 +117,13 @@ def _migrate(database_url: str, revision: str, run: Callable[[Config, str], None
 def _resolve(config: Config, revision: str) -> str | None:
     """The revision id ``revision`` names (``head``, an id or its prefix; None for a relative
     step such as ``-1``). An unknown name is the user's mistake, found before any backup."""
+    if not REVISION.fullmatch(revision):
+        raise ConfigError(f"{revision!r} is not a revision (see `optrack db history`)")
     if revision.startswith(("-", "+")) or revision == "base":
         return None
     try:
         script = ScriptDirectory.from_config(config).get_revision(revision)
-    except CommandError as exc:
+    except (CommandError, RevisionError) as exc:
         raise ConfigError(f"no revision {revision!r} (see `optrack db history`): {exc}") from exc
     return script.revision if script is not None else None
 
