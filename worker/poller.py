@@ -223,10 +223,13 @@ class Poller:
 
         404s are recorded only if the API is shown reachable at the right base URL: by an
         answer in this message, else by one List request (which has no 404). A List 404 is
-        ``WrongBaseUrl``: the 404s are dropped, nothing ends, the account is paused.
+        ``WrongBaseUrl``: the 404s are dropped, nothing ends, the account is paused. A fetch
+        that stops before that proof (the deadline, a throttle, rejected credentials, a
+        shutdown) drops its 404s too: those members are asked again.
         """
         now = self.clock.now()
         results: dict[str, Result] = {}
+        proven = False
         try:
             for member in members:
                 if not is_due(member.not_before, now):
@@ -241,15 +244,15 @@ class Poller:
                 except ApiError as exc:
                     results[member.id] = exc
             self._prove_reachable(results, run)
-        except WrongBaseUrl:
-            results = {k: v for k, v in results.items() if not isinstance(v, OperationNotFound)}
-            raise
+            proven = True
         finally:
+            if not (proven or run.reachable or _answered(results)):
+                results = {k: v for k, v in results.items() if not isinstance(v, OperationNotFound)}
             self._record(results, run)
 
     def _prove_reachable(self, results: Mapping[str, Result], run: _Run) -> None:
         """Raise WrongBaseUrl if 404s came while the API's List answers 404 too."""
-        if any(isinstance(r, Operation) for r in results.values()):
+        if _answered(results):
             run.reachable = True
         if run.reachable or not any(isinstance(r, OperationNotFound) for r in results.values()):
             return
@@ -344,3 +347,8 @@ class Poller:
                     repo.drop_group(group.id)
 
         self._write(write, run, "the group's schedule")
+
+
+def _answered(results: Mapping[str, Result]) -> bool:
+    """True if an operation came back: the base URL is right, a 404 is about its operation."""
+    return any(isinstance(r, Operation) for r in results.values())
