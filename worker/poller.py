@@ -126,10 +126,14 @@ class Poller:
             if run.list_error is None:
                 self._fetch([m for m in members if m.id not in run.seen], run)
         except _OutOfTime:
-            run.deferral = _Deferral(self.clock.now(), "the claim's lease was running out")
+            # Due since when it was due: a poll that began too late to ask anything keeps its
+            # place among the due groups, ahead of those its neighbours' polls made due later.
+            since = min(self.clock.now(), group.next_due_at)
+            run.deferral = _Deferral(since, "the claim's lease was running out")
             log.warning("group %d: out of time; the rest is due again", group_id)
         except ShutdownRequested:
-            run.deferral = _Deferral(self.clock.now(), "the worker is stopping")
+            since = min(self.clock.now(), group.next_due_at)
+            run.deferral = _Deferral(since, "the worker is stopping")
             log.warning("group %d: the worker is stopping; given back, due now", group_id)
         except RetryLater as exc:
             run.deferral = _Deferral(exc.not_before, exc.reason)

@@ -390,7 +390,8 @@ class Repository:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
 
         The one claim statement (``claims.claim``): concurrent sweeps never claim one group
-        twice. A worker that dies mid-poll leaves its groups due again when the lease runs
+        twice; the claims come in the order the groups fell due. A worker that dies mid-poll
+        leaves its groups due again when the lease runs
         out; a claim whose message no worker started yet (still in the broker) only
         ``resend_after`` after it was made, so a broker nobody consumes does not fill with one
         message per lease.
@@ -410,9 +411,11 @@ class Repository:
             order_by=[g.next_due_at],
             limit=limit,
             values={"claim_token": token, "claim_expires_at": expires, "claim_started_at": None},
-            returning=[g.id],
+            returning=[g.id, g.next_due_at],
         )
-        claimed = [row[0] for row in rows]
+        # Sent in the order they fell due: a worker with a backlog polls the longest waiting
+        # first (by id, a group whose polls were cut by their deadline could wait for ever).
+        claimed = [row[0] for row in sorted(rows, key=lambda row: (row[1], row[0]))]
         return [GroupClaim(group_id, token, expires) for group_id in claimed]
 
     def start_claim(self, group_id: int, token: str, now: datetime) -> None:
