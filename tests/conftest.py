@@ -57,9 +57,14 @@ def invented_api() -> Iterator[InventedApi]:
 
 @pytest.fixture
 def sandbox(clock: FakeClock) -> Iterator[SandboxServer]:
-    """A sandbox API on a free loopback port, no seeded operations, living on the fake clock."""
+    """A sandbox API on a free loopback port, no seeded operations, living on the fake clock
+    (a slow answer moves the clock on, nobody waits)."""
     with SandboxServer(
-        account_sid=SID, auth_token=TOKEN, seed=0, clock=lambda: clock.now().timestamp()
+        account_sid=SID,
+        auth_token=TOKEN,
+        seed=0,
+        clock=lambda: clock.now().timestamp(),
+        sleep=clock.sleep,
     ) as server:
         yield server
 

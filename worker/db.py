@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -40,7 +41,7 @@ DB_UNREACHABLE = (OperationalError, InterfaceError)
 DB_REFUSED = (SQLAlchemyError, ValueError)
 
 # The Alembic revision these models are: the head of migrations/ (a test keeps them equal).
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 
 GROUP_KINDS = ("list", "fetch")
 
@@ -164,6 +165,17 @@ class PollGroup(Base):
     consecutive_errors: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
+    # A poll round cut short (the lease's deadline, a pause, a shutdown) goes on where it
+    # stopped (migration 0010): when the round began; the List page to read next and the
+    # window its token belongs to; or the last member asked by GET. NULL: the next poll
+    # starts afresh.
+    round_started_at: Mapped[datetime | None]
+    resume_token: Mapped[str | None] = mapped_column(Text)
+    resume_start_at: Mapped[datetime | None]
+    resume_end_at: Mapped[datetime | None]
+    resume_after: Mapped[str | None] = mapped_column(String(64))
+    # Seconds per request the last poll measured: the sweep keeps one poll to half a lease.
+    request_seconds: Mapped[float | None] = mapped_column(Float)
 
 
 class HistoryEntry(Base):

@@ -11,7 +11,9 @@ operation created inside it, tracked or not; a GET group costs one request per m
 * never-seen operations (createdAt unknown) are one List window over the lookback when they
   are many, GETs when few; once seen they are placed again by their createdAt;
 * windows that grew past a page are split between two seconds, windows that cost more than
-  their GETs become GET groups, and small neighbours are merged.
+  their GETs become GET groups, and small neighbours are merged;
+* a group one poll cannot finish within half its claim's lease, at the seconds per request
+  its last poll measured, is split (``too_slow``), and no placement or merge makes it so.
 
 The account's density (operations per second of createdAt, untracked ones included) is
 learned from what the last listings held; until one is known a gap of ``DEFAULT_GAP``
@@ -61,6 +63,10 @@ class GroupView:
     pages: int | None = None
     # A poll holds the group now: upkeep leaves it alone (its message read its members).
     claimed: bool = False
+    # Seconds per request its last poll measured (None: never polled).
+    request_seconds: float | None = None
+    # A poll round cut short goes on where it stopped: no member joins behind its place.
+    resuming: bool = False
 
     @property
     def span(self) -> float:
@@ -310,8 +316,8 @@ def _fetch(
     for group in groups:
         if not left:
             return
-        room = policy.fetch_group - sizes[group.id]
-        if group.kind != FETCH or room <= 0:
+        room = _fetch_limit(group, policy) - sizes[group.id]
+        if group.kind != FETCH or room <= 0 or group.resuming:
             continue
         taken, left = left[:room], left[room:]
         for op in taken:
@@ -370,11 +376,59 @@ def too_big(group: GroupView, policy: PollPolicy) -> bool:
 
 
 def mergeable(a: GroupView, b: GroupView, gap: timedelta, policy: PollPolicy) -> bool:
-    """True if two neighbouring groups of one kind are small enough to poll as one."""
-    if a.kind != b.kind or a.id == b.id or a.claimed or b.claimed:
+    """True if two neighbouring groups of one kind are small enough to poll as one, within
+    half a lease at the slower one's measured seconds per request."""
+    if a.kind != b.kind or a.id == b.id or a.claimed or b.claimed or a.resuming or b.resuming:
         return False
+    seconds = max(a.request_seconds or 0.0, b.request_seconds or 0.0)
     if a.kind == FETCH:
-        return a.members + b.members <= policy.fetch_group
+        members = a.members + b.members
+        return members <= policy.fetch_group and members * seconds <= _half_lease(policy)
     if a.end_at is None or b.start_at is None or b.start_at - a.end_at > gap:
         return False
-    return a.members + b.members <= policy.list_group
+    pages = (a.pages or 1) + (b.pages or 1)
+    return a.members + b.members <= policy.list_group and pages * seconds <= _half_lease(policy)
+
+
+def _half_lease(policy: PollPolicy) -> float:
+    return policy.lease.total_seconds() / 2
+
+
+def poll_requests(group: GroupView, policy: PollPolicy) -> int | None:
+    """How many requests one poll of the group may make and end within half its lease, at
+    the seconds per request its last poll measured (None: nothing measured yet)."""
+    if not group.request_seconds or group.request_seconds <= 0:
+        return None
+    return max(1, math.floor(_half_lease(policy) / group.request_seconds))
+
+
+def _fetch_limit(group: GroupView, policy: PollPolicy) -> int:
+    """The most members a GET group may hold: a batch, and no more than one poll asks in
+    half its lease."""
+    fit = poll_requests(group, policy)
+    return policy.fetch_group if fit is None else min(policy.fetch_group, fit)
+
+
+def too_slow(group: GroupView, policy: PollPolicy) -> bool:
+    """True if one poll of the group takes more than half its lease at the seconds per
+    request its last poll measured: GETs of every member, pages of a window (one second, or
+    a createdAt never seen, is never cut; a poll cut short goes on with the round instead)."""
+    fit = poll_requests(group, policy)
+    if fit is None or group.claimed or group.members <= 1:
+        return False
+    if group.kind == FETCH:
+        return group.members > fit
+    if group.start_at is None or group.end_at is None or group.start_at >= group.end_at:
+        return False
+    return (group.pages or 0) > fit
+
+
+def split_slow(group: GroupView, members: Sequence[Member], policy: PollPolicy) -> list[list[str]]:
+    """Cut a ``too_slow`` group into parts one poll each finishes within half a lease: GET
+    groups by id (a poll's order), windows by createdAt in proportion to the pages they cost."""
+    fit = poll_requests(group, policy) or 1
+    if group.kind == FETCH:
+        ids = sorted(m.id for m in members)
+        return [ids[i : i + fit] for i in range(0, len(ids), fit)] or [[]]
+    size = max(1, group.members * fit // max(1, group.pages or 1))
+    return split(members, size)

@@ -6,6 +6,14 @@ than what is stored. Members the pages did not show fall back to one GET each. A
 asks for each member. Each write decides against the rows it has locked, so two messages
 that saw one change record it once. Then the group's schedule is written (one row).
 
+A poll cut short (its claim's deadline, a pause of the account, a shutdown) keeps its place in
+the group's row: the next poll goes on with the same round, at the List page it did not read
+(its token, over the same window) or after the last member it asked by GET, so every member is
+asked within a bounded number of polls however slow the API. A round ends when its last
+request is done; the group is then due one interval after the round began. What the poll
+measured (seconds per request, pages so far) is written either way: the sweep splits a group
+one poll cannot finish within half its lease (``planning.too_slow``).
+
 A worker that is stopping ends the poll at once: the request in flight is interrupted, what was
 learned is written, and the group is given back due now (``shutdown``), so the next start
 polls it instead of waiting for the claim's lease to run out.
@@ -31,6 +39,7 @@ from worker.db import DB_UNREACHABLE
 from worker.errors import (
     ApiError,
     AuthError,
+    BadRequest,
     OperationNotFound,
     RetryLater,
     ServerError,
@@ -39,7 +48,7 @@ from worker.errors import (
 from worker.operation import Operation
 from worker.planning import LIST
 from worker.recorder import Recorder, Result
-from worker.repository import PollTarget, Repository
+from worker.repository import NO_ROUND, PollTarget, Repository
 from worker.shutdown import ShutdownRequested, Stop
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
 
@@ -82,6 +91,15 @@ class _Run:
     deferral: _Deferral | None = None
     # An answer (a page, a 200) proved the base URL right: a 404 then may be about its operation.
     reachable: bool = False
+    # The round this poll belongs to: when it began, the List page to read next (None: the
+    # listing is done or not begun) and the window its token belongs to, whether this poll
+    # read the whole listing, and the last member asked by GET ("": none yet, the listing
+    # done; None: the GETs not begun).
+    round_started: datetime | None = None
+    page_token: str | None = None
+    bounds: tuple[datetime, datetime] | None = None
+    whole_listing: bool = False
+    after: str | None = None
 
 
 class Poller:
@@ -118,18 +136,31 @@ class Poller:
             group_id,
             group.claim_expires_at - self.policy.deadline_margin,
             group.claim_expires_at,
+            round_started=group.round_started_at or started,
+            page_token=group.resume_token,
+            after=group.resume_after,
         )
+        if group.resume_token is not None:
+            run.listed, run.pages = group.listed or 0, group.pages or 0  # the round's so far
+            if group.resume_start_at is not None and group.resume_end_at is not None:
+                run.bounds = (group.resume_start_at, group.resume_end_at)
+        if group.round_started_at is not None:
+            log.info("group %d: going on with the round begun at %s", group_id, run.round_started)
         sent_before = self.client.requests_sent
         try:
-            if group.kind == LIST and members:
+            if group.kind == LIST and members and run.after is None:
                 self._list(members, run)
             if run.list_error is None:
-                self._fetch([m for m in members if m.id not in run.seen], run)
+                self._fetch(self._unlisted(group.kind, members, run), run)
         except _OutOfTime:
-            run.deferral = _Deferral(self.clock.now(), "the claim's lease was running out")
+            # Due since when it was due: a poll that began too late to ask anything keeps its
+            # place among the due groups, ahead of those its neighbours' polls made due later.
+            since = min(self.clock.now(), group.next_due_at)
+            run.deferral = _Deferral(since, "the claim's lease was running out")
             log.warning("group %d: out of time; the rest is due again", group_id)
         except ShutdownRequested:
-            run.deferral = _Deferral(self.clock.now(), "the worker is stopping")
+            since = min(self.clock.now(), group.next_due_at)
+            run.deferral = _Deferral(since, "the worker is stopping")
             log.warning("group %d: the worker is stopping; given back, due now", group_id)
         except RetryLater as exc:
             run.deferral = _Deferral(exc.not_before, exc.reason)
@@ -152,6 +183,17 @@ class Poller:
             )
         self._finish(group, token, started, run)
         return run.counts
+
+    def _unlisted(self, kind: str, members: Sequence[PollTarget], run: _Run) -> list[PollTarget]:
+        """The members to ask by GET: those the pages did not show, after the round's place."""
+        left = [m for m in members if m.id not in run.seen]
+        if kind == LIST and not run.whole_listing:
+            # The listing spanned polls: a member with a createdAt lies inside the window and
+            # was shown by an earlier page; a never-seen one shown there left the group.
+            left = [m for m in left if m.remote_created_at is None]
+        if run.after:
+            left = [m for m in left if m.id > run.after]
+        return left  # in id order, as ``members`` are: the place is the last id asked
 
     def refresh(self, operation_ids: Sequence[str]) -> PollCounts:
         """Ask for the given active operations now, one GET each, whatever their groups'
@@ -179,19 +221,37 @@ class Poller:
         lookback = self.policy.pending_lookback
         starts = [m.remote_created_at or m.tracked_at - lookback for m in members]
         ends = [m.remote_created_at or m.tracked_at for m in members]
-        token: str | None = None
+        window = (min(starts) - WINDOW_PAD, max(ends) + WINDOW_PAD)
+        token, resumed = run.page_token, run.page_token is not None
+        if not resumed or run.bounds is None:
+            token, resumed, run.bounds = None, False, window
+        run.whole_listing = not resumed
         tokens: set[str] = set()
-        run.listed = run.pages = 0
+        if run.pages is None or not resumed:
+            run.listed = run.pages = 0
+        assert run.listed is not None and run.pages is not None
         try:
             while True:
                 self._check_deadline(run)
-                with self.stop.interruptible():
-                    page = self.client.list_page(
-                        start_date=min(starts) - WINDOW_PAD,
-                        end_date=max(ends) + WINDOW_PAD,
-                        page_size=PAGE_SIZE,
-                        page_token=token,
+                try:
+                    with self.stop.interruptible():
+                        page = self.client.list_page(
+                            start_date=run.bounds[0],
+                            end_date=run.bounds[1],
+                            page_size=PAGE_SIZE,
+                            page_token=token,
+                        )
+                except BadRequest as exc:
+                    if not resumed:
+                        raise
+                    # The kept token no longer holds (expired, say): the round lists afresh.
+                    log.warning(
+                        "group %d: page token refused (%s); listing afresh", run.group_id, exc
                     )
+                    token, resumed, run.page_token, run.bounds = None, False, None, window
+                    run.whole_listing, run.listed, run.pages = True, 0, 0
+                    continue
+                resumed = False
                 run.pages += 1
                 run.listed += len(page.operations)
                 run.reachable = True
@@ -203,8 +263,9 @@ class Poller:
                         "; ".join(page.rejected[:3]),
                     )
                 if page.next_token is None:
+                    run.page_token, run.after = None, ""  # the listing is done: GETs next
                     return
-                token = next_page_token(page, tokens)
+                token = run.page_token = next_page_token(page, tokens)
         except (AuthError, RetryLater, WrongBaseUrl):
             raise
         except ApiError as exc:
@@ -223,14 +284,19 @@ class Poller:
 
         404s are recorded only if the API is shown reachable at the right base URL: by an
         answer in this message, else by one List request (which has no 404). A List 404 is
-        ``WrongBaseUrl``: the 404s are dropped, nothing ends, the account is paused.
+        ``WrongBaseUrl``: the 404s are dropped, nothing ends, the account is paused. A fetch
+        that stops before that proof (the deadline, a throttle, rejected credentials, a
+        shutdown) drops its 404s too: those members are asked again.
         """
         now = self.clock.now()
         results: dict[str, Result] = {}
+        done: list[str] = []  # the members asked or skipped, in order: the round's place
+        proven = False
         try:
             for member in members:
                 if not is_due(member.not_before, now):
                     run.counts.add(Outcome.SKIPPED)
+                    done.append(member.id)
                     continue
                 self._check_deadline(run)
                 try:
@@ -240,16 +306,22 @@ class Poller:
                     raise
                 except ApiError as exc:
                     results[member.id] = exc
+                done.append(member.id)
             self._prove_reachable(results, run)
-        except WrongBaseUrl:
-            results = {k: v for k, v in results.items() if not isinstance(v, OperationNotFound)}
-            raise
+            proven = True
         finally:
+            if not (proven or run.reachable or _answered(results)):
+                dropped = {k for k, v in results.items() if isinstance(v, OperationNotFound)}
+                results = {k: v for k, v in results.items() if k not in dropped}
+                # The round goes on at the first of them: they are asked again.
+                done = done[: min((done.index(k) for k in dropped), default=len(done))]
+            if done:
+                run.after = done[-1]
             self._record(results, run)
 
     def _prove_reachable(self, results: Mapping[str, Result], run: _Run) -> None:
         """Raise WrongBaseUrl if 404s came while the API's List answers 404 too."""
-        if any(isinstance(r, Operation) for r in results.values()):
+        if _answered(results):
             run.reachable = True
         if run.reachable or not any(isinstance(r, OperationNotFound) for r in results.values()):
             return
@@ -310,11 +382,24 @@ class Poller:
         started: datetime,
         run: _Run,
     ) -> None:
-        """Write the group's schedule: due one interval after this poll started."""
+        """Write the group's schedule: due one interval after its round began, or, a poll cut
+        short, when the deferral says, with the round's place."""
         last_change = started if run.changed else group.last_change_at
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(NO_ROUND)  # the round ends, unless cut short
+        if run.counts.requests:
+            seconds = (self.clock.now() - started).total_seconds() / run.counts.requests
+            values["request_seconds"] = seconds
         if run.deferral is not None:
-            values["next_due_at"] = run.deferral.until
+            values.update(next_due_at=run.deferral.until, last_change_at=last_change)
+            values.update(
+                round_started_at=run.round_started,
+                resume_after=run.after,
+                resume_token=run.page_token if run.after is None else None,
+            )
+            if values["resume_token"] is not None and run.bounds is not None:
+                values.update(resume_start_at=run.bounds[0], resume_end_at=run.bounds[1])
+            if run.pages is not None:
+                values.update(listed=run.listed, pages=run.pages)  # the round's so far
         elif run.list_error is not None:
             errors = group.consecutive_errors + 1
             backoff = timedelta(seconds=self.policy.error_wait(run.list_error, errors))
@@ -324,9 +409,10 @@ class Poller:
                 last_error=f"{type(run.list_error).__name__}: {run.list_error}"[:1000],
             )
         else:
+            began = run.round_started or started
             values.update(
-                next_due_at=self.policy.next_due(started, last_change),
-                last_polled_at=started,
+                next_due_at=self.policy.next_due(began, last_change),
+                last_polled_at=began,
                 last_change_at=last_change,
                 consecutive_errors=0,
                 last_error=None,
@@ -344,3 +430,8 @@ class Poller:
                     repo.drop_group(group.id)
 
         self._write(write, run, "the group's schedule")
+
+
+def _answered(results: Mapping[str, Result]) -> bool:
+    """True if an operation came back: the base URL is right, a 404 is about its operation."""
+    return any(isinstance(r, Operation) for r in results.values())

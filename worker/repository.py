@@ -80,6 +80,10 @@ class Written:
 
 
 INSERT_BATCH = 1000
+# A poll group with no round in progress (``poller``: where a round cut short goes on).
+NO_ROUND: dict[str, Any] = dict.fromkeys(
+    ("round_started_at", "resume_token", "resume_start_at", "resume_end_at", "resume_after")
+)
 PLACEMENT_LOCK = 0x6F70747261636B  # "optrack": one sweep places operations at a time
 _OPERATIONS = TrackedOperation.__table__
 log = logging.getLogger(__name__)
@@ -240,8 +244,20 @@ class Repository:
         """Every poll group, as the planner reads them (claimed: a poll holds it at ``now``)."""
         g = PollGroup
         claimed = and_(g.claim_token.is_not(None), g.claim_expires_at > now)
-        stmt = select(g.id, g.kind, g.start_at, g.end_at, g.members, g.listed, g.pages, claimed)
-        return [GroupView(*row) for row in self.session.execute(stmt.order_by(g.id))]
+        resuming = g.round_started_at.is_not(None)
+        stmt = select(
+            g.id,
+            g.kind,
+            g.start_at,
+            g.end_at,
+            g.members,
+            g.listed,
+            g.pages,
+            claimed.label("claimed"),
+            g.request_seconds,
+            resuming.label("resuming"),
+        )
+        return [GroupView(**row._asdict()) for row in self.session.execute(stmt.order_by(g.id))]
 
     def place(self, plan: Placement, now: datetime) -> None:
         """Write a placement: new groups (due at once), grown windows, members joining."""
@@ -258,8 +274,11 @@ class Repository:
         for new in plan.new:
             self.create_group(new, now)
 
-    def create_group(self, new: NewGroup, now: datetime) -> int:
-        """Create a group with its members, due at ``now``."""
+    def create_group(
+        self, new: NewGroup, now: datetime, request_seconds: float | None = None
+    ) -> int:
+        """Create a group with its members, due at ``now`` (``request_seconds``: what a poll
+        of the group it was cut from measured)."""
         group_id = self.session.scalar(
             insert(PollGroup)
             .values(
@@ -272,6 +291,7 @@ class Repository:
                 last_change_at=now,
                 consecutive_errors=0,
                 created_at=now,
+                request_seconds=request_seconds,
             )
             .returning(PollGroup.id)
         )
@@ -300,14 +320,17 @@ class Repository:
         self, group_id: int, parts: Sequence[Sequence[str]], kind: str, now: datetime
     ) -> list[int]:
         """Keep ``parts[0]`` in the group (now of ``kind``); each other part becomes a new
-        group, due at ``now``. Returns the new groups' ids."""
+        group, due at ``now``. A round in progress ends: each part begins its own. Returns the
+        new groups' ids."""
         first = list(parts[0]) if parts else []
+        g = PollGroup
+        seconds = self.session.scalar(select(g.request_seconds).where(g.id == group_id))
         self.session.execute(
-            update(PollGroup)
-            .where(PollGroup.id == group_id)
-            .values(kind=kind, members=len(first), listed=None, pages=None)
+            update(g)
+            .where(g.id == group_id)
+            .values(kind=kind, members=len(first), listed=None, pages=None, **NO_ROUND)
         )
-        return [self.create_group(NewGroup(kind, tuple(p)), now) for p in parts[1:] if p]
+        return [self.create_group(NewGroup(kind, tuple(p)), now, seconds) for p in parts[1:] if p]
 
     def make_due(self, operation_ids: Sequence[str], now: datetime) -> tuple[int, int]:
         """Make the groups of the active operations among ``operation_ids`` due at ``now`` (a
@@ -365,14 +388,19 @@ class Repository:
         """
         g = PollGroup
         times = self.session.execute(
-            select(func.min(g.next_due_at), func.max(g.last_change_at)).where(
-                g.id.in_((into, other))
-            )
+            select(
+                func.min(g.next_due_at), func.max(g.last_change_at), func.max(g.request_seconds)
+            ).where(g.id.in_((into, other)))
         ).one()
         self.session.execute(
             update(g)
             .where(g.id == into)
-            .values(next_due_at=times[0], last_change_at=times[1])
+            .values(
+                next_due_at=times[0],
+                last_change_at=times[1],
+                request_seconds=times[2],
+                **NO_ROUND,  # the other's members were not in its round
+            )
             .execution_options(synchronize_session=False)
         )
         self.session.execute(
@@ -390,7 +418,8 @@ class Repository:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
 
         The one claim statement (``claims.claim``): concurrent sweeps never claim one group
-        twice. A worker that dies mid-poll leaves its groups due again when the lease runs
+        twice; the claims come in the order the groups fell due. A worker that dies mid-poll
+        leaves its groups due again when the lease runs
         out; a claim whose message no worker started yet (still in the broker) only
         ``resend_after`` after it was made, so a broker nobody consumes does not fill with one
         message per lease.
@@ -410,9 +439,11 @@ class Repository:
             order_by=[g.next_due_at],
             limit=limit,
             values={"claim_token": token, "claim_expires_at": expires, "claim_started_at": None},
-            returning=[g.id],
+            returning=[g.id, g.next_due_at],
         )
-        claimed = [row[0] for row in rows]
+        # Sent in the order they fell due: a worker with a backlog polls the longest waiting
+        # first (by id, a group whose polls were cut by their deadline could wait for ever).
+        claimed = [row[0] for row in sorted(rows, key=lambda row: (row[1], row[0]))]
         return [GroupClaim(group_id, token, expires) for group_id in claimed]
 
     def start_claim(self, group_id: int, token: str, now: datetime) -> None:

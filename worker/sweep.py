@@ -77,8 +77,8 @@ def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) ->
 def _upkeep(
     repo: Repository, groups: Sequence[GroupView], policy: PollPolicy, now: datetime
 ) -> None:
-    """Split windows that outgrew a page, turn windows dearer than GETs into GET groups,
-    merge small neighbours; a few per tick."""
+    """Split windows that outgrew a page, turn windows dearer than GETs into GET groups, split
+    groups one poll cannot finish in half a lease, merge small neighbours; a few per tick."""
     budget = MAX_UPKEEP_PER_TICK
     for group in groups:
         if budget <= 0:
@@ -99,6 +99,18 @@ def _upkeep(
             parts = planning.split(repo.group_members(group.id), policy.list_group)
             for new_id in [group.id, *repo.regroup(group.id, parts, LIST, now)]:
                 repo.refresh_range(new_id)
+            budget -= 1
+        elif planning.too_slow(group, policy):
+            parts = planning.split_slow(group, repo.group_members(group.id), policy)
+            new_ids = repo.regroup(group.id, parts, group.kind, now)
+            for new_id in [group.id, *new_ids] if group.kind == LIST else []:
+                repo.refresh_range(new_id)
+            log.info(
+                "sweep: group %d takes %.1f s a request; cut in %d to fit half a lease",
+                group.id,
+                group.request_seconds,
+                len(new_ids) + 1,
+            )
             budget -= 1
     gap = planning.gap_limit(planning.density(groups))
     for kind in (LIST, FETCH):

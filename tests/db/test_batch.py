@@ -3,6 +3,7 @@ operations, every page is news, windows fit the data, writes grow with change.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from urllib.parse import parse_qs
@@ -388,3 +389,29 @@ def test_list_windows_ask_for_no_status_filter(
     for entry in sandbox.requests_log():
         query = parse_qs(entry["query"])
         assert "status" not in query and query["pageSize"] == ["1000"]
+
+
+def test_a_listing_cut_by_its_deadline_goes_on_at_the_page_it_did_not_read(
+    sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    # A never-seen window over a day: 4,000 untracked operations from 12 h ago, then six new
+    # ones on its last page. Every answer takes 2.5-3 s; a message stops 5 s after its claim.
+    policy = replace(POLICY, lease=timedelta(seconds=10), request_time=timedelta(seconds=5))
+    sandbox.simulation.add_operations(
+        4000, total=10, duration=100_000, created_at=clock.now().timestamp() - 43_200
+    )
+    new = sandbox.simulation.add_operations(6, total=10, duration=100_000)
+    intake.track(sessions, [o.id for o in new], clock.now())
+    for i in range(100):
+        sandbox.add_fault(Fault(kind="slow", delay=2.5 + (i % 3) * 0.25))
+    client = make_client(gate=db_gate)
+    poller = Poller(sessions, client, policy, clock, Recorder(sessions, policy))
+    ticks = 0
+    while any(r.remote_created_at is None for r in rows(sessions).values()) and ticks < 10:
+        sweep_and_poll(sessions, poller, clock, policy)
+        clock.advance(2)  # beat's tick
+        ticks += 1
+    # Before, every poll read pages 1 and 2 again and the new operations were never seen.
+    assert all(r.remote_created_at is not None for r in rows(sessions).values())
+    tokens = [parse_qs(str(r["query"])).get("pageToken", [""])[0] for r in sandbox.requests_log()]
+    assert len(tokens) == 5 and len(set(tokens)) == 5  # five pages, each read once

@@ -25,7 +25,7 @@ from worker.operation import Operation, Stats, Status
 from worker.poller import Poller
 from worker.recorder import Recorder
 from worker.repository import Repository
-from worker.sandbox import Fault, SandboxServer
+from worker.sandbox import Fault, SandboxServer, SimulatedOperation
 from worker.tracking import (
     ENDED_STATES,
     Gone,
@@ -377,6 +377,54 @@ def test_a_base_url_without_v1_ends_nothing_and_pauses_polling(
     # The List endpoint was asked once (the probe of a GET group, or the window's page).
     lists = [r for r in sandbox.requests_log() if str(r["path"]) == "/SenderPools/Operations"]
     assert len(lists) == 1
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        Fault(kind="slow", delay=6),  # past the message's deadline: _OutOfTime
+        Fault(kind="status", status=429, retry_after="600"),  # RetryLater
+        Fault(kind="status", status=401),  # AuthError
+    ],
+    ids=["deadline", "429", "401"],
+)
+def test_404s_of_a_poll_cut_short_before_the_base_url_was_proven_end_nothing(
+    sessions, sandbox: SandboxServer, db_gate: DbGate, clock: FakeClock, cut: Fault
+) -> None:  # type: ignore[no-untyped-def]
+    ops = sorted((sandbox.add_operation(total=4, duration=3600) for _ in range(3)), key=_id)
+    intake.track(sessions, [o.id for o in ops], clock.now())
+    # The root without /v1 answers 20404 everywhere; no grace: an unproven 404 would end it.
+    policy = replace(
+        POLICY,
+        lease=timedelta(seconds=10),
+        request_time=timedelta(seconds=5),
+        not_found_grace=timedelta(0),
+    )
+    if cut.kind == "slow":
+        cut.match = ops[0].id  # the first 404 comes back after the message's deadline
+    else:
+        cut.match = ops[1].id  # the second GET is refused: the poll stops after one 404
+    sandbox.add_fault(cut)
+    with ApiClient(sandbox.root_url, SID, TOKEN, gate=db_gate, clock=clock) as client:
+        poller = Poller(sessions, client, policy, clock, Recorder(sessions, policy))
+        counts = poll_all(poller, tick(sessions, clock, policy=policy))
+    assert counts.outcomes[Outcome.NOT_FOUND] == 0 and counts.outcomes[Outcome.ERROR] == 0
+    assert counts.outcomes[Outcome.DEFERRED] == len(ops)
+    for op in ops:
+        state = row(sessions, op.id)
+        assert (state.status, state.not_found_since, state.consecutive_errors) == (
+            "PENDING",
+            None,
+            0,
+        )
+    # No List request proved the base URL: the poll stopped before it could ask one.
+    paths = [str(r["path"]) for r in sandbox.requests_log()]
+    assert paths[0] == f"/SenderPools/Operations/{ops[0].id}"
+    assert "/SenderPools/Operations" not in paths
+
+
+def _id(op: SimulatedOperation) -> str:
+    return op.id
 
 
 def test_a_404_with_the_api_reachable_counts_towards_the_grace(

@@ -531,3 +531,86 @@ def test_400_backs_off_growing_to_a_ceiling_of_hours_and_shows_in_status(
     poll_all(poller, tick(sessions, clock))  # the request is right again: back to normal
     assert row(sessions, a.id).consecutive_errors == 0
     assert row(sessions, b.id).consecutive_errors == 0
+
+
+# --- a poll cut by its deadline goes on where it stopped ----------------------------------
+
+# A 10 s lease: a message stops asking 5 s after its claim (request_time 5 s).
+SLOW = replace(POLICY, lease=timedelta(seconds=10), request_time=timedelta(seconds=5))
+
+
+def slow_answers(sandbox: SandboxServer, count: int = 500) -> None:
+    """Every answer takes 2.5 to 3 s of the fake clock (the sandbox sleeps on it)."""
+    for i in range(count):
+        sandbox.add_fault(Fault(kind="slow", delay=2.5 + (i % 3) * 0.25))
+
+
+def asked(sandbox: SandboxServer) -> list[str]:
+    """The operations the GETs asked for, in order."""
+    return [str(r["path"]).rsplit("/", 1)[1] for r in sandbox.requests_log()]
+
+
+def seen_in_one_group(
+    sessions: sessionmaker[Session], sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> list[str]:
+    """Six operations, seen once (quick answers), then in one GET group by their createdAt."""
+    ids = sorted(sandbox.add_operation(total=4, duration=3600).id for _ in range(6))
+    intake.track(sessions, ids, clock.now())
+    poll_all(poller, tick(sessions, clock, policy=SLOW))
+    sweep.place(sessions, clock.now(), SLOW)
+    assert len({row(sessions, op_id).group_id for op_id in ids}) == 1
+    clock.advance(SLOW.interval.total_seconds())
+    sandbox.clear_requests()
+    return ids
+
+
+def test_a_poll_cut_by_its_deadline_goes_on_after_the_last_member_it_asked(
+    sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    poller = make_poller(sessions, make_client(gate=db_gate), SLOW)
+    ids = seen_in_one_group(sessions, sandbox, poller, clock)
+    slow_answers(sandbox)
+    began = clock.now()
+    for _ in range(3):  # claimed as a sweep does (its upkeep would split the group: below)
+        with sessions.begin() as session:
+            [claim] = Repository(session).claim_due(clock.now(), 10, SLOW.lease)
+        counts = poller.poll(claim.group_id, claim.token)
+        assert counts.requests == 2
+    # Each member asked once, in order: each poll went on after the last member asked.
+    assert asked(sandbox) == ids
+    with sessions() as session:
+        group = session.get(PollGroup, claim.group_id)
+        assert group is not None
+        # The round is over: due one interval after it began, nothing left to go on with.
+        assert group.next_due_at == began + SLOW.interval
+        assert group.last_polled_at == began
+        assert (group.round_started_at, group.resume_after) == (None, None)
+        assert group.request_seconds is not None and 2.5 <= group.request_seconds <= 3.0
+
+
+def test_slow_answers_ask_every_member_within_a_few_polls_and_groups_fit_half_a_lease(
+    sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    poller = make_poller(sessions, make_client(gate=db_gate), SLOW)
+    ids = seen_in_one_group(sessions, sandbox, poller, clock)
+    slow_answers(sandbox)
+    began = clock.now()
+    while clock.now() < began + timedelta(seconds=75):
+        poll_all(poller, tick(sessions, clock, policy=SLOW))
+        clock.advance(2)  # beat's tick
+    times: dict[str, list[float]] = {op_id: [] for op_id in ids}
+    for r in sandbox.requests_log():
+        times[str(r["path"]).rsplit("/", 1)[1]].append(float(r["t"]) - began.timestamp())
+    # Before, the first members were asked over and over and the last ones never. One
+    # worker, 2.5-3 s an answer: a round of six takes ~17 s of answers and a few ticks; every
+    # member is asked within the first 30 s, then every 30 s at most.
+    for op_id in ids:
+        asks = times[op_id]
+        assert asks and asks[0] <= 30, (op_id, asks)
+        assert len(asks) >= 3 and max(b - a for a, b in pairwise(asks)) <= 30, (op_id, asks)
+    # The sweep cut the group by what its polls measured: each poll fits half a lease.
+    with sessions() as session:
+        groups = session.scalars(select(PollGroup)).all()
+    half = SLOW.lease.total_seconds() / 2
+    assert all(g.members * (g.request_seconds or 0) <= half for g in groups)
+    assert sum(g.members for g in groups) == 6

@@ -102,6 +102,13 @@ GROUPS = [
         "consecutive_errors": 0,
         "last_error": None,
         "created_at": at(2),
+        # A listing cut after its first page, going on at the second.
+        "round_started_at": at(51),
+        "resume_token": "eyJrZXkiOiBbMTc2MzYzMTAwMCwgImNvbW1zX29wZXJhdGlvbl8wMSJdfQ",
+        "resume_start_at": at(-86401),
+        "resume_end_at": at(1),
+        "resume_after": None,
+        "request_seconds": 2.75,
     },
     {
         "id": 2,
@@ -120,6 +127,13 @@ GROUPS = [
         "consecutive_errors": 1,
         "last_error": "ServerError: HTTP 500",
         "created_at": at(2),
+        # GETs cut after the first member, going on after it.
+        "round_started_at": at(200),
+        "resume_token": None,
+        "resume_start_at": None,
+        "resume_end_at": None,
+        "resume_after": "comms_operation_01h9krwprkeee8fzqspvwyproc01",
+        "request_seconds": 0.125,
     },
 ]
 
@@ -249,6 +263,17 @@ ADDED_COLUMN_VALUES: dict[tuple[str, str], Any] = {
     ("tracked_operations", "not_found_since"): None,
     ("account_pauses", "consecutive_throttles"): 0,
     ("poll_groups", "claim_started_at"): None,
+    **{
+        ("poll_groups", name): None
+        for name in (
+            "round_started_at",
+            "resume_token",
+            "resume_start_at",
+            "resume_end_at",
+            "resume_after",
+            "request_seconds",
+        )
+    },
     ("heartbeats", "schema_revision"): None,
     # 0004's downgrade brings back the per-operation claim, with no claim held.
     ("tracked_operations", "claim_token"): None,

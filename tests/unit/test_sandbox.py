@@ -462,6 +462,23 @@ def test_slow_and_drop_faults(sandbox: SandboxServer, http: requests.Session) ->
     assert [e["status"] for e in sandbox.requests_log()] == [200, 0, 200]
 
 
+def test_a_slow_answer_waits_on_the_injected_sleep(
+    clock: FakeClock, http: requests.Session
+) -> None:
+    def sleep(seconds: float) -> None:  # a fake clock's sleep: time moves, nobody waits
+        clock.now += seconds
+
+    with SandboxServer(account_sid=SID, auth_token=TOKEN, clock=clock, sleep=sleep) as sandbox:
+        sandbox.add_fault(Fault("slow", delay=600))
+        began = time.monotonic()
+        resp = http.get(list_url(sandbox), timeout=5)
+        assert resp.status_code == 200 and time.monotonic() - began < 5
+        assert clock.now == T0 + 600
+        # Logged when it arrived; its Date says when it was answered.
+        assert [e["t"] for e in sandbox.requests_log()] == [T0]
+        assert parsedate_to_datetime(resp.headers["Date"]).timestamp() == T0 + 600
+
+
 @pytest.mark.parametrize("listing", [False, True])
 @pytest.mark.parametrize(
     "variant",

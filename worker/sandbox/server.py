@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
@@ -63,6 +64,7 @@ ERRORS: dict[int, tuple[int, str]] = {
     503: (20503, "Service unavailable."),
 }
 _NUMBER = (int, float)
+Sleep = Callable[[float], None]
 _OP_FIELDS: dict[str, type | tuple[type, ...]] = {
     **{"total": int, "count": int, "outcome": str, "id": str, "created_at": _NUMBER},
     **{"duration": _NUMBER, "fail_ratio": _NUMBER, "cancel_at": _NUMBER},
@@ -101,9 +103,16 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 makes bursts of clients wait for SYN retries
 
     def __init__(
-        self, address: tuple[str, int], sim: Simulation, sid: str, token: str, log: bool
+        self,
+        address: tuple[str, int],
+        sim: Simulation,
+        sid: str,
+        token: str,
+        log: bool,
+        sleep: Sleep | None = None,
     ) -> None:
         self.sim, self.sid, self.token, self.log_requests = sim, sid, token, log
+        self.sleep = sleep
         self.stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
@@ -126,6 +135,13 @@ class _Server(ThreadingHTTPServer):
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
+
+    def hold(self, seconds: float) -> bool:
+        """Wait out a slow answer; True if the sandbox is stopping meanwhile."""
+        if self.sleep is None:
+            return self.stopping.wait(seconds)
+        self.sleep(seconds)
+        return self.stopping.is_set()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], OSError):  # clients hanging up are routine
@@ -245,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.date_offset = fault.date_offset
         if fault.kind == "drop":
             return None
-        if fault.kind == "slow" and self.server.stopping.wait(fault.delay):
+        if fault.kind == "slow" and self.server.hold(fault.delay):
             return None
         if fault.kind == "status":
             return self._fault_reply(fault)
@@ -471,9 +487,13 @@ class SandboxServer:
         duration: float = 20.0,
         clock: Clock = time.time,
         log_requests: bool = False,
+        sleep: Sleep | None = None,
     ) -> None:
+        """``sleep``: how a ``slow`` fault waits (None: for real); with a fake ``clock``, its
+        sleep makes slow answers take time on that clock without a test waiting."""
         self.account_sid, self._token = account_sid, auth_token
         self.host, self._port, self._log = host, port, log_requests
+        self._sleep = sleep
         self.simulation = Simulation(seed=seed, duration=duration, clock=clock)
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -486,7 +506,12 @@ class SandboxServer:
         if self._httpd is not None:
             raise RuntimeError("sandbox already started")
         httpd = _Server(
-            (self.host, self._port), self.simulation, self.account_sid, self._token, self._log
+            (self.host, self._port),
+            self.simulation,
+            self.account_sid,
+            self._token,
+            self._log,
+            self._sleep,
         )
         self._httpd = httpd
         self._thread = threading.Thread(
