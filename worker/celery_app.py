@@ -179,7 +179,12 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
     def start_heartbeat(self, role: str) -> None:
         """Refuse to run beside another release (OtherReleaseRunning), then beat for this
         process (``worker`` or ``beat``) until ``stop_heartbeat``."""
-        heartbeat = liveness.ProcessHeartbeat(self.settings.database_url, role, SystemClock())
+        heartbeat = liveness.ProcessHeartbeat(
+            self.settings.database_url,
+            role,
+            SystemClock(),
+            delivers_notices=self.settings.notices_enabled,
+        )
         heartbeat.refuse_beside_other_releases()
         heartbeat.start()
         self._heartbeat = heartbeat
