@@ -93,7 +93,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "schedule": settings.tick_interval,
             "options": {"expires": max(2 * settings.tick_interval, 5.0)},
         }
-    if settings.prune_older_than is not None:
+    # Delivered notices are pruned after OPTRACK_NOTICE_RETENTION wherever they are delivered.
+    if settings.prune_older_than is not None or settings.notices_enabled:
         schedule["optrack-prune"] = {
             "task": PRUNE_TASK,
             "schedule": PRUNE_INTERVAL,
