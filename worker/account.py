@@ -16,17 +16,21 @@ from sqlalchemy.orm import sessionmaker
 from worker import dialect
 from worker.clock import Clock
 from worker.db import DB_UNREACHABLE, AccountPause, RequestBudget
-from worker.errors import RetryLater
+from worker.errors import AUTH_STATUSES, RetryLater
 from worker.gate import LocalGate
 
 log = logging.getLogger(__name__)
+_Pause = tuple[datetime, str, int, datetime]  # until, reason, status, when it was recorded
 
 
 class DbGate:
     """The account pause kept in the database, so every process on every machine honors it.
 
     The row also counts the account's throttles in a row (``consecutive_throttles``), so a
-    storm of ``Retry-After: 0`` grows the wait for every process. If the database cannot be
+    storm of ``Retry-After: 0`` grows the wait for every process, and keeps the last 401/403
+    (``credentials_rejected_at``, ``credentials_error``) apart from the pause: a longer pause
+    for a 429 neither drops nor overwrites it; a 200 to a request sent after it clears it.
+    If the database cannot be
     reached, the pause is still honored by this process (an in-process gate inside this one),
     logged, and written as soon as the database answers again: a 429 is never forgotten.
     """
@@ -36,8 +40,12 @@ class DbGate:
         self.account_sid = account_sid
         self.clock = clock
         self._local = LocalGate()
-        self._pending: tuple[datetime, str, int] | None = None  # a pause not written yet
+        # A pause not written yet (until, reason, status, when), and a 401/403's, apart: the
+        # later pause is kept, but a rejection of the credentials is written even once it ran out.
+        self._pending: _Pause | None = None
+        self._pending_rejection: _Pause | None = None
         self._throttles_seen = 0  # the row's count at the last read or write
+        self._rejection_seen = False  # the row held a credentials rejection at the last read
         self._down = False
 
     def paused_until(self, now: datetime) -> tuple[datetime, str] | None:
@@ -48,6 +56,7 @@ class DbGate:
                 row = session.get(AccountPause, self.account_sid)
                 found = None if row is None else (row.paused_until, row.reason)
                 self._throttles_seen = 0 if row is None else row.consecutive_throttles
+                self._rejection_seen = row is not None and row.credentials_rejected_at is not None
             self._flush_pending(now)
         except DB_UNREACHABLE as exc:
             self._unreachable("read", exc)
@@ -59,13 +68,17 @@ class DbGate:
         return shared
 
     def pause(self, until: datetime, reason: str, status: int) -> None:
-        """Record the pause at once, in its own transaction, keeping a later existing one."""
+        """Record the pause at once, in its own transaction, keeping a later existing one; a
+        401/403 is recorded as a rejection of the credentials whatever pause runs."""
         self._local.pause(until, reason, status)
+        now = self.clock.now()
         try:
-            self._write_pause(until, reason, status)
+            self._write_pause(until, reason, status, now)
         except DB_UNREACHABLE as exc:
             if self._pending is None or until > self._pending[0]:
-                self._pending = (until, reason, status)
+                self._pending = (until, reason, status, now)
+            if status in AUTH_STATUSES:
+                self._pending_rejection = (until, reason, status, now)
             self._unreachable("write", exc)
             log.warning(
                 "account pause until %s kept in this process only until the database answers",
@@ -100,20 +113,27 @@ class DbGate:
         self._throttles_seen = count
         return count
 
-    def reset_throttles(self) -> None:
-        """Set the count back to 0 after a 200 (a write only when a count was seen)."""
-        if self._throttles_seen == 0:
+    def answered_ok(self, sent_at: datetime) -> None:
+        """After a 200 to a request sent at ``sent_at``: the throttle count back to 0, and a
+        rejection of the credentials recorded before ``sent_at`` cleared (a write only when the
+        last read saw either)."""
+        if self._throttles_seen == 0 and not self._rejection_seen:
             return
         self._throttles_seen = 0
+        self._rejection_seen = False
+        mine = AccountPause.account_sid == self.account_sid
         try:
             with self._sessions.begin() as session:
                 session.execute(
                     update(AccountPause)
-                    .where(
-                        AccountPause.account_sid == self.account_sid,
-                        AccountPause.consecutive_throttles > 0,
-                    )
+                    .where(mine, AccountPause.consecutive_throttles > 0)
                     .values(consecutive_throttles=0)
+                    .execution_options(synchronize_session=False)
+                )
+                session.execute(
+                    update(AccountPause)
+                    .where(mine, AccountPause.credentials_rejected_at <= sent_at)
+                    .values(credentials_rejected_at=None, credentials_error=None)
                     .execution_options(synchronize_session=False)
                 )
         except DB_UNREACHABLE as exc:
@@ -124,7 +144,7 @@ class DbGate:
         with self._sessions() as session:
             return session.get(AccountPause, self.account_sid)
 
-    def _write_pause(self, until: datetime, reason: str, status: int) -> None:
+    def _write_pause(self, until: datetime, reason: str, status: int, at: datetime) -> None:
         with self._sessions.begin() as session:
             insert = dialect.insert(session)
             stmt = insert(AccountPause).values(
@@ -132,7 +152,7 @@ class DbGate:
                 paused_until=until,
                 reason=reason,
                 status_code=status,
-                updated_at=self.clock.now(),
+                updated_at=at,
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["account_sid"],
@@ -145,17 +165,35 @@ class DbGate:
                 where=AccountPause.paused_until < stmt.excluded.paused_until,
             )
             session.execute(stmt)
+            if status in AUTH_STATUSES:
+                # Its own fact, whichever pause won above: only an accepted request clears it.
+                rejected = AccountPause.credentials_rejected_at
+                session.execute(
+                    update(AccountPause)
+                    .where(
+                        AccountPause.account_sid == self.account_sid,
+                        rejected.is_(None) | (rejected <= at),
+                    )
+                    .values(credentials_rejected_at=at, credentials_error=reason)
+                    .execution_options(synchronize_session=False)
+                )
 
     def _flush_pending(self, now: datetime) -> None:
-        """Write the pause recorded while the database was unreachable, if it still runs."""
+        """Write what was recorded while the database was unreachable: the pause if it still
+        runs, a rejection of the credentials in any case."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] > now:
-            try:
+        rejection, self._pending_rejection = self._pending_rejection, None
+        written = None
+        try:
+            if pending is not None and pending[0] > now:
                 self._write_pause(*pending)
-            except DB_UNREACHABLE:
-                self._pending = pending
-                raise
-            log.info("account pause until %s written to the database", pending[0].isoformat())
+                written = pending
+                log.info("account pause until %s written to the database", pending[0].isoformat())
+            if rejection is not None and rejection != written:
+                self._write_pause(*rejection)
+        except DB_UNREACHABLE:
+            self._pending, self._pending_rejection = pending, rejection
+            raise
 
     def _unreachable(self, what: str, exc: Exception) -> None:
         if not self._down:

@@ -93,7 +93,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "schedule": settings.tick_interval,
             "options": {"expires": max(2 * settings.tick_interval, 5.0)},
         }
-    if settings.prune_older_than is not None:
+    # Delivered notices are pruned after OPTRACK_NOTICE_RETENTION wherever they are delivered.
+    if settings.prune_older_than is not None or settings.notices_enabled:
         schedule["optrack-prune"] = {
             "task": PRUNE_TASK,
             "schedule": PRUNE_INTERVAL,
@@ -179,7 +180,12 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
     def start_heartbeat(self, role: str) -> None:
         """Refuse to run beside another release (OtherReleaseRunning), then beat for this
         process (``worker`` or ``beat``) until ``stop_heartbeat``."""
-        heartbeat = liveness.ProcessHeartbeat(self.settings.database_url, role, SystemClock())
+        heartbeat = liveness.ProcessHeartbeat(
+            self.settings.database_url,
+            role,
+            SystemClock(),
+            delivers_notices=self.settings.notices_enabled,
+        )
         heartbeat.refuse_beside_other_releases()
         heartbeat.start()
         self._heartbeat = heartbeat

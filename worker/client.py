@@ -252,6 +252,7 @@ class ApiClient:
                 self.clock.sleep(
                     self.budget.reserve(self.clock.now(), self.policy.max_inplace_wait)
                 )
+            sent_at = self.clock.now()
             try:
                 response = self._send(url, params)
             except TransportError:
@@ -261,7 +262,7 @@ class ApiClient:
             if self.observer is not None:
                 self.observer.answered(endpoint, response.status)
             if response.status == 200:
-                self.gate.reset_throttles()
+                self.gate.answered_ok(sent_at)
                 served_at = parse_served_at(response.headers.get("Date"), self.clock.now())
                 return _json_body(response), served_at
             if 300 <= response.status < 400:

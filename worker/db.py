@@ -41,7 +41,7 @@ DB_UNREACHABLE = (OperationalError, InterfaceError)
 DB_REFUSED = (SQLAlchemyError, ValueError)
 
 # The Alembic revision these models are: the head of migrations/ (a test keeps them equal).
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 
 GROUP_KINDS = ("list", "fetch")
 
@@ -217,6 +217,10 @@ class AccountPause(Base):
     # 409/429/503 answers in a row, whoever got them; a 200 sets it back to 0. A Retry-After
     # of 0 (or none usable) waits longer with each (migration 0005).
     consecutive_throttles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The last 401/403 and why, kept apart from the pause (migration 0011): a later pause of
+    # another kind does not hide it. A 200 sent after it clears both: the credentials work.
+    credentials_rejected_at: Mapped[datetime | None]
+    credentials_error: Mapped[str | None] = mapped_column(Text)
 
 
 class RequestBudget(Base):

@@ -26,8 +26,9 @@ class AccountGate(Protocol):
         """Count one more 409/429/503 in a row for the account; return how many so far."""
         ...
 
-    def reset_throttles(self) -> None:
-        """A 200 arrived: the account's throttles in a row start again from 0."""
+    def answered_ok(self, sent_at: datetime) -> None:
+        """A request sent at ``sent_at`` got a 200: the account's throttles in a row start
+        again from 0, and a rejection of the credentials recorded before it is over."""
         ...
 
 
@@ -60,7 +61,7 @@ class LocalGate:
             self._throttles += 1
             return self._throttles
 
-    def reset_throttles(self) -> None:
+    def answered_ok(self, sent_at: datetime) -> None:
         """Start counting throttles again."""
         with self._lock:
             self._throttles = 0

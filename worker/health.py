@@ -24,7 +24,7 @@ from worker.db import (
     PollGroup,
     TrackedOperation,
 )
-from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
+from worker.errors import CONFIG_ERROR_STATUS
 from worker.records import iso
 from worker.tracking import ACTIVE_STATES, PROCESSING
 
@@ -102,10 +102,11 @@ def operation_counts(session: Session) -> dict[str, int]:
     return {status: int(count) for status, count in session.execute(stmt)}
 
 
-def credentials_rejected(session: Session, account_sid: str, now: datetime) -> AccountPause | None:
-    """The account pause caused by a 401/403, while it still runs."""
+def credentials_rejected(session: Session, account_sid: str) -> AccountPause | None:
+    """The account's row while its credentials stand rejected: from a 401/403 until a request
+    sent after it is answered 200, whatever pause runs or ran out meanwhile."""
     row = session.get(AccountPause, account_sid)
-    if row is not None and row.status_code in AUTH_STATUSES and row.paused_until > now:
+    if row is not None and row.credentials_rejected_at is not None:
         return row
     return None
 
@@ -145,7 +146,7 @@ def gauges(session: Session, account_sid: str, now: datetime) -> Gauges:
         notices_pending=int(pending or 0),
         processing_unchanged=processing_unchanged(session, now),
         paused=pause is not None and pause.paused_until > now,
-        credentials_rejected=credentials_rejected(session, account_sid, now) is not None,
+        credentials_rejected=credentials_rejected(session, account_sid) is not None,
         dead_letters=dead_letters.waiting(session),
     )
 
@@ -197,11 +198,11 @@ def check(
         problems.append(
             f"polling lags {lag:.0f}s behind schedule (more than {max_lag.total_seconds():.0f}s)"
         )
-    rejected = credentials_rejected(session, account_sid, now)
-    if rejected is not None:
+    rejected = credentials_rejected(session, account_sid)
+    if rejected is not None and rejected.credentials_rejected_at is not None:
         problems.append(
-            f"credentials rejected (HTTP {rejected.status_code}) at "
-            f"{rejected.updated_at.isoformat()}: {rejected.reason}"
+            f"credentials rejected at {rejected.credentials_rejected_at.isoformat()}, no request "
+            f"accepted since: {rejected.credentials_error}"
         )
     wrong = configuration_error(session, account_sid, now)
     if wrong is not None:

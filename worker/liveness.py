@@ -35,6 +35,9 @@ WINDOW = timedelta(seconds=30)
 LEGACY_BEAT = "beat"
 # Rows of processes that died without a word are dropped after a day.
 FORGET_AFTER = timedelta(days=1)
+# The last time any process configured to deliver completion notices was alive: not a
+# process's row (no revision, so no release check reads it, and it outlives the process).
+NOTICES = "notices"
 
 
 class OtherReleaseRunning(OptrackError):
@@ -74,6 +77,25 @@ def beat(session: Session, name: str, now: datetime) -> None:
             Heartbeat.beat_at < now - FORGET_AFTER, Heartbeat.schema_revision.is_not(None)
         )
     )
+
+
+def notices_delivered(session: Session, now: datetime) -> None:
+    """Record that a process configured to deliver completion notices is alive at ``now``."""
+    stmt = dialect.insert(session)(Heartbeat).values(
+        name=NOTICES, beat_at=now, schema_revision=None
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"],
+        set_={"beat_at": stmt.excluded.beat_at},
+        where=Heartbeat.beat_at < stmt.excluded.beat_at,
+    )
+    session.execute(stmt)
+
+
+def notices_last_delivered(session: Session) -> datetime | None:
+    """When a process configured to deliver completion notices was last alive, if ever."""
+    row = session.get(Heartbeat, NOTICES)
+    return None if row is None else row.beat_at
 
 
 def stopped(session: Session, name: str) -> None:
@@ -121,9 +143,13 @@ def refuse_beside_other_releases(engine: Engine, now: datetime) -> None:
 class ProcessHeartbeat:
     """A daemon thread that beats for this process every ``PERIOD`` until ``stop``."""
 
-    def __init__(self, database_url: str, role: str, clock: Clock) -> None:
+    def __init__(
+        self, database_url: str, role: str, clock: Clock, *, delivers_notices: bool = False
+    ) -> None:
         self.name = identity(role)
         self._clock = clock
+        # Its settings name a notice channel: every process then queues completion notices.
+        self._delivers_notices = delivers_notices
         # No pooled connection is held between beats, nor inherited by a forked child.
         self._engine = make_engine(database_url, pooled=False)
         self._stop = threading.Event()
@@ -154,6 +180,8 @@ class ProcessHeartbeat:
             try:
                 with Session(self._engine) as session, session.begin():
                     beat(session, self.name, self._clock.now())
+                    if self._delivers_notices:
+                        notices_delivered(session, self._clock.now())
             except DB_UNREACHABLE as exc:  # down a moment: the next beat tries again
                 log.info("heartbeat: database unreachable (%s)", type(exc).__name__)
             self._stop.wait(PERIOD.total_seconds())

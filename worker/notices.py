@@ -2,7 +2,10 @@
 
 ``record_end`` inserts the row in the caller's transaction, the one that moves the operation to
 COMPLETED, CANCELED or NOT_FOUND: the end and its notice commit together or not at all, and the
-unique constraint on ``operation_id`` makes it one notice per operation, ever.
+unique constraint on ``operation_id`` makes it one notice per operation, ever. A row is queued
+only where it can be delivered: by a process with a channel (``end_hook``), or by one without
+while a process with one was alive within ``DELIVERY_REMEMBERED`` (``end_hook_if_delivered``;
+those processes beat ``liveness.NOTICES``). With no channel anywhere, no outbox grows.
 
 ``deliver_pending`` claims due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; one conditional
 UPDATE under SQLite's write lock), sends each through every configured channel not yet done,
@@ -29,7 +32,7 @@ from kombu.exceptions import KombuError
 from sqlalchemy import and_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import claims, dialect, logs
+from worker import claims, dialect, liveness, logs
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
 from worker.records import iso, operation_record
@@ -40,6 +43,10 @@ from worker.webhooks import SIGNATURE_HEADER, sign
 log = logging.getLogger(__name__)
 
 EVENT = "operation.ended"
+# How long after a process with a notice channel was last alive every process still queues
+# notices: its restart, a deploy or an outage of a few days loses none; past that, nothing
+# delivers them and none is queued.
+DELIVERY_REMEMBERED = timedelta(days=7)
 NOTICE_ID_HEADER = "X-Optrack-Notice-Id"
 
 ChannelName = Literal["task", "webhook"]
@@ -77,6 +84,19 @@ def end_hook(session: Session, operation_id: str, now: datetime) -> None:
     row = session.get(TrackedOperation, operation_id, populate_existing=True)
     if row is not None:
         record_end(session, row, now)
+
+
+def delivery_configured(session: Session, now: datetime) -> bool:
+    """True when a process configured to deliver notices was alive within
+    ``DELIVERY_REMEMBERED`` of ``now``."""
+    seen = liveness.notices_last_delivered(session)
+    return seen is not None and seen > now - DELIVERY_REMEMBERED
+
+
+def end_hook_if_delivered(session: Session, operation_id: str, now: datetime) -> None:
+    """``end_hook`` for a process without a channel: queues only if another process delivers."""
+    if delivery_configured(session, now):
+        end_hook(session, operation_id, now)
 
 
 @dataclass(frozen=True)

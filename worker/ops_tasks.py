@@ -90,12 +90,15 @@ PRUNE_TIME_LIMIT = 1860.0
     periodic=True,
 )
 def prune(self: GuardedTask) -> dict[str, int]:
-    """Drop the history of operations that ended before OPTRACK_PRUNE_OLDER_THAN."""
+    """Drop the notices delivered before OPTRACK_NOTICE_RETENTION, and the history of
+    operations that ended before OPTRACK_PRUNE_OLDER_THAN if it is set."""
     rt = self.runtime
+    now = rt.clock.now()
+    delivered = retention.prune_delivered_notices(rt.sessions, now - rt.settings.notice_retention)
     older_than = rt.settings.prune_older_than
     if older_than is None:
-        log.info("prune: OPTRACK_PRUNE_OLDER_THAN is not set; nothing to do")
-        return {"history_rows": 0, "notices": 0}
-    result = retention.prune(rt.sessions, rt.clock.now() - older_than)
+        log.info("prune: OPTRACK_PRUNE_OLDER_THAN is not set; the history is kept")
+        return {"history_rows": 0, "notices": delivered}
+    result = retention.prune(rt.sessions, now - older_than)
     rt.metrics.pruned.inc(result.history_rows)
-    return {"history_rows": result.history_rows, "notices": result.notices}
+    return {"history_rows": result.history_rows, "notices": delivered + result.notices}

@@ -1,8 +1,10 @@
 """Retention: drop the history of operations that ended long ago, in short transactions.
 
 Each operation keeps its ``tracked_operations`` row (its final state) and its last history row;
-only the steps before that go. Deleted notices are the delivered ones of the same operations.
-Each batch is its own transaction, so no lock is held for long.
+only the steps before that go. Deleted notices are the delivered ones of the same operations,
+and (``prune_delivered_notices``) every notice delivered before its own cutoff, so the outbox
+holds what is pending and a bounded tail of what went out. Each batch is its own transaction,
+so no lock is held for long.
 
 A prune walks forward with a cursor, in the order of an index that already exists: history in
 ``(operation_id, seq)`` order (its unique constraint), notices in ``operation_id`` order (theirs),
@@ -178,6 +180,45 @@ def _walk(
             on_batch(kind, deleted)
         if cursor is None:
             return total, batches
+
+
+def _delivered_window(
+    session: Session, before: datetime, after: datetime | None, size: int
+) -> tuple[int, datetime | None]:
+    """Delete the next ``size`` notices delivered before ``before``, in ``delivered_at`` order
+    (its index); (deleted, next cursor or None). All read go, so the cursor only skips the
+    index entries of what earlier batches deleted."""
+    query = (
+        select(Notice.id, Notice.delivered_at)
+        .where(Notice.delivered_at < before)
+        .order_by(Notice.delivered_at)
+        .limit(size)
+    )
+    if after is not None:
+        query = query.where(Notice.delivered_at >= after)
+    window = session.execute(query).all()
+    _delete_ids(session, Notice, [notice_id for notice_id, _ in window])
+    return len(window), window[-1][1] if len(window) == size else None
+
+
+def prune_delivered_notices(
+    sessions: sessionmaker[Session],
+    before: datetime,
+    batch_size: int = DEFAULT_BATCH,
+    on_batch: OnBatch | None = None,
+) -> int:
+    """Delete every notice delivered before ``before``, ``batch_size`` per transaction; return
+    how many. Pending notices stay, however old (they are still owed)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    deleted, _ = _walk(
+        sessions,
+        "notices",
+        lambda s, after: _delivered_window(s, before, after, batch_size),
+        on_batch,
+    )
+    log.info("pruned %d notice(s) delivered before %s", deleted, before.isoformat())
+    return deleted
 
 
 def prune(

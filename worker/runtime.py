@@ -106,10 +106,11 @@ class Runtime:
 
     @cached_property
     def recorder(self) -> Recorder:
-        # Completion notices go into the outbox in the transaction that ends the operation,
-        # whatever this process's own settings: delivery is what OPTRACK_NOTIFY_TASK and
-        # OPTRACK_WEBHOOK_URL turn on, wherever the dispatcher runs.
-        return Recorder(self.sessions, self.poll_policy, [notices.end_hook])
+        # Completion notices go into the outbox in the transaction that ends the operation when
+        # this process has a channel (OPTRACK_NOTIFY_TASK, OPTRACK_WEBHOOK_URL), or another
+        # one that has was alive lately (notices.DELIVERY_REMEMBERED): never where none is.
+        hook = notices.end_hook if self.settings.notices_enabled else notices.end_hook_if_delivered
+        return Recorder(self.sessions, self.poll_policy, [hook])
 
     @cached_property
     def poller(self) -> Poller:

@@ -19,6 +19,8 @@ from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
 DEFAULT_API_BASE_URL = "https://comms.twilio.com/v1"
 DEFAULT_HOME = Path(".optrack")
 DEFAULT_DISCOVERY_WINDOW = timedelta(days=7)
+# A delivered notice is kept this long, then retention deletes it (it served its purpose).
+DEFAULT_NOTICE_RETENTION = timedelta(days=7)
 LOG_FORMATS = ("text", "json")
 # Not Celery's default queue: optrack's own workers consume that one and would drop the task.
 DEFAULT_NOTIFY_QUEUE = "optrack.notices"
@@ -88,6 +90,7 @@ BOUNDS: Mapping[str, Bound] = {
     "OPTRACK_DISCOVERY_INTERVAL": Bound(10.0, 7 * DAY),
     "OPTRACK_DISCOVERY_WINDOW": Bound(60.0, 366 * DAY),
     "OPTRACK_PRUNE_OLDER_THAN": Bound(3600.0, 36600 * DAY),
+    "OPTRACK_NOTICE_RETENTION": Bound(3600.0, 366 * DAY),
     "OPTRACK_METRICS_PORT": Bound(1, 65535, ""),
     "OPTRACK_HTTP_PORT": Bound(0, 65535, ""),
 }
@@ -152,6 +155,7 @@ class Settings:
     metrics_dir: str | None = None
     log_format: str = "text"
     prune_older_than: timedelta | None = None
+    notice_retention: timedelta = DEFAULT_NOTICE_RETENTION
     # `optrack serve` (README "HTTP API and dashboard").
     http_host: str = "127.0.0.1"
     http_port: int = DEFAULT_HTTP_PORT
@@ -553,6 +557,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         metrics_dir=metrics_dir,
         log_format=_choice(env, "OPTRACK_LOG_FORMAT", LOG_FORMATS),
         prune_older_than=_duration(env, "OPTRACK_PRUNE_OLDER_THAN"),
+        notice_retention=_duration(env, "OPTRACK_NOTICE_RETENTION") or DEFAULT_NOTICE_RETENTION,
         http_host=env.get("OPTRACK_HTTP_HOST", "").strip() or "127.0.0.1",
         http_port=_int(env, "OPTRACK_HTTP_PORT", DEFAULT_HTTP_PORT),
         http_token=_http_token(env),

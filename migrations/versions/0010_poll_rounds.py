@@ -16,7 +16,6 @@ from alembic import op
 import worker.db
 
 revision: str = "0010"
-# Issue 18 adds another 0010 (account pause): the integrator chains one after the other.
 down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.services import SID, TOKEN
 from worker import health
+from worker.account import DbGate
 from worker.clock import FakeClock
 from worker.db import AccountPause, Heartbeat
 from worker.repository import Repository
@@ -47,14 +48,18 @@ def healthy_state(sessions: sessionmaker[Session], now: datetime) -> None:
 
 
 def pause(sessions: sessionmaker[Session], status: int, until: datetime) -> None:
+    reason = f"HTTP {status}: credentials rejected; check TWILIO_*"
+    rejected = status in (401, 403)
     with sessions.begin() as session:
         session.merge(
             AccountPause(
                 account_sid=SID,
                 paused_until=until,
-                reason=f"HTTP {status}: credentials rejected; check TWILIO_*",
+                reason=reason,
                 status_code=status,
                 updated_at=until - timedelta(hours=1),
+                credentials_rejected_at=until - timedelta(hours=1) if rejected else None,
+                credentials_error=reason if rejected else None,
             )
         )
 
@@ -107,7 +112,8 @@ def test_credentials_rejected(db_url: str, sessions: sessionmaker[Session], tmp_
     pause(sessions, 401, datetime.now(UTC) + timedelta(hours=1))
     result = optrack_health(db_url, tmp_path)
     assert result.returncode == 1
-    assert "unhealthy: credentials rejected (HTTP 401)" in result.stderr
+    assert "unhealthy: credentials rejected at" in result.stderr
+    assert "HTTP 401: credentials rejected" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
 
 
@@ -149,7 +155,11 @@ def test_check_judges_each_condition_at_an_injected_time(
 
     pause(sessions, 403, clock.now() + MINUTE)
     assert any("HTTP 403" in p for p in judge().problems)
-    clock.advance(61)  # the credentials pause ran out: no longer a credentials problem
+    clock.advance(61)  # the pause ran out, but no request was accepted since: still rejected
+    assert any("HTTP 403" in p for p in judge().problems)
+    gate = DbGate(sessions.kw["bind"], SID, clock)
+    gate.paused_until(clock.now())  # a request reads the row, is sent and answered 200
+    gate.answered_ok(clock.now())
     assert not any("HTTP 403" in p for p in judge().problems)
 
 

@@ -268,10 +268,13 @@ def test_alerting_gauges_pause_credentials_stalest_change_dead_letters(
     assert value(later, "optrack_processing_unchanged_seconds") == expected >= 600
     assert value(later, "optrack_account_paused") == 1
     assert value(later, "optrack_credentials_rejected") == 1
-    clock.advance(61)  # the pause is over
+    clock.advance(61)  # the pause is over; the credentials stand rejected until a 200
     over = scrape(port)
     assert value(over, "optrack_account_paused") == 0
-    assert value(over, "optrack_credentials_rejected") == 0
+    assert value(over, "optrack_credentials_rejected") == 1
+    db_gate.paused_until(clock.now())
+    db_gate.answered_ok(clock.now())
+    assert value(scrape(port), "optrack_credentials_rejected") == 0
 
     with sessions.begin() as session:  # a message given up on, then replayed
         dead_letters.bury(

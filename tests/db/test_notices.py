@@ -30,10 +30,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.services import SID, TOKEN
+from worker import liveness
 from worker.celery_app import DELIVER_NOTICES_TASK, celery_config
 from worker.clock import FakeClock, SystemClock
 from worker.db import Notice, TrackedOperation
 from worker.notices import (
+    DELIVERY_REMEMBERED,
     DeliveryPolicy,
     Message,
     TaskChannel,
@@ -227,11 +229,14 @@ def test_the_pollers_end_hook_records_the_whole_final_record(
     assert by_id[missing]["tracked_at"] is not None  # re-read whole, not just the 404's values
 
 
-def test_a_process_without_notice_settings_still_writes_the_outbox_row(
+def test_no_channel_anywhere_queues_no_notice_and_a_channel_on_another_process_does(
     db_url: str, sandbox: SandboxServer, clock: FakeClock
 ) -> None:
-    """The row belongs to the end, not to the settings of whichever worker saw it."""
-    done = sandbox.add_operation(total=2, duration=0, outcome="COMPLETED")
+    """No outbox row where nothing delivers (issue 18: a 10-minute run left 3,708 rows); one
+    where another process has a channel, or had one within DELIVERY_REMEMBERED."""
+    first, second, third = (
+        sandbox.add_operation(total=2, duration=0, outcome="COMPLETED") for _ in range(3)
+    )
     settings = load_settings(
         {
             "OPTRACK_DATABASE_URL": db_url,
@@ -241,6 +246,50 @@ def test_a_process_without_notice_settings_still_writes_the_outbox_row(
         }
     )
     assert not settings.notices_enabled
+    rt = Runtime(settings, clock=clock)
+    try:
+        with rt.sessions.begin() as session:
+            Repository(session).add([first.id, second.id, third.id], clock.now())
+        rt.poller.refresh([first.id])
+        assert notices(rt.sessions) == []  # ended, and no channel anywhere: no row
+        # A worker with OPTRACK_WEBHOOK_URL starts elsewhere: its heartbeat says so.
+        beat = liveness.ProcessHeartbeat(db_url, "worker", clock, delivers_notices=True)
+        beat.start()
+        deadline = time.monotonic() + 10
+        while not notices_seen(rt.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        beat.stop()
+        clock.advance(3 * 86400.0)  # stopped three days ago: still remembered
+        rt.poller.refresh([second.id])
+        assert [n.operation_id for n in notices(rt.sessions)] == [second.id]
+        clock.advance(DELIVERY_REMEMBERED.total_seconds())  # gone for longer than that
+        rt.poller.refresh([third.id])
+        assert [n.operation_id for n in notices(rt.sessions)] == [second.id]
+        with rt.sessions() as session:
+            ended = {r.id: r.status for r in session.scalars(select(TrackedOperation))}
+        assert set(ended.values()) == {"COMPLETED"}  # every end recorded all the same
+    finally:
+        rt.close()
+
+
+def notices_seen(sessions: sessionmaker[Session]) -> bool:
+    with sessions() as session:
+        return liveness.notices_last_delivered(session) is not None
+
+
+def test_a_process_with_a_channel_queues_its_notices_before_any_heartbeat(
+    db_url: str, sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    done = sandbox.add_operation(total=2, duration=0, outcome="COMPLETED")
+    settings = load_settings(
+        {
+            "OPTRACK_DATABASE_URL": db_url,
+            "OPTRACK_API_BASE_URL": sandbox.base_url,
+            "OPTRACK_NOTIFY_TASK": "billing.operation_ended",
+            "TWILIO_ACCOUNT_SID": SID,
+            "TWILIO_AUTH_TOKEN": TOKEN,
+        }
+    )
     rt = Runtime(settings, clock=clock)
     try:
         with rt.sessions.begin() as session:

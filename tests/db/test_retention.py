@@ -18,15 +18,17 @@ from tests.support.services import SID, TOKEN
 from worker.celery_app import PRUNE_TASK, celery_config
 from worker.clock import FakeClock
 from worker.db import HistoryEntry, Notice, TrackedOperation
-from worker.notices import record_end
+from worker.notices import DeliveryError, Message, deliver_pending, record_end
 from worker.repository import Repository
-from worker.retention import prune
+from worker.retention import prune, prune_delivered_notices
 from worker.settings import load_settings
 
 DAY = timedelta(days=1)
 
 
 def op_id(n: int) -> str:
+    if n >= 100:
+        return f"comms_operation_01h9krwprkeee8fzqspvwy{n:04d}"
     return f"comms_operation_01h9krwprkeee8fzqspvwy6n{n:02d}"
 
 
@@ -116,6 +118,10 @@ def test_prune_keeps_final_states_and_recent_history(
 def test_beat_entry_is_opt_in() -> None:
     base = {"OPTRACK_DATABASE_URL": "sqlite:///x.sqlite", "OPTRACK_BROKER_URL": "redis://r"}
     assert "optrack-prune" not in celery_config(load_settings(base))["beat_schedule"]
+    # Where notices are delivered, delivered ones are pruned daily, history retention or not.
+    hooked = load_settings({**base, "OPTRACK_NOTIFY_TASK": "billing.operation_ended"})
+    assert hooked.notice_retention == 7 * DAY and hooked.prune_older_than is None
+    assert celery_config(hooked)["beat_schedule"]["optrack-prune"]["task"] == PRUNE_TASK
     settings = load_settings({**base, "OPTRACK_PRUNE_OLDER_THAN": "90d"})
     assert settings.prune_older_than == 90 * DAY
     entry = celery_config(settings)["beat_schedule"]["optrack-prune"]
@@ -141,6 +147,7 @@ def test_cli_prune(db_url: str, sessions: sessionmaker[Session], tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("pruned 3 history row(s) and 0 delivered notice(s)")
+    assert "pruned 0 notice(s) delivered before" in done.stdout
     assert seqs(sessions) == {op_id(1): [4]}
 
 
@@ -170,6 +177,83 @@ def test_the_daily_beat_task_prunes(sqlite_url: str, tmp_path: Path) -> None:
     assert "'history_rows': 5" in done.stdout
     assert seqs(sessions) == {op_id(1): [6]}
     engine.dispose()
+
+
+@pytest.mark.slow
+def test_the_daily_beat_task_prunes_delivered_notices_without_history_retention(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from worker.db import make_engine, make_sessionmaker
+
+    engine = make_engine(sqlite_url)
+    sessions = make_sessionmaker(engine)
+    now = datetime.now(UTC)
+    for n, ended in ((1, now - 9 * DAY), (2, now - DAY), (3, now - 30 * DAY)):
+        make_operation(sessions, n, "COMPLETED", 3, ended, ended - DAY)
+    with sessions.begin() as session:  # 3's notice was never delivered: it is still owed
+        for notice in session.scalars(select(Notice).where(Notice.operation_id != op_id(3))):
+            notice.delivered_at = notice.created_at
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(
+        OPTRACK_HOME=str(tmp_path / "home"),
+        OPTRACK_DATABASE_URL=sqlite_url,
+        OPTRACK_NOTIFY_TASK="billing.operation_ended",
+    )
+    script = (
+        "from worker.celery_app import app\n"
+        "app.loader.import_default_modules()\n"
+        f"print(app.tasks[{PRUNE_TASK!r}].apply().result)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "{'history_rows': 0, 'notices': 1}" in done.stdout
+    with sessions() as session:
+        assert set(session.scalars(select(Notice.operation_id))) == {op_id(2), op_id(3)}
+    assert len(seqs(sessions)[op_id(1)]) == 3  # no history retention asked for
+    engine.dispose()
+
+
+class Receiver:
+    """A channel that takes every notice but those of ``refused`` (it always fails them)."""
+
+    name = "webhook"
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+        self.got: list[str] = []
+
+    def send(self, message: Message) -> None:
+        if message.operation_id == self.refused:
+            raise DeliveryError("HTTP 500")
+        self.got.append(message.operation_id)
+
+
+def test_the_outbox_stays_bounded_when_delivered_notices_are_pruned(
+    sessions: sessionmaker[Session], clock: FakeClock
+) -> None:
+    """Thirty days of 12 ends a day, delivered at once, pruned daily (as the prune task does):
+    the outbox never holds more than the last 7 days' notices and the one still owed."""
+    per_day, days, keep = 12, 30, 7 * DAY
+    receiver = Receiver(refused=op_id(0))
+    sizes = []
+    for day in range(days):
+        for k in range(per_day):
+            n = day * per_day + k
+            make_operation(sessions, n, "COMPLETED", 1, clock.now(), clock.now() - DAY)
+        while deliver_pending(sessions, clock, [receiver]).delivered:
+            pass
+        prune_delivered_notices(sessions, clock.now() - keep, batch_size=5)
+        with sessions() as session:
+            sizes.append(len(session.scalars(select(Notice.id)).all()))
+        clock.advance(DAY.total_seconds())
+    assert len(receiver.got) == per_day * days - 1
+    # Delivered 7 days ago to the second stays one more day: 8 days of notices, plus the owed.
+    assert max(sizes) == sizes[-1] == 8 * per_day + 1
+    with sessions() as session:
+        owed = session.scalars(select(Notice).where(Notice.delivered_at.is_(None))).one()
+    assert owed.operation_id == op_id(0) and owed.attempts > 1  # pending: never pruned
 
 
 def add_history(sessions: sessionmaker[Session], op: str, seqs: list[int], at: datetime) -> None:
@@ -295,6 +379,7 @@ def test_every_prune_statement_walks_an_index(
     event.listen(engine, "before_cursor_execute", record)
     try:
         prune(sessions, now - 90 * DAY, batch_size=7)
+        prune_delivered_notices(sessions, now - 50 * DAY, batch_size=2)
     finally:
         event.remove(engine, "before_cursor_execute", record)
     queries = [

@@ -203,6 +203,8 @@ OTHER_TABLES: dict[str, list[dict[str, Any]]] = {
             "status_code": 429,
             "updated_at": at(60),
             "consecutive_throttles": 2,
+            "credentials_rejected_at": at(30),
+            "credentials_error": "HTTP 401: credentials rejected (Authenticate); check TWILIO_*",
         }
     ],
     "request_budgets": [{"account_sid": "AC" + "1" * 32, "next_slot_at": at(61)}],
@@ -262,6 +264,8 @@ ADDED_COLUMN_VALUES: dict[tuple[str, str], Any] = {
     ("tracked_operations", "group_id"): None,
     ("tracked_operations", "not_found_since"): None,
     ("account_pauses", "consecutive_throttles"): 0,
+    ("account_pauses", "credentials_rejected_at"): None,
+    ("account_pauses", "credentials_error"): None,
     ("poll_groups", "claim_started_at"): None,
     **{
         ("poll_groups", name): None

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker.db import AccountPause
-from worker.errors import AUTH_STATUSES, CONFIG_ERROR_STATUS
+from worker.errors import CONFIG_ERROR_STATUS
 from worker.reports.formats import STATUS_COLORS
 from worker.reports.model import OperationState
 
@@ -61,16 +61,23 @@ def styled_status(status: str) -> str:
 
 
 def pause_line(pause: AccountPause | None, now: datetime) -> str | None:
-    """A sentence about the account pause, if one is running or was an auth failure."""
+    """A sentence about the account pause, if one is running or was an auth failure, and
+    about rejected credentials while they stand, whatever pause runs."""
     if pause is None:
         return None
+    lines = []
     if pause.paused_until > now:
-        return f"Polling paused until {_short(pause.paused_until)} UTC: {pause.reason}"
-    if pause.status_code in AUTH_STATUSES:
-        return f"Last credentials error at {_short(pause.updated_at)} UTC: {pause.reason}"
-    if pause.status_code == CONFIG_ERROR_STATUS:
-        return f"Last configuration error at {_short(pause.updated_at)} UTC: {pause.reason}"
-    return None
+        lines.append(f"Polling paused until {_short(pause.paused_until)} UTC: {pause.reason}")
+    if pause.credentials_rejected_at is not None and not (
+        lines and pause.reason == pause.credentials_error
+    ):
+        lines.append(
+            f"Credentials rejected at {_short(pause.credentials_rejected_at)} UTC, no request "
+            f"accepted since: {pause.credentials_error}"
+        )
+    elif not lines and pause.status_code == CONFIG_ERROR_STATUS:
+        lines.append(f"Last configuration error at {_short(pause.updated_at)} UTC: {pause.reason}")
+    return "\n".join(lines) or None
 
 
 def console(*, stderr: bool = False) -> Console:

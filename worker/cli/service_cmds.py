@@ -89,11 +89,16 @@ def db_history() -> None:
     help="History rows (or notices) read per transaction; those that may go are deleted.",
 )
 def db_prune(older_than: timedelta, batch_size: int) -> None:
-    """Delete old history, keeping each operation's row and its last history row."""
+    """Delete old history, keeping each operation's row and its last history row, and the
+    notices delivered longer ago than OPTRACK_NOTICE_RETENTION."""
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    result = retention.prune(rt.sessions, rt.clock.now() - older_than, batch_size)
+    now = rt.clock.now()
+    result = retention.prune(rt.sessions, now - older_than, batch_size)
     click.echo(result.summary())
+    before = now - rt.settings.notice_retention
+    delivered = retention.prune_delivered_notices(rt.sessions, before, batch_size)
+    click.echo(f"pruned {delivered} notice(s) delivered before {before.isoformat()}")
 
 
 @click.command()

@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 from worker.db import AccountPause
-from worker.errors import AUTH_STATUSES
 from worker.records import iso, operation_record
 from worker.reports.model import (
     Estimate,
@@ -188,7 +187,10 @@ def account_record(pause: AccountPause | None, now: datetime) -> dict[str, Any]:
         "pause_status_code": None if pause is None else pause.status_code,
         "paused": pause is not None and pause.paused_until > now,
         "pause_updated_at": None if pause is None else iso(pause.updated_at),
-        "credentials_rejected": pause is not None and pause.status_code in AUTH_STATUSES,
+        # Until a request sent after the 401/403 is answered 200, whatever pause runs.
+        "credentials_rejected": pause is not None and pause.credentials_rejected_at is not None,
+        "credentials_rejected_at": None if pause is None else iso(pause.credentials_rejected_at),
+        "credentials_error": None if pause is None else pause.credentials_error,
     }
 
 
