@@ -15,9 +15,8 @@ from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import dead_letters, dialect
+from worker import dead_letters, liveness
 from worker.db import (
-    SCHEMA_REVISION,
     AccountPause,
     Heartbeat,
     Notice,
@@ -50,16 +49,7 @@ def unreachable(exc: SQLAlchemyError) -> str:
 
 def beat_ticked(session: Session, now: datetime) -> None:
     """Record that beat's tick ran at ``now`` (in the caller's transaction)."""
-    stmt = dialect.insert(session)(Heartbeat).values(
-        name=TICK, beat_at=now, schema_revision=SCHEMA_REVISION
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["name"],
-        set_={"beat_at": stmt.excluded.beat_at, "schema_revision": SCHEMA_REVISION},
-        # A late, redelivered tick never moves the heartbeat back.
-        where=Heartbeat.beat_at < stmt.excluded.beat_at,
-    )
-    session.execute(stmt)
+    liveness.heartbeat(session, TICK, now)
 
 
 def last_beat(session: Session) -> datetime | None:

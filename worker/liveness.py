@@ -62,16 +62,25 @@ def identity(role: str) -> str:
     return f"{role}:{socket.gethostname()}:{os.getpid()}"
 
 
-def beat(session: Session, name: str, now: datetime) -> None:
-    """Record that process ``name`` of this release is alive at ``now``."""
+def heartbeat(
+    session: Session, name: str, now: datetime, schema_revision: str | None = SCHEMA_REVISION
+) -> None:
+    """Record that ``name`` was alive at ``now``; a late write never moves it back."""
     stmt = dialect.insert(session)(Heartbeat).values(
-        name=name, beat_at=now, schema_revision=SCHEMA_REVISION
+        name=name, beat_at=now, schema_revision=schema_revision
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=["name"],
-        set_={"beat_at": stmt.excluded.beat_at, "schema_revision": SCHEMA_REVISION},
+        set_={"beat_at": stmt.excluded.beat_at, "schema_revision": stmt.excluded.schema_revision},
+        where=Heartbeat.beat_at < stmt.excluded.beat_at,
     )
     session.execute(stmt)
+
+
+def beat(session: Session, name: str, now: datetime) -> None:
+    """Record that process ``name`` of this release is alive at ``now``; forget the processes
+    that died a day ago without a word."""
+    heartbeat(session, name, now)
     session.execute(
         delete(Heartbeat).where(
             Heartbeat.beat_at < now - FORGET_AFTER, Heartbeat.schema_revision.is_not(None)
@@ -80,16 +89,9 @@ def beat(session: Session, name: str, now: datetime) -> None:
 
 
 def notices_delivered(session: Session, now: datetime) -> None:
-    """Record that a process configured to deliver completion notices is alive at ``now``."""
-    stmt = dialect.insert(session)(Heartbeat).values(
-        name=NOTICES, beat_at=now, schema_revision=None
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["name"],
-        set_={"beat_at": stmt.excluded.beat_at},
-        where=Heartbeat.beat_at < stmt.excluded.beat_at,
-    )
-    session.execute(stmt)
+    """Record that a process configured to deliver completion notices is alive at ``now``
+    (no revision: the release check does not count it)."""
+    heartbeat(session, NOTICES, now, schema_revision=None)
 
 
 def notices_last_delivered(session: Session) -> datetime | None:
