@@ -28,7 +28,10 @@ def dead_letters_cmd(ctx: click.Context, as_json: bool, replayed: bool) -> None:
     with rt.sessions() as session:
         letters = dead_letters.letters(session, replayed=replayed)
     if as_json:
-        click.echo(to_json({"dead_letters": [dead_letters.as_json(x) for x in letters]}))
+        listed: dead_letters.LettersRecord = {
+            "dead_letters": [dead_letters.as_json(x) for x in letters]
+        }
+        click.echo(to_json(listed))
         return
     table = Table(title=f"{len(letters)} dead letter(s)", title_justify="left")
     for column in ("id", "task", "deliveries", "since (UTC)", "reason", "args"):
