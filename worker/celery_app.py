@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from celery.signals import (
     worker_shutdown,
     worker_shutting_down,
 )
+from kombu.exceptions import KombuError
 
 from worker import liveness, logs
 from worker.clock import SystemClock
+from worker.errors import BrokerError
 from worker.metrics import MetricsServer, start_worker_server
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
@@ -201,6 +204,22 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
+
+
+def publisher(settings: Settings) -> Callable[[str, list[Any], str], None]:
+    """A ``send`` of task messages by name on ``settings``' broker, for a process that runs no
+    task (`optrack serve`'s dead-letter replay): optrack's configuration, not this process's app.
+    """
+    sender = Celery("optrack-publisher", set_as_current=False)
+    sender.conf.update(celery_config(settings))
+
+    def send(task: str, args: list[Any], task_id: str) -> None:
+        try:
+            sender.send_task(task, args=args, task_id=task_id)
+        except (KombuError, OSError) as exc:
+            raise BrokerError(f"broker error {exc}") from exc
+
+    return send
 
 
 app = OptrackCelery(

@@ -33,6 +33,8 @@ from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
 
 # The root of every database error, for callers that must not import SQLAlchemy (adapters).
 DatabaseError = SQLAlchemyError
+# The largest row id a BigInteger column holds: a larger one is refused before any query.
+MAX_ROW_ID = 2**63 - 1
 # What a database that is down, restarting or locked raises (not a bug in a query).
 DB_UNREACHABLE = (OperationalError, InterfaceError)
 # What a write the database refused raises, short of being unreachable (catch that first): a

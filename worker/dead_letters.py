@@ -15,15 +15,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
+import msgspec
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from worker import dialect
 from worker.db import DeadLetter, TaskDelivery
 from worker.dialect import in_many
-from worker.records import iso
+from worker.records import Time, iso, utc_text
 
 # A reason is for people; the message's arguments are kept whole beside it.
 MAX_REASON = 2000
@@ -144,7 +145,27 @@ def mark_replayed(session: Session, letter_id: int, replay_task_id: str, now: da
     )
 
 
-def as_json(letter: Letter) -> dict[str, Any]:
+class LetterRecord(TypedDict):
+    """A task message optrack gave up on, as `optrack dead-letters --json` and the API show it."""
+
+    id: int
+    task: Annotated[str, msgspec.Meta(description="The task's name (optrack.poll, …)")]
+    task_id: str
+    args: Annotated[list[Any], msgspec.Meta(description="The message's arguments, kept whole")]
+    reason: str
+    deliveries: int
+    created_at: Time
+    replayed_at: Annotated[Time | None, msgspec.Meta(description="null until replayed")]
+    replay_task_id: Annotated[str | None, msgspec.Meta(description="The replay's task id")]
+
+
+class LettersRecord(TypedDict):
+    """The dead letters in the order they came."""
+
+    dead_letters: list[LetterRecord]
+
+
+def as_json(letter: Letter) -> LetterRecord:
     """JSON-ready fields of one letter (times ISO 8601 UTC, ``Z``)."""
     return {
         "id": letter.id,
@@ -153,7 +174,7 @@ def as_json(letter: Letter) -> dict[str, Any]:
         "args": letter.args,
         "reason": letter.reason,
         "deliveries": letter.deliveries,
-        "created_at": iso(letter.created_at),
+        "created_at": utc_text(letter.created_at),
         "replayed_at": iso(letter.replayed_at),
         "replay_task_id": letter.replay_task_id,
     }

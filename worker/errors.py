@@ -7,6 +7,8 @@
     ├── WebhookSignatureError         a received notice's signature is missing, stale or wrong
     ├── InvalidMessage                a task message's arguments can never be processed
     ├── MigrationError                a migration would break the data; nothing was changed
+    ├── NotWaiting                    a dead letter asked for is unknown or replayed already
+    ├── BrokerError                   the broker did not take a message
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
@@ -86,6 +88,18 @@ class NotTracked(OptrackError):
         super().__init__(
             f"{operation_id} is not tracked; start with `optrack track {operation_id}`"
         )
+
+
+class NotWaiting(OptrackError):
+    """Raised when dead letters asked to be replayed are unknown or replayed already."""
+
+    def __init__(self, letter_ids: list[int]) -> None:
+        self.letter_ids = letter_ids
+        super().__init__(f"no dead letter waiting with id {', '.join(map(str, letter_ids))}")
+
+
+class BrokerError(OptrackError):
+    """Raised when the broker did not take a message (refused, unreachable)."""
 
 
 class InvalidMessage(OptrackError, ValueError):

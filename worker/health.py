@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, TypedDict
 
+import msgspec
 from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -24,7 +25,7 @@ from worker.db import (
     TrackedOperation,
 )
 from worker.errors import CONFIG_ERROR_STATUS
-from worker.records import iso
+from worker.records import Time, iso
 from worker.tracking import ACTIVE_STATES, PROCESSING
 
 # The tick's heartbeat. (Releases before 0009 wrote "beat": liveness tells them by that name.)
@@ -141,6 +142,22 @@ def gauges(session: Session, account_sid: str, now: datetime) -> Gauges:
     )
 
 
+class HealthFacts(TypedDict):
+    """`optrack health --json`, and /healthz's answer (200 healthy, 503 not)."""
+
+    ok: bool
+    beat_at: Annotated[Time | None, msgspec.Meta(description="beat's last tick; null if none")]
+    lag_seconds: Annotated[
+        float | None, msgspec.Meta(description="how late the most overdue poll is")
+    ]
+    problems: Annotated[list[str], msgspec.Meta(description="what is wrong; empty if healthy")]
+
+
+def unjudged(problem: str) -> HealthFacts:
+    """The facts when the database cannot be judged (``database_problem``)."""
+    return {"ok": False, "beat_at": None, "lag_seconds": None, "problems": [problem]}
+
+
 @dataclass(frozen=True)
 class HealthReport:
     """The facts `optrack health` judged, and what is wrong (empty when healthy)."""
@@ -154,7 +171,7 @@ class HealthReport:
         """True when nothing is wrong."""
         return not self.problems
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> HealthFacts:
         """`optrack health --json` and the body of the HTTP app's ``/healthz``."""
         return {
             "ok": self.ok,

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 import requests
+from kombu import Connection
 from sqlalchemy import func, select
 
 from tests.support.processes import base_env, serve_process
 from tests.support.services import SID, TOKEN
-from worker import health, reports
+from worker import dead_letters, health, reports
 from worker.clock import FakeClock
 from worker.db import TrackedOperation
 from worker.http import create_app
@@ -95,7 +96,8 @@ def api(tmp_path: Path, db_url: str, sandbox: SandboxServer, clock: FakeClock) -
 
 def api_paths(rt: Runtime) -> list[str]:
     """Every GET path of the API (from its OpenAPI document), a valid ID in the templates."""
-    paths = [*create_app(rt, token=HTTP_TOKEN).openapi()["paths"], "/api/v1/openapi.json"]
+    documented = create_app(rt, token=HTTP_TOKEN).openapi()["paths"]
+    paths = [*(p for p, methods in documented.items() if "get" in methods), "/api/v1/openapi.json"]
     return [p.replace("{operation_id}", GOOD) for p in paths if p.startswith("/api/")]
 
 
@@ -458,6 +460,67 @@ def test_account_shows_a_credentials_error(api: Api) -> None:
     account = api.get("/api/v1/account").json()
     assert account["paused"] is True and account["credentials_rejected"] is True
     assert account["pause_status_code"] == 401 and "credentials" in account["pause_reason"]
+
+
+def bury(api: Api, task_id: str, args: list[Any]) -> None:
+    with api.rt.sessions.begin() as session:
+        dead_letters.bury(
+            session,
+            task_id=task_id,
+            task="optrack.track",
+            args=args,
+            reason="started 5 times without ending (OPTRACK_MAX_DELIVERIES)",
+            deliveries=5,
+            now=api.clock.now(),
+        )
+
+
+def test_dead_letters_are_listed_and_replayed_onto_the_broker(api: Api) -> None:
+    bury(api, "given-up-1", [[GOOD]])
+    bury(api, "given-up-2", [[OTHER]])
+    listed = api.get("/api/v1/dead-letters").json()["dead_letters"]
+    with api.rt.sessions() as session:
+        assert listed == [dead_letters.as_json(x) for x in dead_letters.letters(session)]
+    first, second = (x["id"] for x in listed)
+    assert [x["args"] for x in listed] == [[[GOOD]], [[OTHER]]]
+    replay = api.url + "/api/v1/dead-letters/replay"
+    # Like every state change: the token, and JSON (a cross-site form post is a 415).
+    assert requests.post(replay, json={"all": True}, timeout=10).status_code == 401
+    form = api.http.post(replay, data="all=true", timeout=10)
+    assert form.status_code == 415
+    for bad in ({}, {"ids": []}, {"ids": [first], "all": True}, {"ids": [0]}, {"idz": [1]}, []):
+        answer = api.post("/api/v1/dead-letters/replay", bad)
+        assert answer.status_code == 422, (bad, answer.text)
+        assert answer.json()["errors"][0]["reason"]
+    unknown = api.post("/api/v1/dead-letters/replay", {"ids": [first, 999]})
+    assert unknown.status_code == 404
+    assert unknown.json()["errors"] == [
+        {"reason": "no dead letter waiting with id 999", "index": 1}
+    ]
+    assert len(api.get("/api/v1/dead-letters").json()["dead_letters"]) == 2  # nothing sent
+
+    done = api.post("/api/v1/dead-letters/replay", {"ids": [second]}).json()["replayed"]
+    assert [(x["id"], x["task"]) for x in done] == [(second, "optrack.track")]
+    rest = api.post("/api/v1/dead-letters/replay", {"all": True}).json()["replayed"]
+    assert [x["id"] for x in rest] == [first]
+    assert api.post("/api/v1/dead-letters/replay", {"all": True}).json() == {"replayed": []}
+    assert api.get("/api/v1/dead-letters").json() == {"dead_letters": []}
+    kept = api.get("/api/v1/dead-letters", replayed="true").json()["dead_letters"]
+    assert {x["id"]: x["replay_task_id"] for x in kept} == {
+        second: done[0]["task_id"],
+        first: rest[0]["task_id"],
+    }
+    # The messages are on the broker of the settings (the embedded one here), as sent.
+    with Connection(api.rt.settings.broker_url) as broker:
+        queue = broker.SimpleQueue("celery")
+        sent = [queue.get(timeout=10) for _ in range(2)]
+        for message in sent:
+            message.ack()
+        queue.close()
+    assert [(m.headers["id"], m.headers["task"], m.payload[0]) for m in sent] == [
+        (done[0]["task_id"], "optrack.track", [[OTHER]]),
+        (rest[0]["task_id"], "optrack.track", [[GOOD]]),
+    ]
 
 
 def test_healthz_is_503_with_the_reasons_then_200(api: Api) -> None:

@@ -43,8 +43,6 @@ def usage_error(message: str) -> click.UsageError:
 
 # What --loglevel takes (Celery's and uvicorn's names alike); anything else is a usage error.
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
-# The largest row id a BigInteger column holds: a larger one is refused before any query.
-MAX_ROW_ID = 2**63 - 1
 
 
 class FiniteRange(click.FloatRange):

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-
 import click
-from kombu.exceptions import KombuError
 from rich.table import Table
 
 from worker import dead_letters
-from worker.cli.common import MAX_ROW_ID, ensure_schema, get_runtime, usage_error
+from worker import replay as replaying
+from worker.cli.common import ensure_schema, get_runtime, usage_error
 from worker.cli.render import console
-from worker.errors import OptrackError
+from worker.db import MAX_ROW_ID
+from worker.errors import NotWaiting
 from worker.reports.formats import to_json
 
 
@@ -28,7 +27,10 @@ def dead_letters_cmd(ctx: click.Context, as_json: bool, replayed: bool) -> None:
     with rt.sessions() as session:
         letters = dead_letters.letters(session, replayed=replayed)
     if as_json:
-        click.echo(to_json({"dead_letters": [dead_letters.as_json(x) for x in letters]}))
+        listed: dead_letters.LettersRecord = {
+            "dead_letters": [dead_letters.as_json(x) for x in letters]
+        }
+        click.echo(to_json(listed))
         return
     table = Table(title=f"{len(letters)} dead letter(s)", title_justify="left")
     for column in ("id", "task", "deliveries", "since (UTC)", "reason", "args"):
@@ -55,28 +57,21 @@ def replay(letter_ids: tuple[int, ...], every: bool) -> None:
         raise usage_error("give the IDs of the letters to replay, or --all")
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    from worker.celery_app import app  # the broker only when a message is sent
+    from worker.celery_app import publisher  # the broker only when a message is sent
 
-    with rt.sessions() as session:
-        letters = dead_letters.to_replay(session, None if every else letter_ids)
-    missing = sorted(set(letter_ids) - {x.id for x in letters})
-    if missing:
-        raise usage_error(
-            f"no dead letter waiting with id {', '.join(map(str, missing))} "
-            "(see `optrack dead-letters --replayed`)"
-        )
-    for letter in letters:
-        task_id = str(uuid.uuid4())
-        try:
-            app.send_task(letter.task, args=letter.args, task_id=task_id)
-        except (KombuError, OSError) as exc:
-            raise OptrackError(f"dead letter {letter.id} not replayed: broker error {exc}") from exc
-        # Marked after the send: a crash in between leaves it listed, and a second replay is
-        # harmless (tracking an ID twice changes nothing; a stale poll token does nothing).
-        with rt.sessions.begin() as session:
-            dead_letters.mark_replayed(session, letter.id, task_id, rt.clock.now())
-        click.echo(f"replayed dead letter {letter.id} ({letter.task}) as {task_id}")
-    if not letters:
+    send = publisher(rt.settings)
+    try:
+        done = 0
+        for replayed in replaying.replay(
+            rt.sessions, None if every else letter_ids, send, rt.clock
+        ):
+            done += 1
+            click.echo(
+                f"replayed dead letter {replayed.letter_id} ({replayed.task}) as {replayed.task_id}"
+            )
+    except NotWaiting as exc:
+        raise usage_error(f"{exc} (see `optrack dead-letters --replayed`)") from None
+    if not done:
         click.echo("no dead letter to replay")
 
 

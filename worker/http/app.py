@@ -9,9 +9,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.http import dashboard, problems, routes
+from worker.http import dashboard, dead_letter_routes, problems, routes
 from worker.http.auth import BearerAuth
 from worker.http.guards import SameSiteGuard
+from worker.http.openapi import OpenApiApp
 from worker.runtime import Runtime
 
 # 10,000 IDs of the longest form, quoted and comma-separated, are about 550 kB.
@@ -123,7 +124,7 @@ def create_app(
 
     ``allowed_hosts``: Host names answered besides the address listened on (``guards``).
     """
-    app = FastAPI(
+    app = OpenApiApp(
         title="optrack",
         summary="Track Twilio Comms SenderPool operations: the intake and the reports over HTTP",
         version="1",
@@ -138,6 +139,7 @@ def create_app(
     app.state.auth = auth
     problems.install(app)
     app.include_router(routes.api, dependencies=[Depends(auth)])
+    app.include_router(dead_letter_routes.router, dependencies=[Depends(auth)])
     app.include_router(routes.public)
     app.include_router(dashboard.router)
     dashboard.mount(app)

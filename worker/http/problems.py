@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any, NotRequired, TypedDict
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,18 +18,35 @@ from worker.reports import BadPeriod
 log = logging.getLogger(__name__)
 
 
+class ErrorEntry(TypedDict):
+    """One thing wrong with the request."""
+
+    reason: str
+    id: NotRequired[Annotated[str | None, msgspec.Meta(description="The operation ID it is about")]]
+    index: NotRequired[
+        Annotated[int, msgspec.Meta(description="Its position in the request's list")]
+    ]
+
+
+class Errors(TypedDict):
+    """Every error answer of the API (any status but 2xx)."""
+
+    errors: list[ErrorEntry]
+
+
 class Problem(Exception):
     """Raised by a route to answer ``status`` with these error entries."""
 
-    def __init__(self, status: int, errors: list[dict[str, Any]]) -> None:
+    def __init__(self, status: int, errors: list[ErrorEntry]) -> None:
         self.status = status
         self.errors = errors
         super().__init__(f"HTTP {status}: {errors}")
 
 
-def answer(status: int, errors: list[dict[str, Any]], **headers: str) -> JSONResponse:
+def answer(status: int, errors: list[ErrorEntry], **headers: str) -> JSONResponse:
     """The error answer."""
-    return JSONResponse({"errors": errors}, status_code=status, headers=headers or None)
+    body: Errors = {"errors": errors}
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -48,7 +66,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
+        errors: list[ErrorEntry] = [
             {"reason": f"{_where(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}"}
             for e in exc.errors()
         ]
@@ -60,7 +78,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidOperationId)
     async def _bad_id(_: Request, exc: InvalidOperationId) -> JSONResponse:
-        return answer(422, [{"id": exc.value, "reason": exc.reason}])
+        shown = exc.value[:100] if isinstance(exc.value, str) else None
+        return answer(422, [{"id": shown, "reason": exc.reason}])
 
     @app.exception_handler(BadPeriod)
     async def _bad_period(_: Request, exc: BadPeriod) -> JSONResponse:

@@ -7,6 +7,7 @@ in `optrack status --json`, `history --json`, `report --json` and here. No SQL l
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -15,12 +16,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from worker import health, intake, listing, reports
+from worker.db import DatabaseError
 from worker.durations import parse_duration
 from worker.errors import InvalidOperationId
+from worker.health import HealthFacts
 from worker.http import paging
-from worker.http.problems import Problem
+from worker.http.openapi import answer, error
+from worker.http.problems import ErrorEntry, Problem
+from worker.http.shapes import OperationsPage, ProgressPage, TrackAnswer
 from worker.operation import validate_operation_id
-from worker.records import iso, operation_record
+from worker.records import OperationRecord, operation_record, utc_text
 from worker.reports.formats import (
     HISTORY_CSV_FIELDS,
     SUMMARY_CSV_FIELDS,
@@ -32,6 +37,7 @@ from worker.reports.formats import (
     summary_row,
     to_csv,
 )
+from worker.reports.shapes import AccountRecord, HistoryRecord, SummaryRecord
 from worker.runtime import Runtime
 from worker.tracking import ALL_STATES
 
@@ -39,13 +45,21 @@ MAX_IDS = 10_000  # per POST; more is a 413 that says to split the list
 DEFAULT_PAGE = 100
 DEFAULT_REPORT_LIST = 100
 MAX_PROGRESS = 200
-CSV = "text/csv; charset=utf-8"
 
 api = APIRouter(prefix="/api/v1")
 public = APIRouter()
 
 
-def _json(payload: dict[str, Any]) -> JSONResponse:
+class CsvResponse(PlainTextResponse):
+    """CSV text (documented as text/csv; sent with ``charset=utf-8``)."""
+
+    media_type = "text/csv"
+
+
+NOT_TRACKED = error(404, "The operation ID is valid but not tracked")
+
+
+def _json(payload: Mapping[str, object]) -> JSONResponse:
     """Our records are JSON-ready already: skip FastAPI's jsonable_encoder (a third of the
     time of a page of 1,000 operations)."""
     return JSONResponse(payload)
@@ -122,6 +136,7 @@ async def track_request(request: Request) -> TrackRequest:
 @api.post(
     "/operations",
     summary="Track operation IDs",
+    responses=answer(TrackAnswer, "The IDs tracked now and those tracked already"),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -141,7 +156,7 @@ def track(body: Annotated[TrackRequest, Depends(track_request)], request: Reques
             413,
             [{"reason": f"{len(body.ids):,} IDs; send at most {MAX_IDS:,} per request"}],
         )
-    errors = []
+    errors: list[ErrorEntry] = []
     for index, value in enumerate(body.ids):
         try:
             validate_operation_id(value)
@@ -152,10 +167,18 @@ def track(body: Annotated[TrackRequest, Depends(track_request)], request: Reques
         raise Problem(422, errors)
     rt = runtime(request)
     result = intake.track(rt.sessions, body.ids, rt.clock.now())
-    return _json({"added": list(result.added), "already_tracked": list(result.already_tracked)})
+    added: TrackAnswer = {
+        "added": list(result.added),
+        "already_tracked": list(result.already_tracked),
+    }
+    return _json(added)
 
 
-@api.get("/operations", summary="List tracked operations")
+@api.get(
+    "/operations",
+    summary="List tracked operations",
+    responses=answer(OperationsPage, "A page of operations and the next page's cursor"),
+)
 def list_operations(
     request: Request,
     statuses: Statuses = [],  # noqa: B006  (FastAPI copies Query defaults)
@@ -171,15 +194,18 @@ def list_operations(
         raise Problem(422, [{"reason": str(exc)}]) from None
     with runtime(request).sessions() as session:
         found = listing.page(session, wanted, limit, after)
-    return _json(
-        {
-            "operations": [operation_record(op) for op in found.operations],
-            "next": None if found.after is None else paging.encode(found.after),
-        }
-    )
+    page: OperationsPage = {
+        "operations": [operation_record(op) for op in found.operations],
+        "next": None if found.after is None else paging.encode(found.after),
+    }
+    return _json(page)
 
 
-@api.get("/operations/{operation_id}", summary="One tracked operation")
+@api.get(
+    "/operations/{operation_id}",
+    summary="One tracked operation",
+    responses={**answer(OperationRecord, "The operation's record"), **NOT_TRACKED},
+)
 def get_operation(operation_id: OperationId, request: Request) -> JSONResponse:
     """The operation's record; 404 if it is not tracked, 422 if it is not an operation ID."""
     op_id = _operation_id(operation_id)
@@ -194,7 +220,11 @@ def _history(operation_id: str, request: Request) -> reports.HistoryReport:
         return reports.operation_history(session, op_id, rt.clock.now())
 
 
-@api.get("/operations/{operation_id}/history", summary="The history of one operation")
+@api.get(
+    "/operations/{operation_id}/history",
+    summary="The history of one operation",
+    responses={**answer(HistoryRecord, "The operation, its changes, its estimate"), **NOT_TRACKED},
+)
 def get_history(operation_id: OperationId, request: Request) -> JSONResponse:
     """`optrack history ID --json`: the operation, each recorded change, the estimate."""
     return _json(history_record(_history(operation_id, request)))
@@ -203,12 +233,13 @@ def get_history(operation_id: OperationId, request: Request) -> JSONResponse:
 @api.get(
     "/operations/{operation_id}/history.csv",
     summary="The history of one operation as CSV",
-    response_class=PlainTextResponse,
+    response_class=CsvResponse,
+    responses={200: {"description": "A header and one row per change"}, **NOT_TRACKED},
 )
-def get_history_csv(operation_id: OperationId, request: Request) -> PlainTextResponse:
+def get_history_csv(operation_id: OperationId, request: Request) -> CsvResponse:
     """`optrack history ID --csv`."""
     rows = [history_row_record(r) for r in _history(operation_id, request).rows]
-    return PlainTextResponse(to_csv(rows, HISTORY_CSV_FIELDS), media_type=CSV)
+    return CsvResponse(to_csv(rows, HISTORY_CSV_FIELDS))
 
 
 def _summary(
@@ -239,7 +270,11 @@ Until = Annotated[str | None, Query(description="Tracked before (same forms as s
 StuckAfter = Annotated[str, Query(description="PROCESSING unchanged this long is stuck")]
 
 
-@api.get("/report", summary="The report of a period")
+@api.get(
+    "/report",
+    summary="The report of a period",
+    responses=answer(SummaryRecord, "The figures of the period (docs/reports.md)"),
+)
 def get_report(
     request: Request,
     since: Since = None,
@@ -255,27 +290,40 @@ def get_report(
     return _json(summary_record(_summary(request, since, until, statuses, stuck_after, limit)))
 
 
-@api.get("/report.csv", summary="The report as one CSV row", response_class=PlainTextResponse)
+@api.get(
+    "/report.csv",
+    summary="The report as one CSV row",
+    response_class=CsvResponse,
+    responses={200: {"description": "A header and one row"}},
+)
 def get_report_csv(
     request: Request,
     since: Since = None,
     until: Until = None,
     statuses: Statuses = [],  # noqa: B006
     stuck_after: StuckAfter = "30m",
-) -> PlainTextResponse:
+) -> CsvResponse:
     """`optrack report --csv`: a header and one row, to append daily."""
     summary = _summary(request, since, until, statuses, stuck_after, 0)
-    return PlainTextResponse(to_csv([summary_row(summary)], SUMMARY_CSV_FIELDS), media_type=CSV)
+    return CsvResponse(to_csv([summary_row(summary)], SUMMARY_CSV_FIELDS))
 
 
-@api.get("/account", summary="The account pause or credentials error")
+@api.get(
+    "/account",
+    summary="The account pause or credentials error",
+    responses=answer(AccountRecord, "The last pause, and whether it holds now"),
+)
 def get_account(request: Request) -> JSONResponse:
     """The ``account`` object of `optrack status --json`."""
     rt = runtime(request)
     return _json(account_record(rt.gate.current(), rt.clock.now()))
 
 
-@api.get("/progress", summary="Progress of the active and just-ended operations")
+@api.get(
+    "/progress",
+    summary="Progress of the active and just-ended operations",
+    responses=answer(ProgressPage, "Each operation with its completion estimate"),
+)
 def get_progress(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_PROGRESS)] = 50,
@@ -289,21 +337,25 @@ def get_progress(
     with rt.sessions() as session:
         ids = listing.watched_ids(session, now, window, limit)
         items = reports.progress(session, ids)
-    return _json(
-        {
-            "now": iso(now),
-            "progress": [
-                {
-                    "operation": operation_record(p.operation),
-                    "estimate": estimate_record(p.estimate),
-                }
-                for p in items
-            ],
-        }
-    )
+    page: ProgressPage = {
+        "now": utc_text(now),
+        "progress": [
+            {"operation": operation_record(p.operation), "estimate": estimate_record(p.estimate)}
+            for p in items
+        ],
+    }
+    return _json(page)
 
 
-@public.get("/healthz", summary="Health (no token)", response_model=None)
+@public.get(
+    "/healthz",
+    summary="Health (no token)",
+    response_model=None,
+    responses={
+        **answer(HealthFacts, "Healthy: `optrack health` would exit 0"),
+        **answer(HealthFacts, "Unhealthy: the reasons are in problems", 503),
+    },
+)
 def healthz(
     request: Request,
     max_lag: Annotated[str, Query(description="Unhealthy if a due poll is later")] = "5m",
@@ -317,16 +369,18 @@ def healthz(
     rt = runtime(request)
     problem = health.database_problem(rt.engine)
     if problem is not None:
-        facts: dict[str, Any] = {"ok": False, "beat_at": None, "lag_seconds": None}
-        return JSONResponse({**facts, "problems": [problem]}, status_code=503)
-    with rt.sessions() as session:
-        report = health.check(
-            session,
-            rt.clock.now(),
-            account_sid=rt.settings.account_sid,
-            max_beat_age=beat_age,
-            max_lag=lag,
-        )
+        return JSONResponse(health.unjudged(problem), status_code=503)
+    try:
+        with rt.sessions() as session:
+            report = health.check(
+                session,
+                rt.clock.now(),
+                account_sid=rt.settings.account_sid,
+                max_beat_age=beat_age,
+                max_lag=lag,
+            )
+    except DatabaseError as exc:  # gone since database_problem asked: 503 all the same
+        return JSONResponse(health.unjudged(health.unreachable(exc)), status_code=503)
     if not report.ok:
         return JSONResponse(report.facts(), status_code=503)
     return _json(report.facts())

@@ -9,13 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from worker.db import AccountPause
-from worker.records import iso, operation_record
+from worker.records import iso, operation_record, utc_text
 from worker.reports.model import (
     Estimate,
     Flagged,
@@ -23,6 +22,15 @@ from worker.reports.model import (
     HistoryReport,
     HistoryRow,
     Summary,
+)
+from worker.reports.shapes import (
+    AccountRecord,
+    EstimateRecord,
+    FlaggedRecord,
+    FlagsRecord,
+    HistoryRecord,
+    HistoryRowRecord,
+    SummaryRecord,
 )
 from worker.tracking import ALL_STATES
 
@@ -62,28 +70,10 @@ SUMMARY_CSV_FIELDS = (
     "not_found",
     "in_error",
 )
-HISTORY_CSV_FIELDS = (
-    "seq",
-    "observed_at",
-    "remote_updated_at",
-    "status",
-    "total",
-    "queued",
-    "created",
-    "failed",
-    "created_delta",
-    "failed_delta",
-    "queued_delta",
-    "elapsed_seconds",
-    "rate_per_minute",
-)
+HISTORY_CSV_FIELDS = tuple(HistoryRowRecord.__annotations__)
 
 
-def _plain(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: iso(v) if isinstance(v, datetime) else v for k, v in record.items()}
-
-
-def flagged_record(item: Flagged) -> dict[str, Any]:
+def flagged_record(item: Flagged) -> FlaggedRecord:
     """A flagged operation: its fields, plus when its stats last changed."""
     return {
         **operation_record(item.operation),
@@ -92,22 +82,28 @@ def flagged_record(item: Flagged) -> dict[str, Any]:
     }
 
 
-def flags_record(flags: Flags) -> dict[str, Any]:
+def flags_record(flags: Flags) -> FlagsRecord:
     """A list of flagged operations: the full count, and the operations (capped by --limit)."""
     return {"count": flags.count, "operations": [flagged_record(f) for f in flags.items]}
 
 
-def summary_record(summary: Summary) -> dict[str, Any]:
+def summary_record(summary: Summary) -> SummaryRecord:
     """`optrack report --json`."""
-    ttf = summary.time_to_finish
+    ttf, senders = summary.time_to_finish, summary.senders
     return {
-        "now": iso(summary.now),
+        "now": utc_text(summary.now),
         "since": iso(summary.period.since),
         "until": iso(summary.period.until),
         "statuses": list(summary.statuses),
         "stuck_after_seconds": summary.stuck_after.total_seconds(),
         "operations": {"total": summary.operations, "by_status": dict(summary.by_status)},
-        "senders": asdict(summary.senders),
+        "senders": {
+            "total": senders.total,
+            "created": senders.created,
+            "failed": senders.failed,
+            "queued": senders.queued,
+            "failure_rate": senders.failure_rate,
+        },
         "time_to_finish_seconds": {
             "count": ttf.count,
             "p50": ttf.p50,
@@ -156,27 +152,49 @@ def summary_row(summary: Summary) -> dict[str, Any]:
     return row
 
 
-def history_row_record(row: HistoryRow) -> dict[str, Any]:
+def history_row_record(row: HistoryRow) -> HistoryRowRecord:
     """One history row: the stored fields, then deltas, elapsed time and rate."""
-    return _plain(asdict(row))
+    # Not dataclasses.asdict: it deep-copies (a history can have thousands of rows).
+    return {
+        "seq": row.seq,
+        "observed_at": utc_text(row.observed_at),
+        "remote_updated_at": utc_text(row.remote_updated_at),
+        "status": row.status,
+        "total": row.total,
+        "queued": row.queued,
+        "created": row.created,
+        "failed": row.failed,
+        "created_delta": row.created_delta,
+        "failed_delta": row.failed_delta,
+        "queued_delta": row.queued_delta,
+        "elapsed_seconds": row.elapsed_seconds,
+        "rate_per_minute": row.rate_per_minute,
+    }
 
 
-def estimate_record(estimate: Estimate) -> dict[str, Any]:
+def estimate_record(estimate: Estimate) -> EstimateRecord:
     """The completion estimate; ``eta`` null when there is no basis (``note`` says why)."""
-    return _plain(asdict(estimate))
+    return {
+        "remaining": estimate.remaining,
+        "rate_per_minute": estimate.rate_per_minute,
+        "basis_start": iso(estimate.basis_start),
+        "basis_end": iso(estimate.basis_end),
+        "eta": iso(estimate.eta),
+        "note": estimate.note,
+    }
 
 
-def history_record(report: HistoryReport) -> dict[str, Any]:
+def history_record(report: HistoryReport) -> HistoryRecord:
     """`optrack history ID --json`."""
     return {
         "operation": operation_record(report.operation),
         "history": [history_row_record(r) for r in report.rows],
         "estimate": estimate_record(report.estimate),
-        "now": iso(report.now),
+        "now": utc_text(report.now),
     }
 
 
-def account_record(pause: AccountPause | None, now: datetime) -> dict[str, Any]:
+def account_record(pause: AccountPause | None, now: datetime) -> AccountRecord:
     """The account object of `optrack status --json`: the last pause, and what holds at ``now``.
 
     ``paused_until`` keeps its first form (``isoformat``, microseconds and ``+00:00``).
@@ -199,7 +217,7 @@ def to_json(payload: Any) -> str:
     return json.dumps(payload, indent=2)
 
 
-def to_csv(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
+def to_csv(records: Sequence[Mapping[str, object]], fields: Sequence[str]) -> str:
     """CSV with a header row; None is an empty cell."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(fields), lineterminator="\n")

@@ -1,0 +1,45 @@
+"""The JSON the API answers around the records (a page, a track result, the progress list).
+
+TypedDicts like the records they hold (``worker.records``, ``worker.reports.shapes``): the
+routes fill them, mypy checks each literal, the OpenAPI document derives their schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypedDict
+
+import msgspec
+
+from worker.records import OperationRecord, Time
+from worker.reports.shapes import EstimateRecord
+
+
+class TrackAnswer(TypedDict):
+    """The IDs tracking started for, and those tracked already, in the order given."""
+
+    added: list[str]
+    already_tracked: list[str]
+
+
+class OperationsPage(TypedDict):
+    """A page of operations in ID order."""
+
+    operations: list[OperationRecord]
+    next: Annotated[
+        str | None,
+        msgspec.Meta(description="The cursor of the next page (opaque); null on the last"),
+    ]
+
+
+class ProgressItem(TypedDict):
+    """Where one operation stands: its record and its completion estimate."""
+
+    operation: OperationRecord
+    estimate: EstimateRecord
+
+
+class ProgressPage(TypedDict):
+    """The active operations and those ended lately, the most recently tracked first."""
+
+    now: Time
+    progress: list[ProgressItem]
