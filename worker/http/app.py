@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.http import dashboard, problems, routes
+from worker.http import dashboard, problems, routes, waits
 from worker.http.auth import BearerAuth
 from worker.http.guards import SameSiteGuard
 from worker.runtime import Runtime
@@ -138,6 +138,7 @@ def create_app(
     app.state.auth = auth
     problems.install(app)
     app.include_router(routes.api, dependencies=[Depends(auth)])
+    app.include_router(waits.router, dependencies=[Depends(auth)])
     app.include_router(routes.public)
     app.include_router(dashboard.router)
     dashboard.mount(app)

@@ -179,12 +179,7 @@ def list_operations(
     )
 
 
-@api.get("/operations/{operation_id}", summary="One tracked operation")
-def get_operation(operation_id: OperationId, request: Request) -> JSONResponse:
-    """The operation's record; 404 if it is not tracked, 422 if it is not an operation ID."""
-    op_id = _operation_id(operation_id)
-    with runtime(request).sessions() as session:
-        return _json(operation_record(reports.get_operation(session, op_id)))
+# GET /operations/{operation_id} (and its wait) is in waits.py, beside the event stream.
 
 
 def _history(operation_id: str, request: Request) -> reports.HistoryReport:
