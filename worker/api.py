@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
-from worker import intake
+from worker import intake, waiting
 from worker.repository import TrackResult
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
+from worker.waiting import Condition, WaitFor, WaitResult
+
+__all__ = ["Condition", "WaitFor", "WaitResult", "track", "wait"]
 
 
 def track(operation_ids: Sequence[str], settings: Settings | None = None) -> TrackResult:
@@ -15,5 +19,32 @@ def track(operation_ids: Sequence[str], settings: Settings | None = None) -> Tra
     rt = Runtime(settings or load_settings())
     try:
         return intake.track(rt.sessions, operation_ids, rt.clock.now())
+    finally:
+        rt.close()
+
+
+def wait(
+    operation_ids: Sequence[str],
+    timeout: timedelta | float | None = None,
+    *,
+    wait_for: WaitFor | str = WaitFor.ENDED,
+    max_failed: int | None = None,
+    track: bool = False,
+    settings: Settings | None = None,
+) -> WaitResult:
+    """Block until every operation has ended (``wait_for="completed"``: ended, COMPLETED is
+    what counts), or ``timeout`` (seconds or a timedelta) passed.
+
+    The result says how (``outcome``, ``exit_code`` as `optrack wait`'s) and holds each
+    operation as last read. An invalid ID raises InvalidOperationId; an untracked one
+    NotTracked naming them all, unless ``track`` starts tracking them first.
+    """
+    span = timedelta(seconds=timeout) if isinstance(timeout, int | float) else timeout
+    rt = Runtime(settings or load_settings())
+    try:
+        if track:
+            intake.track(rt.sessions, operation_ids, rt.clock.now())
+        condition = Condition(WaitFor(wait_for), max_failed)
+        return waiting.wait(rt.sessions, operation_ids, condition, span, rt.clock)
     finally:
         rt.close()

@@ -83,10 +83,18 @@ class MigrationError(OptrackError):
 class NotTracked(OptrackError):
     """Raised when an operation ID is valid but optrack does not track it."""
 
-    def __init__(self, operation_id: str) -> None:
+    def __init__(self, operation_id: str, *more: str) -> None:
         self.operation_id = operation_id
+        self.operation_ids = (operation_id, *more)
+        if not more:
+            super().__init__(
+                f"{operation_id} is not tracked; start with `optrack track {operation_id}`"
+            )
+            return
         super().__init__(
-            f"{operation_id} is not tracked; start with `optrack track {operation_id}`"
+            f"{len(self.operation_ids)} operations are not tracked: "
+            + ", ".join(self.operation_ids)
+            + "; start with `optrack track ID...`"
         )
 
 

@@ -56,8 +56,13 @@ class DeliveryError(Exception):
     """Raised by a channel when a notice could not be handed over; it is retried later."""
 
 
-def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
-    """Queue the notice of ``row``'s end in the caller's transaction; False if one exists."""
+def record_end(
+    session: Session, row: TrackedOperation, now: datetime, *, owed: bool = True
+) -> bool:
+    """Queue the notice of ``row``'s end in the caller's transaction; False if one exists.
+
+    ``owed`` False: nothing can deliver it, so it is born delivered. The row is still the
+    end's event (``/api/v1/events``), and retention prunes it with the delivered ones."""
     if row.status not in ENDED_STATES:
         raise ValueError(f"{row.id} is {row.status}, not ended: no notice to record")
     stmt = (
@@ -68,6 +73,7 @@ def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
             created_at=now,
             next_attempt_at=now,
             attempts=0,
+            delivered_at=None if owed else now,
         )
         .on_conflict_do_nothing(index_elements=["operation_id"])
         .returning(Notice.id)
@@ -75,7 +81,7 @@ def record_end(session: Session, row: TrackedOperation, now: datetime) -> bool:
     return session.scalar(stmt) is not None
 
 
-def end_hook(session: Session, operation_id: str, now: datetime) -> None:
+def end_hook(session: Session, operation_id: str, now: datetime, *, owed: bool = True) -> None:
     """``record_end`` for the Poller's ``on_end`` hooks, called with each ended operation.
 
     The row is read inside the same transaction, after the bulk UPDATE, so the notice
@@ -83,7 +89,7 @@ def end_hook(session: Session, operation_id: str, now: datetime) -> None:
     """
     row = session.get(TrackedOperation, operation_id, populate_existing=True)
     if row is not None:
-        record_end(session, row, now)
+        record_end(session, row, now, owed=owed)
 
 
 def delivery_configured(session: Session, now: datetime) -> bool:
@@ -94,9 +100,9 @@ def delivery_configured(session: Session, now: datetime) -> bool:
 
 
 def end_hook_if_delivered(session: Session, operation_id: str, now: datetime) -> None:
-    """``end_hook`` for a process without a channel: queues only if another process delivers."""
-    if delivery_configured(session, now):
-        end_hook(session, operation_id, now)
+    """``end_hook`` for a process without a channel: owed only if another process delivers;
+    else born delivered (nothing waits in the outbox, retention prunes it)."""
+    end_hook(session, operation_id, now, owed=delivery_configured(session, now))
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ def test_every_api_path_needs_the_token_and_healthz_does_not(api: Api) -> None:
         assert answer.status_code == 401
     assert api.tracked() == 0
     # With the token every path answers (404 for the untracked ID, but not 401).
-    assert all(api.get(path).status_code != 401 for path in paths)
+    for path in paths:
+        with api.http.get(api.url + path, timeout=10, stream=True) as answer:  # /events streams
+            assert answer.status_code != 401, path
     assert requests.get(api.url + "/healthz", timeout=10).status_code in (200, 503)
     page = requests.get(api.url + "/", timeout=10)
     assert page.status_code == 200 and "optrack" in page.text
@@ -145,6 +147,7 @@ def test_openapi_document_lists_the_api(api: Api) -> None:
         "/api/v1/operations/{operation_id}/history",
         "/api/v1/report",
         "/api/v1/report.csv",
+        "/api/v1/events",
         "/healthz",
     } <= set(doc["paths"])
     assert "ids" in json.dumps(doc["paths"]["/api/v1/operations"]["post"]["requestBody"])
@@ -311,8 +314,10 @@ def test_operation_and_history_match_the_cli(api: Api) -> None:
     record = api.get(f"/api/v1/operations/{op.id}").json()
     with api.rt.sessions() as session:
         row = reports.get_operation(session, op.id)
+        seq = record.pop("seq")  # its latest history step, for ?wait=…&after=seq
         assert record == operation_record(row)  # the fields of `optrack status --json`, same values
         expected = history_record(reports.operation_history(session, op.id, api.clock.now()))
+    assert seq == expected["history"][-1]["seq"]
     assert record["status"] == "PROCESSING" and record["polls"] == 2
     assert api.get(f"/api/v1/operations/{op.id}/history").json() == expected
     assert len(expected["history"]) == 2 and expected["estimate"]["eta"] is not None

@@ -229,11 +229,12 @@ def test_the_pollers_end_hook_records_the_whole_final_record(
     assert by_id[missing]["tracked_at"] is not None  # re-read whole, not just the 404's values
 
 
-def test_no_channel_anywhere_queues_no_notice_and_a_channel_on_another_process_does(
+def test_no_channel_anywhere_owes_no_notice_and_a_channel_on_another_process_does(
     db_url: str, sandbox: SandboxServer, clock: FakeClock
 ) -> None:
-    """No outbox row where nothing delivers (issue 18: a 10-minute run left 3,708 rows); one
-    where another process has a channel, or had one within DELIVERY_REMEMBERED."""
+    """Nothing owed where nothing delivers (issue 18: a 10-minute run left 3,708 rows waiting,
+    never pruned): the end's row is born delivered, for the event stream, and retention prunes
+    it. Owed where another process has a channel, or had one within DELIVERY_REMEMBERED."""
     first, second, third = (
         sandbox.add_operation(total=2, duration=0, outcome="COMPLETED") for _ in range(3)
     )
@@ -251,7 +252,10 @@ def test_no_channel_anywhere_queues_no_notice_and_a_channel_on_another_process_d
         with rt.sessions.begin() as session:
             Repository(session).add([first.id, second.id, third.id], clock.now())
         rt.poller.refresh([first.id])
-        assert notices(rt.sessions) == []  # ended, and no channel anywhere: no row
+        # Ended, and no channel anywhere: nothing owed.
+        assert owed(rt.sessions) == [] and [n.operation_id for n in notices(rt.sessions)] == [
+            first.id
+        ]
         # A worker with OPTRACK_WEBHOOK_URL starts elsewhere: its heartbeat says so.
         beat = liveness.ProcessHeartbeat(db_url, "worker", clock, delivers_notices=True)
         beat.start()
@@ -261,15 +265,21 @@ def test_no_channel_anywhere_queues_no_notice_and_a_channel_on_another_process_d
         beat.stop()
         clock.advance(3 * 86400.0)  # stopped three days ago: still remembered
         rt.poller.refresh([second.id])
-        assert [n.operation_id for n in notices(rt.sessions)] == [second.id]
+        assert owed(rt.sessions) == [second.id]
         clock.advance(DELIVERY_REMEMBERED.total_seconds())  # gone for longer than that
         rt.poller.refresh([third.id])
-        assert [n.operation_id for n in notices(rt.sessions)] == [second.id]
+        assert owed(rt.sessions) == [second.id]
+        assert len(notices(rt.sessions)) == 3  # every end has its row, for the event stream
         with rt.sessions() as session:
             ended = {r.id: r.status for r in session.scalars(select(TrackedOperation))}
         assert set(ended.values()) == {"COMPLETED"}  # every end recorded all the same
     finally:
         rt.close()
+
+
+def owed(sessions: sessionmaker[Session]) -> list[str]:
+    """The operations whose notice still waits to be delivered."""
+    return [n.operation_id for n in notices(sessions) if n.delivered_at is None]
 
 
 def notices_seen(sessions: sessionmaker[Session]) -> bool:

@@ -30,6 +30,9 @@ workers = 1
 request-timeout = 30
 phases.stateful.enabled = false
 generation.max-examples = 15
+# A long poll would hold an example up to 60 s (the wait is tested end to end in
+# tests/e2e/test_wait_http.py): every example asks with no wait.
+parameters = { "query.wait" = "0s" }
 
 [checks]
 enabled = false
@@ -37,6 +40,11 @@ not_a_server_error.enabled = true
 status_code_conformance.enabled = true
 content_type_conformance.enabled = true
 response_schema_conformance.enabled = true
+
+# The event stream never ends; its frames are tested in tests/e2e/test_wait_http.py.
+[[operations]]
+include-path = "/api/v1/events"
+enabled = false
 
 # /healthz's 503 is its documented answer (unhealthy, with the reasons), not a server error.
 [[operations]]

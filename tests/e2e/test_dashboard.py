@@ -7,6 +7,7 @@ move their progress bars and turn them COMPLETED by itself, without a reload.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -93,6 +94,7 @@ def test_the_dashboard_follows_operations_to_completed_without_a_reload(
     assert page.url == f"{served.url}/", "the token stayed in the address bar"
     assert page.evaluate("sessionStorage.getItem('optrack-token')") == HTTP_TOKEN
     page.evaluate("window.__sameDocument = true")  # gone if the page ever reloads
+    page.wait_for_function("document.body.dataset.stream === 'open'")  # /api/v1/events
 
     tracked = requests.post(
         f"{served.url}/api/v1/operations",
@@ -146,7 +148,13 @@ def test_the_dashboard_follows_operations_to_completed_without_a_reload(
     assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
     assert int(page.evaluate("document.body.dataset.refreshed")) > 3
-    shot = tmp_path / "dashboard.png"
+    assert int(page.evaluate("document.body.dataset.events")) > 3  # redrawn on events
+    # Quiet now: the page waits on the stream instead of reading the API every 2 s.
+    reads = sum(url.endswith("/api/v1/account") for url in asked)
+    page.wait_for_timeout(6000)
+    assert sum(url.endswith("/api/v1/account") for url in asked) - reads <= 1
+    assert page.evaluate("document.body.dataset.stream") == "open"
+    shot = Path(os.environ.get("OPTRACK_SCREENSHOT", tmp_path / "dashboard.png"))
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     assert errors == []

@@ -15,6 +15,7 @@ from worker.cli import (
     report_cmds,
     service_cmds,
     tracking_cmds,
+    wait_cmds,
 )
 from worker.db import DB_UNREACHABLE
 from worker.errors import ConfigError, OptrackError
@@ -34,6 +35,7 @@ for command in (
     *ops_cmds.COMMANDS,
     *http_cmds.COMMANDS,
     *dead_letter_cmds.COMMANDS,
+    *wait_cmds.COMMANDS,
 ):
     cli.add_command(command)
 

@@ -25,7 +25,7 @@ from worker.http.openapi import answer, error
 from worker.http.problems import ErrorEntry, Problem
 from worker.http.shapes import OperationsPage, ProgressPage, TrackAnswer
 from worker.operation import validate_operation_id
-from worker.records import OperationRecord, operation_record, utc_text
+from worker.records import operation_record, utc_text
 from worker.reports.formats import (
     HISTORY_CSV_FIELDS,
     SUMMARY_CSV_FIELDS,
@@ -201,16 +201,7 @@ def list_operations(
     return _json(page)
 
 
-@api.get(
-    "/operations/{operation_id}",
-    summary="One tracked operation",
-    responses={**answer(OperationRecord, "The operation's record"), **NOT_TRACKED},
-)
-def get_operation(operation_id: OperationId, request: Request) -> JSONResponse:
-    """The operation's record; 404 if it is not tracked, 422 if it is not an operation ID."""
-    op_id = _operation_id(operation_id)
-    with runtime(request).sessions() as session:
-        return _json(operation_record(reports.get_operation(session, op_id)))
+# GET /operations/{operation_id} (and its wait) is in waits.py, beside the event stream.
 
 
 def _history(operation_id: str, request: Request) -> reports.HistoryReport:

@@ -21,6 +21,17 @@ class TrackAnswer(TypedDict):
     already_tracked: list[str]
 
 
+class OperationStep(OperationRecord):
+    """An operation's record and its latest history step (what a long poll passes back)."""
+
+    seq: Annotated[
+        int | None,
+        msgspec.Meta(
+            description="The latest history step; pass it as `after` to wait for the next"
+        ),
+    ]
+
+
 class OperationsPage(TypedDict):
     """A page of operations in ID order."""
 

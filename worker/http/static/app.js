@@ -1,9 +1,14 @@
-// optrack's dashboard: reads the JSON API every few seconds and redraws; no library, no CDN.
+// optrack's dashboard: follows the event stream (/api/v1/events) and redraws from the JSON API
+// when something was recorded; no library, no CDN.
 // The token comes once from /#token=… (then leaves the address bar) or from the form, and
 // lives in sessionStorage: this tab only, gone when it closes.
 "use strict";
 
-const REFRESH_MS = 2000;
+// A change or an end redraws within DEBOUNCE_MS; what no event announces (an account pause, a
+// new operation not polled yet, a finish leaving the "recent" window) within FALLBACK_MS.
+const DEBOUNCE_MS = 250;
+const FALLBACK_MS = 30000;
+const RECONNECT_MS = 2000;
 const TOKEN_KEY = "optrack-token";
 const STATES = ["PENDING", "PROCESSING", "COMPLETED", "CANCELED", "NOT_FOUND"];
 const STATE_COLOR = {
@@ -14,7 +19,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const state = {
   token: null, selected: null, listStatus: null, listNext: null, listPages: 1,
-  timer: null, stopped: false,
+  timer: null, stopped: false, stream: null, lastEventId: null, soon: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -54,6 +59,7 @@ function takeToken() {
 function askToken(why) {
   state.stopped = true;
   clearTimeout(state.timer);
+  if (state.stream) state.stream.abort();
   $("main").hidden = true;
   $("token-form").hidden = false;
   if (why) $("token-why").textContent = why;
@@ -349,11 +355,12 @@ function showError(error) {
   const banner = $("offline");
   banner.hidden = false;
   banner.textContent = `Cannot read optrack (${error.message}); retrying every ` +
-    `${REFRESH_MS / 1000} s.`;
+    `${RECONNECT_MS / 1000} s.`;
 }
 
 async function refresh() {
   if (state.stopped) return;
+  clearTimeout(state.timer);
   try {
     const [account, report, progress] = await Promise.all([
       api("/api/v1/account"), api("/api/v1/report?limit=0"), api("/api/v1/progress?limit=50"),
@@ -366,13 +373,75 @@ async function refresh() {
     drawProgress(progress);
     if (state.listStatus && state.listPages === 1) await refreshList();
     await refreshHistory();
-    $("updated").textContent = `updated ${clock(progress.now)} UTC · every ${REFRESH_MS / 1000} s`;
+    $("updated").textContent = `updated ${clock(progress.now)} UTC · live`;
     document.body.dataset.refreshed = String(Number(document.body.dataset.refreshed || 0) + 1);
   } catch (error) {
     showError(error);
     if (state.stopped) return;
+    state.timer = setTimeout(refresh, RECONNECT_MS);
+    return;
   }
-  state.timer = setTimeout(refresh, REFRESH_MS);
+  state.timer = setTimeout(refresh, FALLBACK_MS);
+  if (!state.stream) follow();
+}
+
+// One redraw for a burst of events, however many.
+function refreshSoon() {
+  if (state.soon) return;
+  state.soon = setTimeout(() => { state.soon = null; refresh(); }, DEBOUNCE_MS);
+}
+
+// --- the event stream -------------------------------------------------------------------
+// fetch, not EventSource: EventSource cannot send the Authorization header, and the token
+// must not go into a URL. Reconnects resume after the last event seen (Last-Event-ID).
+
+function onEvent(fields) {
+  if (fields.id) state.lastEventId = fields.id;
+  if (!fields.event) return;
+  document.body.dataset.events = String(Number(document.body.dataset.events || 0) + 1);
+  refreshSoon();
+}
+
+async function follow() {
+  if (state.stopped) return;
+  const controller = new AbortController();
+  state.stream = controller;
+  const headers = { Accept: "text/event-stream", Authorization: "Bearer " + state.token };
+  if (state.lastEventId) headers["Last-Event-ID"] = state.lastEventId;
+  try {
+    const response = await fetch("/api/v1/events", {
+      headers, cache: "no-store", signal: controller.signal,
+    });
+    if (response.status === 401) throw new Unauthorized();
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    document.body.dataset.stream = "open";
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let fields = {};
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, end).replace(/\r$/, "");
+        buffer = buffer.slice(end + 1);
+        if (line === "") { onEvent(fields); fields = {}; continue; }
+        if (line.startsWith(":")) continue; // a heartbeat
+        const colon = line.indexOf(":");
+        const name = colon < 0 ? line : line.slice(0, colon);
+        fields[name] = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      }
+    }
+  } catch (error) {
+    if (controller.signal.aborted) return;
+    if (error instanceof Unauthorized) { showError(error); return; }
+  } finally {
+    if (state.stream === controller) state.stream = null;
+    document.body.dataset.stream = "closed";
+  }
+  // The stream ended (a restart, a proxy): redraw what was missed, then follow again.
+  setTimeout(() => { refreshSoon(); }, RECONNECT_MS);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
