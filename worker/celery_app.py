@@ -50,6 +50,22 @@ DISCOVER_TASK = "optrack.discover"
 DELIVER_NOTICES_TASK = "optrack.deliver_notices"
 PRUNE_TASK = "optrack.prune"
 PRUNE_INTERVAL = 86400.0
+log = logging.getLogger(__name__)
+
+
+def waiting_messages(app: Celery) -> int | None:
+    """How many messages wait in the default queue, taken by no worker (ticks, polls, tracks
+    alike); None if the broker did not say."""
+    queue = app.amqp.queues[app.conf.task_default_queue]
+    with app.pool.acquire(block=True) as conn:  # pooled: no new connection per tick
+        try:
+            # Declared as the workers declare it (a passive declare of an empty Redis queue,
+            # which is no key, fails); the answer counts the messages not delivered.
+            declared = queue.bind(conn.default_channel).queue_declare()
+        except (KombuError, *conn.connection_errors, *conn.channel_errors, OSError) as exc:
+            log.warning("broker: queue depth unknown (%s)", exc)
+            return None
+    return int(declared.message_count)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -419,10 +419,10 @@ class Repository:
 
         The one claim statement (``claims.claim``): concurrent sweeps never claim one group
         twice; the claims come in the order the groups fell due. A worker that dies mid-poll
-        leaves its groups due again when the lease runs
-        out; a claim whose message no worker started yet (still in the broker) only
-        ``resend_after`` after it was made, so a broker nobody consumes does not fill with one
-        message per lease.
+        leaves its groups due again when the lease runs out; a claim whose message no worker
+        started yet (in the broker, or lost) only ``resend_after`` after it was made (the sweep
+        passes the lease when the broker's queue is empty), so a broker nobody consumes does
+        not fill with one message per lease.
         """
         token = claims.new_token()
         g = PollGroup
