@@ -182,6 +182,21 @@ def sweep(
     return SweepResult(placed=placed, claimed=len(claims), sent=sent)
 
 
+def give_back(
+    sessions: sessionmaker[Session], held: Sequence[tuple[int, str]], now: datetime
+) -> int:
+    """Give back the claims (group id, token) of poll messages a stopping worker holds and
+    never started, due now, so the next start polls them at once instead of after the lease;
+    one a worker started meanwhile stays with it. Returns how many were given back."""
+    if not held:
+        return 0
+    with sessions.begin() as session:
+        given = Repository(session).release_unstarted(held, now)
+    if given:
+        log.info("sweep: %d claim(s) of unstarted poll message(s) given back", given)
+    return given
+
+
 def dispatch(
     sessions: sessionmaker[Session], claims: Sequence[GroupClaim], send: Send, now: datetime
 ) -> int:
