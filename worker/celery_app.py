@@ -52,6 +52,15 @@ DISCOVER_TASK = "optrack.discover"
 DELIVER_NOTICES_TASK = "optrack.deliver_notices"
 PRUNE_TASK = "optrack.prune"
 PRUNE_INTERVAL = 86400.0
+# Retention deletes in batches, each its own transaction: stopped, it goes on the next day.
+PRUNE_SOFT_TIME_LIMIT = 1800.0
+PRUNE_TIME_LIMIT = 1860.0
+# Redis gives an unacknowledged message to another worker after its visibility timeout, even
+# while the first still runs it: the timeout outlasts the longest any task may run (its hard
+# time limit) by this much, which also covers a retry's countdown (at most a minute) held by
+# a worker; never below Celery's usual ten minutes.
+VISIBILITY_MARGIN = 300.0
+MIN_VISIBILITY_TIMEOUT = 600.0
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +91,12 @@ def unstarted_polls() -> list[tuple[int, str]]:
         if len(args) >= 2 and type(args[0]) is int and isinstance(args[1], str):
             held.append((args[0], args[1]))  # an older release's shape has no claim to give
     return held
+
+
+def visibility_timeout(settings: Settings) -> float:
+    """Seconds Redis waits for a message's acknowledgement before it delivers it again."""
+    longest = max(settings.task_time_limit, PRUNE_TIME_LIMIT)
+    return max(MIN_VISIBILITY_TIMEOUT, longest + VISIBILITY_MARGIN)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -139,8 +154,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         home = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
         config["beat_schedule_filename"] = str(home / "celerybeat-schedule")
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Polls finish in seconds; a message unacked this long belongs to a dead worker.
-        config["broker_transport_options"] = {"visibility_timeout": 600}
+        # A message unacked this long belongs to a dead worker: no live one runs that long.
+        config["broker_transport_options"] = {"visibility_timeout": visibility_timeout(settings)}
     return config
 
 

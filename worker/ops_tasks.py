@@ -10,7 +10,14 @@ import logging
 from typing import Any
 
 from worker import discovery, notices, retention
-from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
+from worker.celery_app import (
+    DELIVER_NOTICES_TASK,
+    DISCOVER_TASK,
+    PRUNE_SOFT_TIME_LIMIT,
+    PRUNE_TASK,
+    PRUNE_TIME_LIMIT,
+    app,
+)
 from worker.delivery import GuardedTask
 from worker.records import iso
 from worker.runtime import Runtime
@@ -74,11 +81,6 @@ def deliver_notices(self: GuardedTask) -> dict[str, int]:
     rt.metrics.notices.labels("delivered").inc(delivered)
     rt.metrics.notices.labels("failed").inc(failed)
     return {"delivered": delivered, "failed": failed}
-
-
-# Retention deletes in batches, each its own transaction: stopped, it goes on the next day.
-PRUNE_SOFT_TIME_LIMIT = 1800.0
-PRUNE_TIME_LIMIT = 1860.0
 
 
 @app.task(
