@@ -7,6 +7,7 @@ a small JSON summary.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from worker import discovery, notices, retention
@@ -41,13 +42,20 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
 def discover(self: GuardedTask) -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
     rt = self.runtime
+    now = rt.clock.now()
+    s = rt.settings
+    # Stop listing while one more request (and its wait in place) fits in the soft time limit,
+    # which would otherwise stop the task mid-request and discard every page it had read.
+    room = s.task_soft_time_limit - (s.request_deadline + s.max_inplace_wait)
     result = discovery.discover(
         rt.sessions,
         rt.client,
-        rt.clock.now(),
-        rt.settings.discovery_window,
+        now,
+        s.discovery_window,
         recorder=rt.recorder,
         clock_allowance=rt.poll_policy.clock_allowance,
+        deadline=now + timedelta(seconds=max(room, 0.0)),
+        clock=rt.clock,
     )
     rt.metrics.discovered.inc(len(result.added))
     return {
