@@ -72,15 +72,19 @@ def deliver_notices(self: GuardedTask) -> dict[str, int]:
     rt = self.runtime
     channels = notice_channels(rt)
     policy = notices.DeliveryPolicy()
+    # No notice is begun unless it can end before the soft time limit, which would stop the
+    # run mid-send and hold the rest of its batch for the claim's lease (ten minutes).
+    room = rt.settings.task_soft_time_limit - len(channels) * notices.SEND_BOUND
+    deadline = rt.clock.now() + timedelta(seconds=max(room, 0.0))
     delivered = failed = 0
     try:
         # A backlog drains a few batches per run; the next beat entry takes the rest.
         for _ in range(MAX_BATCHES_PER_RUN):
-            report = notices.deliver_pending(rt.sessions, rt.clock, channels, policy)
+            report = notices.deliver_pending(rt.sessions, rt.clock, channels, policy, deadline)
             delivered += len(report.delivered)
             failed += len(report.failed)
             handled = len(report.delivered) + len(report.failed) + report.lost_claims
-            if handled < policy.batch:
+            if report.out_of_time or handled < policy.batch:
                 break
     finally:
         for channel in channels:
