@@ -188,3 +188,45 @@ def test_the_tick_reads_how_many_messages_wait_on_every_broker(
     gone.conf.broker_transport_options = {"max_retries": 1}
     assert waiting_messages(gone) is None
     gone.close()
+
+
+# A consumer of the embedded broker that takes one message, says so, and never acknowledges.
+TAKE_ONE = """
+import sys, time
+from kombu import Connection
+with Connection(sys.argv[1]) as conn:
+    queue = conn.SimpleQueue("celery")
+    queue.get(timeout=30)
+    print("taken", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 18, 3d): kombu's SQLAlchemy transport marks a message taken "
+    "(visible=0) when it hands it out and never deletes or restores it but at a clean close",
+)
+def test_a_message_the_embedded_broker_handed_to_a_killed_process_comes_back(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILLed `optrack run` held an `optrack.track` message it had not acknowledged: a
+    new consumer of the embedded broker should get it again."""
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    sender = Celery("another-service", broker=broker, set_as_current=False)
+    sender.send_task("optrack.track", args=[[JSON_ID]])
+    assert waiting_messages(sender) == 1
+    taker = subprocess.Popen(
+        [sys.executable, "-c", TAKE_ONE, broker], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert taker.stdout is not None and taker.stdout.readline().strip() == "taken"
+    finally:
+        taker.kill()  # SIGKILL: no clean close, nothing handed back
+        taker.wait(timeout=10)
+        if taker.stdout is not None:
+            taker.stdout.close()
+    try:
+        assert waiting_messages(sender) == 1, "the taken message is lost for good"
+    finally:
+        sender.close()
