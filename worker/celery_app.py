@@ -34,10 +34,12 @@ from celery.signals import (
     worker_shutdown,
     worker_shutting_down,
 )
+from celery.worker import state as worker_state
 from kombu.exceptions import KombuError
 
-from worker import liveness, logs
+from worker import liveness, logs, sweep
 from worker.clock import SystemClock
+from worker.db import DB_UNREACHABLE
 from worker.errors import BrokerError
 from worker.metrics import MetricsServer, start_worker_server
 from worker.runtime import Runtime
@@ -50,6 +52,51 @@ DISCOVER_TASK = "optrack.discover"
 DELIVER_NOTICES_TASK = "optrack.deliver_notices"
 PRUNE_TASK = "optrack.prune"
 PRUNE_INTERVAL = 86400.0
+# Retention deletes in batches, each its own transaction: stopped, it goes on the next day.
+PRUNE_SOFT_TIME_LIMIT = 1800.0
+PRUNE_TIME_LIMIT = 1860.0
+# Redis gives an unacknowledged message to another worker after its visibility timeout, even
+# while the first still runs it: the timeout outlasts the longest any task may run (its hard
+# time limit) by this much, which also covers a retry's countdown (at most a minute) held by
+# a worker; never below Celery's usual ten minutes.
+VISIBILITY_MARGIN = 300.0
+MIN_VISIBILITY_TIMEOUT = 600.0
+log = logging.getLogger(__name__)
+
+
+def waiting_messages(app: Celery) -> int | None:
+    """How many messages wait in the default queue, taken by no worker (ticks, polls, tracks
+    alike); None if the broker did not say."""
+    queue = app.amqp.queues[app.conf.task_default_queue]
+    with app.pool.acquire(block=True) as conn:  # pooled: no new connection per tick
+        try:
+            # Declared as the workers declare it (a passive declare of an empty Redis queue,
+            # which is no key, fails); the answer counts the messages not delivered.
+            declared = queue.bind(conn.default_channel).queue_declare()
+        except (KombuError, *conn.connection_errors, *conn.channel_errors, OSError) as exc:
+            log.warning("broker: queue depth unknown (%s)", exc)
+            return None
+    return int(declared.message_count)
+
+
+def unstarted_polls() -> list[tuple[int, str]]:
+    """The poll messages this worker process received and no pool process started yet:
+    (group id, claim token) each, in the main process of a worker."""
+    started = {request.id for request in worker_state.active_requests}
+    held = []
+    for request in list(worker_state.reserved_requests):
+        if request.name != POLL_TASK or request.id in started:
+            continue
+        args = [*request.args, *(request.kwargs or {}).values()]
+        if len(args) >= 2 and type(args[0]) is int and isinstance(args[1], str):
+            held.append((args[0], args[1]))  # an older release's shape has no claim to give
+    return held
+
+
+def visibility_timeout(settings: Settings) -> float:
+    """Seconds Redis waits for a message's acknowledgement before it delivers it again."""
+    longest = max(settings.task_time_limit, PRUNE_TIME_LIMIT)
+    return max(MIN_VISIBILITY_TIMEOUT, longest + VISIBILITY_MARGIN)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -107,8 +154,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         home = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
         config["beat_schedule_filename"] = str(home / "celerybeat-schedule")
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Polls finish in seconds; a message unacked this long belongs to a dead worker.
-        config["broker_transport_options"] = {"visibility_timeout": 600}
+        # A message unacked this long belongs to a dead worker: no live one runs that long.
+        config["broker_transport_options"] = {"visibility_timeout": visibility_timeout(settings)}
     return config
 
 
@@ -120,6 +167,7 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
     _heartbeat: liveness.ProcessHeartbeat | None = None
     _pool_process = False
     _worker: Any = None  # the WorkController of this main process
+    _unstarted: tuple[tuple[int, str], ...] = ()  # noted when the warm shutdown began
 
     @cached_property
     def settings(self) -> Settings:
@@ -169,6 +217,27 @@ class OptrackCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):  # it has just ended
                 os.kill(pid, signal.SIGTERM)
+
+    def note_unstarted(self) -> None:
+        """In the main process, when its warm shutdown begins (a signal handler: no I/O here):
+        note the poll messages received and not started, before Celery forgets them as it
+        closes its connection."""
+        self._unstarted = tuple(unstarted_polls())
+
+    def give_back_unstarted(self) -> int:
+        """In the main process, once its pool stopped: give back the claims of the poll messages
+        it noted (``note_unstarted``) or still holds, never started, so the next start polls
+        those groups at once, not after the lease; their messages go back to the broker with
+        stale tokens. A claim a poll started meanwhile stays (``claim_started_at``)."""
+        held = list(dict.fromkeys([*self._unstarted, *unstarted_polls()]))
+        self._unstarted = ()
+        if not held:
+            return 0
+        try:
+            return sweep.give_back(self.runtime.sessions, held, self.runtime.clock.now())
+        except DB_UNREACHABLE as exc:  # the lease still ends them
+            log.warning("could not give back %d unstarted poll claim(s): %s", len(held), exc)
+            return 0
 
     def close_runtime(self) -> None:
         """Close this process's runtime (its database pools and HTTP session)."""
@@ -245,13 +314,17 @@ def _start_main_process(sender: Any = None, **_: Any) -> None:
 
 @worker_shutting_down.connect
 def _stop_pool(**_: Any) -> None:
+    app.note_unstarted()
     app.stop_pool()
 
 
 @worker_shutdown.connect
 def _stop_main_process(**_: Any) -> None:
+    # Once the pool is gone: no pool process holds the database, and this is no signal handler.
+    app.give_back_unstarted()
     app.stop_metrics()
     app.stop_heartbeat()
+    app.close_runtime()
 
 
 @beat_init.connect

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient
+from worker.clock import Clock
 from worker.errors import ApiError, RetryLater
 from worker.operation import Operation, Status
 from worker.recorder import Recorder
@@ -60,6 +61,8 @@ def discover(
     page_size: int = 1000,
     recorder: Recorder | None = None,
     clock_allowance: timedelta = PollPolicy.clock_allowance,
+    deadline: datetime | None = None,
+    clock: Clock | None = None,
 ) -> DiscoveryResult:
     """Track every PROCESSING operation created in the last ``window``; idempotent.
 
@@ -67,7 +70,9 @@ def discover(
     history row), so the sweep places it at once, but never an updatedAt ahead of the clocks
     by more than ``clock_allowance`` (OPTRACK_CLOCK_ALLOWANCE, as for a poll); with a
     ``recorder``, what the listing shows of operations already tracked is recorded too
-    (every page is news).
+    (every page is news). With a ``deadline`` (and the ``clock`` to read), the listing stops
+    once it is reached and what was found is kept: the task's time limit, which would stop it
+    in the middle of a request, comes at least one request later.
     """
     found: dict[str, Operation] = {}
     stopped: str | None = None
@@ -77,6 +82,9 @@ def discover(
             status=Status.PROCESSING, start_date=now - window, page_size=page_size
         ):
             found[op.id] = op
+            if deadline is not None and clock is not None and clock.now() >= deadline:
+                stopped = "out of time; the next run lists again"
+                break
     except RetryLater as exc:
         stopped, not_before = exc.reason, exc.not_before
     except ApiError as exc:

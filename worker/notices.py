@@ -50,6 +50,11 @@ DELIVERY_REMEMBERED = timedelta(days=7)
 NOTICE_ID_HEADER = "X-Optrack-Notice-Id"
 
 ChannelName = Literal["task", "webhook"]
+# requests' timeout, for the connection and again for each read of the answer.
+WEBHOOK_TIMEOUT = 10.0
+# The longest one notice may take on one channel (a connect and a read, each up to the
+# timeout): a run begins no notice later than this before its task's time limit.
+SEND_BOUND = 2 * WEBHOOK_TIMEOUT
 
 
 class DeliveryError(Exception):
@@ -195,7 +200,7 @@ class WebhookChannel:
 
     url: str = field(repr=False)  # its path and query may hold a token
     secret: str = field(repr=False)
-    timeout: float = 10.0
+    timeout: float = WEBHOOK_TIMEOUT
     session: requests.Session = field(default_factory=webhook_session, repr=False)
     name: ChannelName = field(default="webhook", init=False)
 
@@ -252,6 +257,7 @@ class DeliveryReport:
     delivered: tuple[str, ...] = ()  # operation IDs whose notice is now fully delivered
     failed: tuple[tuple[str, str], ...] = ()  # (operation ID, error), retried later
     lost_claims: int = 0  # results not recorded because another run took the claim over
+    out_of_time: int = 0  # claimed, not sent before the deadline: given back, due now
 
 
 @dataclass
@@ -338,16 +344,29 @@ def _record(
     return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
+def _give_back(session: Session, notices: Sequence[_Claimed], token: str, now: datetime) -> None:
+    ids = [notice.id for notice in notices]
+    session.execute(
+        update(Notice)
+        .where(Notice.id.in_(ids), Notice.claim_token == token)
+        .values(claim_token=None, next_attempt_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def deliver_pending(
     sessions: sessionmaker[Session],
     clock: Clock,
     channels: Sequence[Channel],
     policy: DeliveryPolicy = DeliveryPolicy(),
+    deadline: datetime | None = None,
 ) -> DeliveryReport:
     """Send the notices due at ``clock.now()`` through ``channels``; never waits between them.
 
     The clock is read again for each send (``sent_at``) and for each result (``delivered_at``,
-    the backoff of a failure).
+    the backoff of a failure). No notice is begun at or after ``deadline``: the rest of the
+    batch is given back, due now, instead of being held for the claim's lease by a run its
+    task's time limit stopped mid-send.
     """
     if not channels:
         return DeliveryReport()
@@ -356,7 +375,13 @@ def deliver_pending(
     delivered: list[str] = []
     failed: list[tuple[str, str]] = []
     lost = 0
-    for notice in claimed:
+    for index, notice in enumerate(claimed):
+        if deadline is not None and clock.now() >= deadline:
+            rest = claimed[index:]
+            with sessions.begin() as session:
+                _give_back(session, rest, token, clock.now())
+            log.info("notices: out of time; %d given back for the next run", len(rest))
+            return DeliveryReport(tuple(delivered), tuple(failed), lost, len(rest))
         sent, errors = _send_all(notice, channels, clock)
         now = clock.now()
         with sessions.begin() as session:

@@ -7,10 +7,18 @@ a small JSON summary.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from worker import discovery, notices, retention
-from worker.celery_app import DELIVER_NOTICES_TASK, DISCOVER_TASK, PRUNE_TASK, app
+from worker.celery_app import (
+    DELIVER_NOTICES_TASK,
+    DISCOVER_TASK,
+    PRUNE_SOFT_TIME_LIMIT,
+    PRUNE_TASK,
+    PRUNE_TIME_LIMIT,
+    app,
+)
 from worker.delivery import GuardedTask
 from worker.records import iso
 from worker.runtime import Runtime
@@ -34,13 +42,20 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
 def discover(self: GuardedTask) -> dict[str, Any]:
     """List the account's PROCESSING operations and track the new ones."""
     rt = self.runtime
+    now = rt.clock.now()
+    s = rt.settings
+    # Stop listing while one more request (and its wait in place) fits in the soft time limit,
+    # which would otherwise stop the task mid-request and discard every page it had read.
+    room = s.task_soft_time_limit - (s.request_deadline + s.max_inplace_wait)
     result = discovery.discover(
         rt.sessions,
         rt.client,
-        rt.clock.now(),
-        rt.settings.discovery_window,
+        now,
+        s.discovery_window,
         recorder=rt.recorder,
         clock_allowance=rt.poll_policy.clock_allowance,
+        deadline=now + timedelta(seconds=max(room, 0.0)),
+        clock=rt.clock,
     )
     rt.metrics.discovered.inc(len(result.added))
     return {
@@ -57,15 +72,19 @@ def deliver_notices(self: GuardedTask) -> dict[str, int]:
     rt = self.runtime
     channels = notice_channels(rt)
     policy = notices.DeliveryPolicy()
+    # No notice is begun unless it can end before the soft time limit, which would stop the
+    # run mid-send and hold the rest of its batch for the claim's lease (ten minutes).
+    room = rt.settings.task_soft_time_limit - len(channels) * notices.SEND_BOUND
+    deadline = rt.clock.now() + timedelta(seconds=max(room, 0.0))
     delivered = failed = 0
     try:
         # A backlog drains a few batches per run; the next beat entry takes the rest.
         for _ in range(MAX_BATCHES_PER_RUN):
-            report = notices.deliver_pending(rt.sessions, rt.clock, channels, policy)
+            report = notices.deliver_pending(rt.sessions, rt.clock, channels, policy, deadline)
             delivered += len(report.delivered)
             failed += len(report.failed)
             handled = len(report.delivered) + len(report.failed) + report.lost_claims
-            if handled < policy.batch:
+            if report.out_of_time or handled < policy.batch:
                 break
     finally:
         for channel in channels:
@@ -74,11 +93,6 @@ def deliver_notices(self: GuardedTask) -> dict[str, int]:
     rt.metrics.notices.labels("delivered").inc(delivered)
     rt.metrics.notices.labels("failed").inc(failed)
     return {"delivered": delivered, "failed": failed}
-
-
-# Retention deletes in batches, each its own transaction: stopped, it goes on the next day.
-PRUNE_SOFT_TIME_LIMIT = 1800.0
-PRUNE_TIME_LIMIT = 1860.0
 
 
 @app.task(

@@ -419,10 +419,10 @@ class Repository:
 
         The one claim statement (``claims.claim``): concurrent sweeps never claim one group
         twice; the claims come in the order the groups fell due. A worker that dies mid-poll
-        leaves its groups due again when the lease runs
-        out; a claim whose message no worker started yet (still in the broker) only
-        ``resend_after`` after it was made, so a broker nobody consumes does not fill with one
-        message per lease.
+        leaves its groups due again when the lease runs out; a claim whose message no worker
+        started yet (in the broker, or lost) only ``resend_after`` after it was made (the sweep
+        passes the lease when the broker's queue is empty), so a broker nobody consumes does
+        not fill with one message per lease.
         """
         token = claims.new_token()
         g = PollGroup
@@ -482,6 +482,21 @@ class Repository:
                     .values(claim_token=None, claim_expires_at=None, next_due_at=now)
                     .execution_options(synchronize_session=False)
                 )
+
+    def release_unstarted(self, held: Sequence[tuple[int, str]], now: datetime) -> int:
+        """Give back the claims (group id, token) whose message no worker started, due at
+        ``now``; a claim started meanwhile is left to its poll. Returns how many."""
+        g = PollGroup
+        given = 0
+        for group_id, token in held:
+            stmt = (
+                update(g)
+                .where(g.id == group_id, g.claim_token == token, g.claim_started_at.is_(None))
+                .values(claim_token=None, claim_expires_at=None, next_due_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            given += self.session.execute(stmt).rowcount  # type: ignore[attr-defined]
+        return given
 
     def finish(self, group_id: int, token: str, values: dict[str, Any]) -> int | None:
         """Record a group's poll and end its claim; return its active members, None if the

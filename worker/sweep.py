@@ -4,7 +4,14 @@ due groups and dispatch one poll message each.
 The claim lives here, whole: minted by ``Repository.claim_due`` (a token and a lease per
 group), dispatched after the claim committed, given back at once if the broker refuses a
 message, ended by the poll that finishes the group (``Repository.finish``). A claim whose
-message died runs out with its lease and the group is due again.
+message a worker started and died in runs out with its lease and the group is due again.
+
+A claim whose message no worker started is either still waiting in the broker or lost (a tick
+killed between its commit and its send, a broker restarted without its data). The tick says
+which it may be: if the broker's queue holds no message, it is not waiting there, so the group
+is claimed again when the lease ends (a late original carries a stale token and does nothing);
+while the queue holds messages, only after ``OPTRACK_RESEND_AFTER``, so a backed-up broker is
+not sent one more message per group per lease.
 
 ``hasten`` makes the groups of given operations due at once (a poll message of 0.1.0, which
 named operations, not a group: ``worker.compat``).
@@ -159,16 +166,35 @@ def sweep(
     limit: int,
     paused_until: datetime | None,
     send: Send,
+    queue_empty: bool = False,
 ) -> SweepResult:
     """One tick: place, then (unless the account is paused) claim the due groups and send
-    their polls. Raises DispatchError if the broker refused a message."""
+    their polls. ``queue_empty``: the broker's queue was seen empty, so an expired claim whose
+    message no worker started was lost, not waiting. Raises DispatchError if the broker
+    refused a message."""
     placed = place(sessions, now, policy)
     if paused_until is not None and paused_until > now:
         return SweepResult(placed=placed, paused_until=paused_until)
+    resend_after = policy.lease if queue_empty else policy.resend_after
     with sessions.begin() as session:
-        claims = Repository(session).claim_due(now, limit, policy.lease, policy.resend_after)
+        claims = Repository(session).claim_due(now, limit, policy.lease, resend_after)
     sent = dispatch(sessions, claims, send, now)
     return SweepResult(placed=placed, claimed=len(claims), sent=sent)
+
+
+def give_back(
+    sessions: sessionmaker[Session], held: Sequence[tuple[int, str]], now: datetime
+) -> int:
+    """Give back the claims (group id, token) of poll messages a stopping worker holds and
+    never started, due now, so the next start polls them at once instead of after the lease;
+    one a worker started meanwhile stays with it. Returns how many were given back."""
+    if not held:
+        return 0
+    with sessions.begin() as session:
+        given = Repository(session).release_unstarted(held, now)
+    if given:
+        log.info("sweep: %d claim(s) of unstarted poll message(s) given back", given)
+    return given
 
 
 def dispatch(

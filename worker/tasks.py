@@ -15,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import KombuError
 
 from worker import health, intake, sweep
-from worker.celery_app import POLL_TASK, TICK_TASK, TRACK_TASK, app
+from worker.celery_app import POLL_TASK, TICK_TASK, TRACK_TASK, app, waiting_messages
 from worker.delivery import GuardedTask
 from worker.errors import InvalidMessage
 from worker.repository import GroupClaim
@@ -49,6 +49,8 @@ def tick(self: GuardedTask) -> dict[str, int]:
         limit=rt.settings.max_due_per_tick,
         paused_until=paused[0] if paused else None,
         send=send,
+        # Asked before claiming: an unstarted claim's message that is not waiting was lost.
+        queue_empty=waiting_messages(self.app) == 0,
     )
     if result.sent:
         log.info("tick: %d group(s) due, %d poll message(s) sent", result.claimed, result.sent)

@@ -6,12 +6,17 @@ fault tests.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
+import pytest
+from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import dead_letters, intake, sweep
+from worker.celery_app import POLL_TASK, waiting_messages
 from worker.clock import FakeClock
 from worker.db import PollGroup, TaskDelivery
 from worker.repository import GroupClaim, Repository
@@ -81,19 +86,90 @@ def claim(sessions: sessionmaker[Session], clock: FakeClock) -> list[GroupClaim]
     return claims
 
 
-def test_a_claim_no_worker_started_is_not_sent_again_until_the_resend_interval(
-    sessions: sessionmaker[Session], clock: FakeClock
+@pytest.fixture
+def broker() -> Iterator[Celery]:
+    """A real kombu broker (the memory transport) with a queue of this test's own, which no
+    worker consumes."""
+    app = Celery("lost-messages", broker="memory://", set_as_current=False)
+    app.conf.task_default_queue = f"polls-{uuid.uuid4().hex}"
+    yield app
+    app.close()
+
+
+def tick(
+    sessions: sessionmaker[Session], clock: FakeClock, broker: Celery, *, publish: bool = True
+) -> list[GroupClaim]:
+    """One tick as ``tasks.tick`` runs it: the queue's depth asked first, then the claims sent
+    to ``broker`` (or, ``publish=False``, a tick killed after its commit: nothing sent)."""
+    claims: list[GroupClaim] = []
+
+    def send(claim: GroupClaim) -> None:
+        if publish:
+            broker.send_task(POLL_TASK, args=[claim.group_id, claim.token])
+        claims.append(claim)
+
+    empty = waiting_messages(broker) == 0
+    sweep.sweep(
+        sessions,
+        clock.now(),
+        POLICY,
+        limit=100,
+        paused_until=None,
+        send=send,
+        queue_empty=empty,
+    )
+    return claims
+
+
+def lose_everything(broker: Celery) -> None:
+    """The broker restarted without its data (Redis without persistence): the queue is gone."""
+    with broker.connection_for_write() as conn:
+        conn.default_channel.queue_purge(broker.conf.task_default_queue)
+
+
+@pytest.mark.parametrize("lost", ["tick killed before sending", "broker lost the message"])
+def test_a_lost_message_is_claimed_again_when_its_lease_ends(
+    sessions: sessionmaker[Session], clock: FakeClock, broker: Celery, lost: str
 ) -> None:
     intake.track(sessions, [ID], clock.now())
-    assert len(claim(sessions, clock)) == 1
-    sent = 1
-    # No worker consumes: a tick every 2 s for nine minutes, the lease ran out four times.
+    killed = lost == "tick killed before sending"
+    (first,) = tick(sessions, clock, broker, publish=not killed)
+    if not killed:
+        assert waiting_messages(broker) == 1
+        lose_everything(broker)
+    assert waiting_messages(broker) == 0
+    for _ in range(59):  # a tick every 2 s while the lease (120 s) holds: nothing
+        clock.advance(2)
+        assert tick(sessions, clock, broker) == []
+    clock.advance(2)  # the lease ended: the first tick after it claims and sends again
+    (second,) = tick(sessions, clock, broker)
+    assert (second.group_id, second.expires_at) == (first.group_id, clock.now() + POLICY.lease)
+    assert second.token != first.token
+    assert waiting_messages(broker) == 1
+    with sessions.begin() as session:
+        # The original, had it come late after all, holds a stale token: it does nothing.
+        repo = Repository(session)
+        repo.start_claim(first.group_id, first.token, clock.now())
+        assert repo.claimed_group(first.group_id, first.token) is None
+        group = session.get(PollGroup, first.group_id)
+        assert group is not None and group.claim_started_at is None
+
+
+def test_while_the_queue_holds_messages_an_unstarted_claim_is_not_sent_again_until_the_resend_interval(  # noqa: E501
+    sessions: sessionmaker[Session], clock: FakeClock, broker: Celery
+) -> None:
+    """No worker consumes: the message waits, and ticks every 2 s for nine minutes (the lease
+    ran out four times) add none; only the resend interval sends one more."""
+    intake.track(sessions, [ID], clock.now())
+    sent = len(tick(sessions, clock, broker))
     for _ in range(int(590 / 2)):
         clock.advance(2)
-        sent += len(claim(sessions, clock))
+        sent += len(tick(sessions, clock, broker))
     assert sent == 1, "ticks piled up messages in a broker nobody consumes"
+    assert waiting_messages(broker) == 1
     clock.advance(10)  # 600 s after the claim: sent once more
-    assert len(claim(sessions, clock)) == 1
+    assert len(tick(sessions, clock, broker)) == 1
+    assert waiting_messages(broker) == 2
 
 
 def test_a_claim_whose_message_was_started_is_due_again_after_the_lease(

@@ -112,6 +112,39 @@ def test_a_429_mid_way_keeps_what_was_found_and_says_when_to_resume(
     assert tracked(sessions) == set(processing)
 
 
+def test_discovery_out_of_time_keeps_what_it_found(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    make_client,  # type: ignore[no-untyped-def]
+    db_gate: DbGate,
+    clock: FakeClock,
+) -> None:
+    """A 429 waited in place (3 s on the fake clock) takes the listing past its deadline: it
+    stops there and keeps the pages it read. Before, it listed on until Celery's soft time
+    limit stopped the task mid-request, and everything found was thrown away."""
+    processing = seed(sandbox, clock)
+    sandbox.add_fault(Fault(kind="slow", delay=0))  # the first page answers normally
+    sandbox.add_fault(Fault(kind="status", status=429, retry_after="3"))
+    client = make_client(gate=db_gate)
+    started = clock.now()
+
+    result = discover(
+        sessions,
+        client,
+        started,
+        WEEK,
+        page_size=3,
+        deadline=started + timedelta(seconds=2),
+        clock=clock,
+    )
+
+    assert result.stopped_early == "out of time; the next run lists again"
+    assert clock.now() >= started + timedelta(seconds=3)  # waited out the 429 in place
+    assert 3 < len(result.added) < 7 and set(result.added) <= set(processing)
+    assert tracked(sessions) == set(result.added)
+    assert [e["status"] for e in sandbox.requests_log()] == [200, 429, 200]  # no third page
+
+
 @pytest.mark.parametrize(
     ("offset", "date_offset"),
     [(30 * 86400, 0.0), (600, 600.0)],

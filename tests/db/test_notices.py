@@ -634,6 +634,32 @@ def test_each_notice_is_signed_at_its_own_send_time(
         assert row.delivered_at == at + timedelta(seconds=45)  # recorded after its answer
 
 
+def test_a_run_begins_no_notice_past_its_deadline_and_gives_the_rest_back(
+    sessions: sessionmaker[Session], receiver: Receiver, clock: FakeClock
+) -> None:
+    """A slow receiver (45 s a notice, on the injected clock) and ten notices: a batch takes
+    450 s, far past the task's soft time limit (120 s), which stopped it mid-send and held the
+    rest for the claim's lease (10 min). With a deadline at 100 s the run sends the three that
+    begin before it, then gives the seven others back, due at once and never attempted."""
+    with sessions.begin() as session:
+        Repository(session).add(OP_IDS[:10], clock.now())
+    for op_id in OP_IDS[:10]:
+        end_operation(sessions, op_id, clock.now())
+    receiver.delay = 45.0
+    start = clock.now()
+    channel = WebhookChannel(receiver.url, SECRET)
+    report = deliver_pending(sessions, clock, [channel], deadline=start + timedelta(seconds=100))
+    assert len(report.delivered) == 3 and report.out_of_time == 7
+    assert clock.now() == start + timedelta(seconds=135)  # the third ended past the deadline
+    rest = [n for n in notices(sessions) if n.delivered_at is None]
+    assert len(rest) == 7
+    assert all(n.claim_token is None and n.attempts == 0 for n in rest)
+    assert all(n.next_attempt_at == clock.now() for n in rest)  # due now, not in 10 minutes
+    again = deliver_pending(sessions, clock, [channel])  # the next run takes them
+    channel.close()
+    assert len(again.delivered) == 7 and len(receiver.deliveries) == 10
+
+
 def documented_receiver() -> str:
     """The receiver example of docs/operations.md, exactly as printed there."""
     text = (ROOT / "docs" / "operations.md").read_text()

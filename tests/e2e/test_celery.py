@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
+from tests.support.private_services import free_port
 from tests.support.processes import base_env, celery_process, wait_for, worker_args
 from worker import dead_letters
+from worker.celery_app import waiting_messages
 from worker.db import TaskDelivery, TrackedOperation, make_engine, make_sessionmaker
 
 pytestmark = pytest.mark.slow
@@ -151,3 +154,79 @@ def test_dead_letters_are_shown_listed_and_replayed(stack: tuple[str, str], tmp_
     (kept,) = json.loads(again.stdout)["dead_letters"]
     assert kept["replayed_at"] is not None and kept["replay_task_id"]
     engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq", "embedded"])
+def test_the_tick_reads_how_many_messages_wait_on_every_broker(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What a tick asks before it claims (``waiting_messages``): 0 for a queue never used
+    (on Redis an empty queue is no key), then the messages published and not taken; None for
+    a broker that does not answer."""
+    if kind == "redis":
+        broker = request.getfixturevalue("redis_url")
+    elif kind == "rabbitmq":
+        broker = request.getfixturevalue("rabbitmq_url")
+    else:
+        broker = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    app = Celery("depth", broker=broker, set_as_current=False)
+    app.conf.task_default_queue = f"polls-{uuid.uuid4().hex}"
+    try:
+        assert waiting_messages(app) == 0
+        app.send_task("optrack.poll", args=[1, "token"])
+        app.send_task("optrack.poll", args=[2, "token"])
+        # RabbitMQ routes a publish after the call returns (no publisher confirms).
+        wait_for(lambda: waiting_messages(app) == 2, 10, "two messages waiting")
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(app.conf.task_default_queue)
+        assert waiting_messages(app) == 0
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(app.conf.task_default_queue)
+        app.close()
+    gone = Celery("depth", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+    gone.conf.broker_transport_options = {"max_retries": 1}
+    assert waiting_messages(gone) is None
+    gone.close()
+
+
+# A consumer of the embedded broker that takes one message, says so, and never acknowledges.
+TAKE_ONE = """
+import sys, time
+from kombu import Connection
+with Connection(sys.argv[1]) as conn:
+    queue = conn.SimpleQueue("celery")
+    queue.get(timeout=30)
+    print("taken", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 18, 3d): kombu's SQLAlchemy transport marks a message taken "
+    "(visible=0) when it hands it out and never deletes or restores it but at a clean close",
+)
+def test_a_message_the_embedded_broker_handed_to_a_killed_process_comes_back(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILLed `optrack run` held an `optrack.track` message it had not acknowledged: a
+    new consumer of the embedded broker should get it again."""
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    sender = Celery("another-service", broker=broker, set_as_current=False)
+    sender.send_task("optrack.track", args=[[JSON_ID]])
+    assert waiting_messages(sender) == 1
+    taker = subprocess.Popen(
+        [sys.executable, "-c", TAKE_ONE, broker], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert taker.stdout is not None and taker.stdout.readline().strip() == "taken"
+    finally:
+        taker.kill()  # SIGKILL: no clean close, nothing handed back
+        taker.wait(timeout=10)
+        if taker.stdout is not None:
+            taker.stdout.close()
+    try:
+        assert waiting_messages(sender) == 1, "the taken message is lost for good"
+    finally:
+        sender.close()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker import ops_tasks
-from worker.celery_app import celery_config
+from worker import ops_tasks, tasks
+from worker.celery_app import app, celery_config
 from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import BOUNDS, Settings, load_settings
@@ -137,6 +137,29 @@ def test_every_task_has_time_limits_within_the_claims_lease() -> None:
     # Retention runs in batches for longer, with limits of its own.
     assert ops_tasks.prune.soft_time_limit == ops_tasks.PRUNE_SOFT_TIME_LIMIT
     assert ops_tasks.prune.time_limit == ops_tasks.PRUNE_TIME_LIMIT
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"OPTRACK_CLAIM_LEASE": "3600"},
+        {"OPTRACK_CLAIM_LEASE": "86400", "OPTRACK_POLL_TIME_LIMIT": "86400"},  # both at most
+    ],
+)
+def test_redis_never_redelivers_a_message_a_worker_still_runs(env: dict[str, str]) -> None:
+    """Redis's visibility timeout outlasts every task's hard time limit (and a minute's retry
+    countdown): before, it was 600 s whatever the lease, and retention's own limit was 1,860."""
+    settings = load_settings({"OPTRACK_BROKER_URL": "redis://127.0.0.1:6379/0", **env})
+    config = celery_config(settings)
+    timeout = config["broker_transport_options"]["visibility_timeout"]
+    every = [tasks.tick, tasks.poll, tasks.track, ops_tasks.discover, ops_tasks.prune]
+    assert {t.name for t in every} | {ops_tasks.deliver_notices.name} == {
+        name for name in app.tasks if name.startswith("optrack.")
+    }
+    for task in [*every, ops_tasks.deliver_notices]:
+        limit = task.time_limit or config["task_time_limit"]
+        assert timeout >= limit + 60, f"{task.name} runs up to {limit:g} s"
 
 
 def test_a_message_stops_calling_while_one_request_still_fits_in_its_claim() -> None:
