@@ -56,15 +56,17 @@ def invented_api() -> Iterator[InventedApi]:
 
 
 @pytest.fixture
-def sandbox(clock: FakeClock) -> Iterator[SandboxServer]:
+def sandbox(clock: FakeClock, request: pytest.FixtureRequest) -> Iterator[SandboxServer]:
     """A sandbox API on a free loopback port, no seeded operations, living on the fake clock
-    (a slow answer moves the clock on, nobody waits)."""
+    (a slow answer moves the clock on, nobody waits; ``real_time``: a slow answer really
+    waits, for the tests of the client's own read timeout)."""
+    real = request.node.get_closest_marker("real_time") is not None
     with SandboxServer(
         account_sid=SID,
         auth_token=TOKEN,
         seed=0,
         clock=lambda: clock.now().timestamp(),
-        sleep=clock.sleep,
+        sleep=None if real else clock.sleep,
     ) as server:
         yield server
 

@@ -239,6 +239,7 @@ def test_the_token_appears_in_no_file_of_the_embedded_default(tmp_path: Path) ->
     assert {name: hits for name, hits in found.items() if hits} == {}
 
 
+@pytest.mark.real_time
 def test_no_exception_or_repr_shows_the_token(sandbox: SandboxServer, make_client) -> None:  # type: ignore[no-untyped-def]
     op = sandbox.add_operation(total=3, duration=60)
     policy = RetryPolicy(max_retry_after=0.05, max_inplace_wait=0.01)

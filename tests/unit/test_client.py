@@ -276,6 +276,7 @@ def test_dropped_connection_is_a_transport_error(sandbox: SandboxServer, make_cl
         make_client().fetch(MISSING)
 
 
+@pytest.mark.real_time
 def test_slow_answer_times_out(sandbox: SandboxServer, make_client) -> None:
     sandbox.add_fault(Fault(kind="slow", delay=3.0))
     with pytest.raises(TransportError, match="timed out"):
