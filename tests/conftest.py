@@ -217,3 +217,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
     for line in summary_lines():
         terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test item (``item.rep_call``), for fixtures that say
+    more when a test failed."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())

@@ -25,6 +25,7 @@ from tests.support.processes import (
     celery_process,
     sandbox_process,
     serve_process,
+    wait_for,
     worker_args,
 )
 from tests.support.services import IN_CI, TOKEN
@@ -62,10 +63,24 @@ def stack(tmp_path: Path, redis_url: str, pg_url: str) -> Iterator[tuple[Sandbox
     )
     with ExitStack() as stack, sandbox_process(env, tmp_path / "sandbox.log") as api:
         env["OPTRACK_API_BASE_URL"] = api.base_url
-        stack.enter_context(celery_process(worker_args("w1"), env, tmp_path / "w1.log"))
+        worker_log = tmp_path / "w1.log"
+        stack.enter_context(celery_process(worker_args("w1"), env, worker_log))
         stack.enter_context(celery_process(beat_args(tmp_path / "sched"), env, tmp_path / "b.log"))
         served = stack.enter_context(serve_process(env, tmp_path / "serve.log"))
+        # The page's first wait must not also cover a worker still starting on a busy machine.
+        wait_for(lambda: "ready." in worker_log.read_text(), 60, "the worker to be ready")
         yield api, served
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """A failed browser wait says only what it waited for: show what the processes did."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for log in sorted(tmp_path.glob("*.log")):
+            print(f"--- {log.name} (last 40 lines) ---")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
 
 
 def done_of(page: Any, op_id: str) -> tuple[int, str]:
