@@ -113,6 +113,9 @@ class TrackRequest(BaseModel):
     ids: list[Any] = Field(
         description=f"Operation IDs, at most {MAX_IDS:,} per request",
         examples=[["comms_operation_01h9krwprkeee8fzqspvwy6nq8"]],
+        # Checked one by one in ``intake`` (each error names its index), so typed for clients
+        # here rather than by pydantic.
+        json_schema_extra={"items": {"type": "string"}, "maxItems": MAX_IDS},
     )
 
 
