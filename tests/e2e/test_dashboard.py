@@ -33,7 +33,15 @@ from tests.support.services import IN_CI, TOKEN
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 HTTP_TOKEN = "dash-" + "b0ard" * 6
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]  # what this machine needs: its closed network refuses what Chromium fetches by itself
 
 
 @pytest.fixture
