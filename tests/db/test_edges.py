@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import click
 import pytest
 import requests
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
 
@@ -52,6 +53,8 @@ EDGES = [
     *("é", "日本語", "\u0665", "\uff11", "\u200b", "\U0001f600", "ä" * 300, "a" * 5000),
     *(GOOD, GOOD.upper(), GOOD + "/../x", "PENDING", "processing", "-", "--", "-h", "'\";--"),
 ]
+# RFC 9110's field-value: visible characters (and obs-text), inner spaces and tabs.
+FIELD_VALUE = re.compile(r"(?:[\x21-\x7e\x80-\U0010ffff](?:[ \t]*[\x21-\x7e\x80-\U0010ffff])*)?")
 # A value from argv is never NUL (execve cannot pass one); anything else may come.
 TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=40)
 VALUES = st.one_of(
@@ -314,6 +317,9 @@ def judged(answer: requests.Response) -> None:
 def test_every_http_parameter_takes_any_value_without_a_500(
     served: Served, param: Param, value: str
 ) -> None:
+    # A header value HTTP forbids (a control character, edge whitespace) never reaches the app:
+    # requests refuses to send it or uvicorn's parser answers its own plain-text 400.
+    assume(param.where != "header" or FIELD_VALUE.fullmatch(value) is not None)
     with request(served, param, value) as answer:
         judged(answer)
 
