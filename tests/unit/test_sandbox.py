@@ -781,3 +781,27 @@ def test_a_retry_after_zero_storm_is_expressible(
         (429, "0")
     ] * 25
     assert answers[25].status_code == 200
+
+
+def test_the_log_can_name_the_operations_each_answer_carried(
+    clock: FakeClock, http: requests.Session
+) -> None:
+    """``log_ids`` (`optrack sandbox --log-ids`): a List page logs its operations' IDs, a fetch
+    its one; an error logs none. Off, no request carries IDs."""
+    with SandboxServer(account_sid=SID, auth_token=TOKEN, clock=clock, log_ids=True) as sandbox:
+        ops = [sandbox.add_operation(duration=60) for _ in range(3)]
+        page = http.get(list_url(sandbox), params={"pageSize": "2"}, timeout=5).json()
+        http.get(op_url(sandbox, ops[2].id), timeout=5)
+        http.get(op_url(sandbox, "comms_operation_" + "0" * 26), timeout=5)
+        log = sandbox.requests_log()
+    listed = [op["id"] for op in page["operations"]]
+    assert len(listed) == 2 and set(listed) <= {op.id for op in ops}
+    assert [(e["status"], e.get("ids")) for e in log] == [
+        (200, listed),
+        (200, [ops[2].id]),
+        (404, None),
+    ]
+    with SandboxServer(account_sid=SID, auth_token=TOKEN, clock=clock) as quiet:
+        op = quiet.add_operation()
+        http.get(op_url(quiet, op.id), timeout=5)
+        assert "ids" not in quiet.requests_log()[0]

@@ -176,7 +176,12 @@ def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
     type=FiniteRange(0.1, 86400.0),
     help="Seconds a seeded operation runs.",
 )
-def sandbox(host: str, port: int, seed: int, duration: float) -> None:
+@click.option(
+    "--log-ids",
+    is_flag=True,
+    help="Log the operation IDs each answer carried (GET /_sandbox/requests), for benchmarks.",
+)
+def sandbox(host: str, port: int, seed: int, duration: float, log_ids: bool) -> None:
     """Serve a faithful sandbox of the SenderPool Operations API (for demos and tests)."""
     from worker.sandbox.server import serve_forever
 
@@ -188,6 +193,7 @@ def sandbox(host: str, port: int, seed: int, duration: float) -> None:
         auth_token=rt.settings.auth_token or "sandbox-token",
         seed=seed,
         duration=duration,
+        log_ids=log_ids,
     )
 
 

@@ -94,6 +94,13 @@ class _Reply:
         return json.dumps(self.payload, separators=(",", ":")).encode()
 
 
+def _carried_ids(payload: Any) -> list[str]:
+    """The operation IDs an API answer carried: a List page's, or the one fetched."""
+    if "operations" in payload:
+        return [op["id"] for op in payload["operations"]]
+    return [payload["id"]]
+
+
 def _bad(context: str, message: str) -> _Reply:
     return _Reply(400, error_body(400, message, context))
 
@@ -202,7 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
         if is_api:  # logged before answering, so a client that got its answer sees the entry
             status = 0 if reply is None else reply.status
             entry = {"t": arrived, "method": method, "path": path, "query": query}
-            sim.record_request({**entry, "status": status})
+            entry["status"] = status
+            if sim.log_ids and reply is not None and reply.status == 200:
+                entry["ids"] = _carried_ids(reply.payload)
+            sim.record_request(entry)
         if self.server.log_requests:
             sys.stderr.write(f"sandbox: {method} {path} -> {reply.status if reply else 'drop'}\n")
         if reply is None:
@@ -488,13 +498,16 @@ class SandboxServer:
         clock: Clock = time.time,
         log_requests: bool = False,
         sleep: Sleep | None = None,
+        log_ids: bool = False,
     ) -> None:
-        """``sleep``: how a ``slow`` fault waits (None: for real); with a fake ``clock``, its
+        """``log_ids``: each logged request carries the operation IDs its answer carried.
+        ``sleep``: how a ``slow`` fault waits (None: for real); with a fake ``clock``, its
         sleep makes slow answers take time on that clock without a test waiting."""
         self.account_sid, self._token = account_sid, auth_token
         self.host, self._port, self._log = host, port, log_requests
         self._sleep = sleep
         self.simulation = Simulation(seed=seed, duration=duration, clock=clock)
+        self.simulation.log_ids = log_ids
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -580,6 +593,7 @@ def serve_forever(
     duration: float = 20.0,
     *,
     log_requests: bool = False,
+    log_ids: bool = False,
 ) -> None:
     """Serve until SIGINT/SIGTERM, after printing ``sandbox listening on <base_url>``."""
     stop = threading.Event()
@@ -588,7 +602,14 @@ def serve_forever(
         stop.set()
 
     sandbox = SandboxServer(
-        account_sid, auth_token, host, port, seed, duration, log_requests=log_requests
+        account_sid,
+        auth_token,
+        host,
+        port,
+        seed,
+        duration,
+        log_requests=log_requests,
+        log_ids=log_ids,
     )
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

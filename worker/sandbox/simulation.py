@@ -338,6 +338,9 @@ class Simulation:
         self._ordered: list[SimulatedOperation] = []
         self._faults: list[Fault] = []
         self._log: deque[dict[str, Any]] = deque(maxlen=100_000)
+        # Log the operation IDs each answer carried: which operations a request covered, for
+        # the stream benchmark's gaps between two looks (off by default: lists are big).
+        self.log_ids = False
         now = clock()
         seeded = [
             SimulatedOperation(
