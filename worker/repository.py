@@ -413,9 +413,17 @@ class Repository:
         self.refresh_range(into)
 
     def claim_due(
-        self, now: datetime, limit: int, lease: timedelta, resend_after: timedelta | None = None
+        self,
+        now: datetime,
+        limit: int,
+        lease: timedelta,
+        resend_after: timedelta | None = None,
+        ahead: timedelta = timedelta(0),
     ) -> list[GroupClaim]:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
+
+        Due: by ``now``, or by ``now + ahead`` (the next tick) unless the group is backing
+        off after an error (``PollPolicy.claim_ahead``).
 
         The one claim statement (``claims.claim``): concurrent sweeps never claim one group
         twice; the claims come in the order the groups fell due. A worker that dies mid-poll
@@ -435,7 +443,11 @@ class Repository:
         rows = claims.claim(
             self.session,
             g,
-            claimable=and_(g.next_due_at <= now, or_(g.claim_token.is_(None), expired)),
+            claimable=and_(
+                g.next_due_at <= now + ahead,  # one range of the due index
+                or_(g.next_due_at <= now, g.consecutive_errors == 0),
+                or_(g.claim_token.is_(None), expired),
+            ),
             order_by=[g.next_due_at],
             limit=limit,
             values={"claim_token": token, "claim_expires_at": expires, "claim_started_at": None},

@@ -73,6 +73,7 @@ class Runtime:
             clock_allowance=timedelta(seconds=s.clock_allowance),
             not_found_grace=timedelta(seconds=s.not_found_grace),
             request_time=timedelta(seconds=s.request_deadline + s.max_inplace_wait),
+            claim_ahead=timedelta(seconds=s.tick_interval),
         )
 
     @cached_property

@@ -177,7 +177,9 @@ def sweep(
         return SweepResult(placed=placed, paused_until=paused_until)
     resend_after = policy.lease if queue_empty else policy.resend_after
     with sessions.begin() as session:
-        claims = Repository(session).claim_due(now, limit, policy.lease, resend_after)
+        claims = Repository(session).claim_due(
+            now, limit, policy.lease, resend_after, policy.claim_ahead
+        )
     sent = dispatch(sessions, claims, send, now)
     return SweepResult(placed=placed, claimed=len(claims), sent=sent)
 

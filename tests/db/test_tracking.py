@@ -151,6 +151,66 @@ def test_poll_records_changes_once_and_ends(
     assert tick(sessions, clock) == []
 
 
+def test_a_tick_never_adds_its_own_period_to_the_interval(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    """Ticks every 2 s; a claimed poll starts 0.3 s after its tick (the broker, a worker).
+    Each poll makes its group due one interval after it started, 0.3 s past a tick: claiming
+    only what is due then waits for the tick after, 12 s between two requests at interval 10.
+    Claiming what falls due before the next tick keeps every gap within the interval, and
+    the sandbox's request log shows it."""
+
+    def gaps(policy: PollPolicy) -> list[float]:
+        op = sandbox.add_operation(total=100, duration=3600)
+        intake.track(sessions, [op.id], clock.now())
+        for _ in range(40):  # 80 s of ticks
+            claims = tick(sessions, clock, policy=policy)
+            clock.advance(0.3)
+            poll_all(poller, claims)
+            clock.advance(1.7)
+        asked = [r["t"] for r in sandbox.requests_log() if op.id in str(r["path"])]
+        return [b - a for a, b in pairwise(asked)]
+
+    late = gaps(replace(POLICY, claim_ahead=timedelta(0)))
+    assert late and all(gap == pytest.approx(12.0) for gap in late)  # a tick's period added
+    kept = gaps(replace(POLICY, claim_ahead=timedelta(seconds=2)))
+    assert len(kept) >= 7 and max(kept) == pytest.approx(10.0)
+
+
+def test_a_group_backing_off_after_an_error_is_never_claimed_early(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    """A group whose List failed waits its whole backoff (``consecutive_errors``); one
+    polled without error is claimed up to a tick before it is due."""
+    op = sandbox.add_operation(total=2, duration=3600)
+    intake.track(sessions, [op.id], clock.now())
+    poll_all(poller, tick(sessions, clock))
+    group_id = group_of(sessions, op.id, clock).id
+    due = clock.now() + timedelta(seconds=1)
+    with sessions.begin() as session:
+        session.execute(
+            update(PollGroup)
+            .where(PollGroup.id == group_id)
+            .values(next_due_at=due, consecutive_errors=2)
+        )
+    assert tick(sessions, clock) == []
+    clock.current = due
+    assert [c.group_id for c in tick(sessions, clock)] == [group_id]
+
+    with sessions.begin() as session:  # polled fine, due in a second: claimed now
+        session.execute(
+            update(PollGroup)
+            .where(PollGroup.id == group_id)
+            .values(
+                next_due_at=clock.now() + timedelta(seconds=1),
+                consecutive_errors=0,
+                claim_token=None,
+                claim_expires_at=None,
+            )
+        )
+    assert [c.group_id for c in tick(sessions, clock)] == [group_id]
+
+
 def test_an_operation_idle_for_an_hour_at_its_first_poll_is_polled_after_one_interval(
     sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
 ) -> None:  # type: ignore[no-untyped-def]
