@@ -15,7 +15,8 @@ and records the result: ``delivered_at``, or ``attempts``, ``last_error`` and a 
 batch before it took. A dispatcher killed after a send but before recording it
 leaves the claim to expire and the notice is sent again: delivery is at least once per channel,
 so every message carries a stable id (the Celery task id ``optrack-notice-<id>``, the webhook's
-``X-Optrack-Notice-Id`` header and ``notice_id`` field) for receivers to drop a repeat.
+``webhook-id`` and ``X-Optrack-Notice-Id`` headers and ``notice_id`` field) for receivers to
+drop a repeat.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sqlalchemy import and_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import claims, dialect, liveness, logs
+from worker import webhook_signing as signing
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
 from worker.records import iso, operation_record
@@ -192,19 +194,27 @@ def webhook_session() -> requests.Session:
 
 @dataclass
 class WebhookChannel:
-    """POSTs the notice as JSON, signed over its timestamp and body; any 2xx is a delivery.
+    """POSTs the notice as JSON, signed as Standard Webhooks sign (``webhook_signing``) and with
+    the deprecated ``X-Optrack-Signature`` (``webhooks``); any 2xx is a delivery.
 
-    The URL is checked once, at start (``worker.settings``: https, or http to loopback, or
+    ``secret`` is one secret or several (a rotation: each signs every notice). The URL is
+    checked once, at start (``worker.settings``: https, or http to loopback, or
     ``OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1``).
     """
 
     url: str = field(repr=False)  # its path and query may hold a token
-    secret: str = field(repr=False)
+    secret: str | Sequence[str] = field(repr=False)
     timeout: float = WEBHOOK_TIMEOUT
     session: requests.Session = field(default_factory=webhook_session, repr=False)
     name: ChannelName = field(default="webhook", init=False)
+    _secrets: tuple[str, ...] = field(init=False, repr=False)
+    _keys: tuple[bytes, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._secrets = (self.secret,) if isinstance(self.secret, str) else tuple(self.secret)
+        self._keys = tuple(signing.key_of(s) for s in self._secrets)  # BadSecret: none shown
+        if not self._keys:
+            raise signing.BadSecret("a webhook channel needs at least one secret")
         # Also for a session passed in: nothing from the environment routes or authenticates us.
         self.session.trust_env = False
         # The URL's path and query often hold a token, and urllib3 logs the request line at
@@ -217,7 +227,9 @@ class WebhookChannel:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "optrack/0.1 (+notices)",
-            SIGNATURE_HEADER: sign(self.secret, body, message.timestamp),
+            **signing.headers(self._keys, str(message.notice_id), message.timestamp, body),
+            # Deprecated (optrack 0.1's scheme), sent for this release beside the standard ones.
+            SIGNATURE_HEADER: sign(self._secrets, body, message.timestamp),
             NOTICE_ID_HEADER: str(message.notice_id),
         }
         try:
