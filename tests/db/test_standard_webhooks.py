@@ -122,7 +122,7 @@ def deliver_to(
 ) -> list[str]:
     channel = WebhookChannel(receiver.url, secrets)
     try:
-        report = deliver_pending(sessions, clock, [channel], DeliveryPolicy())
+        report = deliver_pending(sessions, clock, [channel], DeliveryPolicy(jitter=0))
     finally:
         channel.close()
     return sorted(report.delivered)
@@ -173,7 +173,7 @@ def test_a_retry_carries_the_same_webhook_id_and_its_own_timestamp(
     end(sessions, OP_IDS[:1], clock.now())
     first_at = int(clock.now().timestamp())
     assert deliver_to(receiver, (NEW,), sessions, clock) == []
-    clock.advance(10)  # the first retry's wait
+    clock.advance(10)  # the first retry's wait, without jitter
     assert deliver_to(receiver, (NEW,), sessions, clock) == OP_IDS[:1]
     [(headers, notice)] = receiver.accepted
     assert headers["webhook-timestamp"] == str(first_at + 10)
