@@ -412,7 +412,7 @@ def deliver_pending(
             return DeliveryReport(tuple(delivered), tuple(failed), lost, len(rest))
         sent, errors = _send_all(notice, channels, clock)
         now = clock.now()
-        retry_at = now + policy.backoff(notice.attempts + 1, rng)
+        retry_at = now + policy.backoff(notice.attempts + 1, rng) if errors else now
         with sessions.begin() as session:
             recorded = _record(session, notice, token, sent, errors, now, retry_at)
         extra = {"operation_id": notice.operation_id}
