@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -214,3 +220,56 @@ def test_a_tampered_body_or_timestamp_fails_verification(
         assert again.status_code == 204  # the untouched one still verifies: the test can tell
     assert receiver.refused == ["No matching signature found"] * 4
     assert len(receiver.accepted) == 2
+
+
+def readme_receiver() -> str:
+    """The receiver of the README, exactly as printed there (its indentation removed)."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"  ```python\n(.*?)  ```", text, re.DOTALL) if "hook.py" in b]
+    return textwrap.dedent(block)
+
+
+def test_the_readme_receiver_verifies_real_notices(
+    sessions: sessionmaker[Session], clock: FakeClock, tmp_path: Path
+) -> None:
+    script = tmp_path / "hook.py"
+    script.write_text(readme_receiver())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTRACK_", "TWILIO_"))}
+    env.update(OPTRACK_WEBHOOK_SECRET=OLD, PORT="0")  # it knows the old secret only
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        match = re.fullmatch(r"listening on port (\d+)\n", first)
+        assert match, (first, process.stderr.read() if process.stderr else "")
+        url = f"http://127.0.0.1:{match.group(1)}/hooks"
+        end(sessions, OP_IDS[:2], clock.now())
+        channel = WebhookChannel(url, secrets_of(f"{NEW},{OLD}"))  # mid-rotation
+        try:
+            report = deliver_pending(sessions, clock, [channel], DeliveryPolicy(jitter=0))
+        finally:
+            channel.close()
+        assert sorted(report.delivered) == OP_IDS[:2]
+        with requests.Session() as http:  # a forgery: signed with a key it does not hold
+            http.trust_env = False
+            forged = b'{"event":"operation.ended","notice_id":1,"operation":{}}'
+            fake = Webhook("whsec_" + base64.b64encode(b"f" * 32).decode())
+            stamp = clock.now()
+            headers = {
+                "webhook-id": "1",
+                "webhook-timestamp": str(int(stamp.timestamp())),
+                "webhook-signature": fake.sign("1", stamp, forged),
+            }
+            assert http.post(url, data=forged, headers=headers, timeout=10).status_code == 401
+    finally:
+        process.terminate()
+        out, _err = process.communicate(timeout=30)
+    assert sorted(line for line in out.splitlines() if line.startswith("ended:")) == [
+        f"ended: {op_id} COMPLETED" for op_id in OP_IDS[:2]
+    ]
