@@ -8,6 +8,8 @@
     ├── InvalidMessage                a task message's arguments can never be processed
     ├── MigrationError                a migration would break the data; nothing was changed
     ├── NotWaiting                    a dead letter asked for is unknown or replayed already
+    ├── NoticeNotFound                a notice asked for is unknown (never was, or pruned)
+    ├── NoDelivery                    a resend asked where no process delivers notices
     ├── BrokerError                   the broker did not take a message
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
@@ -104,6 +106,18 @@ class NotWaiting(OptrackError):
     def __init__(self, letter_ids: list[int]) -> None:
         self.letter_ids = letter_ids
         super().__init__(f"no dead letter waiting with id {', '.join(map(str, letter_ids))}")
+
+
+class NoticeNotFound(OptrackError):
+    """Raised when notices asked for are unknown (never recorded, or pruned after delivery)."""
+
+    def __init__(self, notice_ids: list[int]) -> None:
+        self.notice_ids = notice_ids
+        super().__init__(f"no notice with id {', '.join(map(str, notice_ids))}")
+
+
+class NoDelivery(OptrackError):
+    """Raised when notices would be resent where no process delivers them."""
 
 
 class BrokerError(OptrackError):

@@ -15,13 +15,15 @@ and records the result: ``delivered_at``, or ``attempts``, ``last_error`` and a 
 batch before it took. A dispatcher killed after a send but before recording it
 leaves the claim to expire and the notice is sent again: delivery is at least once per channel,
 so every message carries a stable id (the Celery task id ``optrack-notice-<id>``, the webhook's
-``X-Optrack-Notice-Id`` header and ``notice_id`` field) for receivers to drop a repeat.
+``webhook-id`` and ``X-Optrack-Notice-Id`` headers and ``notice_id`` field) for receivers to
+drop a repeat.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,6 +35,7 @@ from sqlalchemy import and_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import claims, dialect, liveness, logs
+from worker import webhook_signing as signing
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
 from worker.records import iso, operation_record
@@ -192,19 +195,27 @@ def webhook_session() -> requests.Session:
 
 @dataclass
 class WebhookChannel:
-    """POSTs the notice as JSON, signed over its timestamp and body; any 2xx is a delivery.
+    """POSTs the notice as JSON, signed as Standard Webhooks sign (``webhook_signing``) and with
+    the deprecated ``X-Optrack-Signature`` (``webhooks``); any 2xx is a delivery.
 
-    The URL is checked once, at start (``worker.settings``: https, or http to loopback, or
+    ``secret`` is one secret or several (a rotation: each signs every notice). The URL is
+    checked once, at start (``worker.settings``: https, or http to loopback, or
     ``OPTRACK_WEBHOOK_ALLOW_INSECURE_HTTP=1``).
     """
 
     url: str = field(repr=False)  # its path and query may hold a token
-    secret: str = field(repr=False)
+    secret: str | Sequence[str] = field(repr=False)
     timeout: float = WEBHOOK_TIMEOUT
     session: requests.Session = field(default_factory=webhook_session, repr=False)
     name: ChannelName = field(default="webhook", init=False)
+    _secrets: tuple[str, ...] = field(init=False, repr=False)
+    _keys: tuple[bytes, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._secrets = (self.secret,) if isinstance(self.secret, str) else tuple(self.secret)
+        self._keys = tuple(signing.key_of(s) for s in self._secrets)  # BadSecret: none shown
+        if not self._keys:
+            raise signing.BadSecret("a webhook channel needs at least one secret")
         # Also for a session passed in: nothing from the environment routes or authenticates us.
         self.session.trust_env = False
         # The URL's path and query often hold a token, and urllib3 logs the request line at
@@ -217,7 +228,9 @@ class WebhookChannel:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "optrack/0.1 (+notices)",
-            SIGNATURE_HEADER: sign(self.secret, body, message.timestamp),
+            **signing.headers(self._keys, str(message.notice_id), message.timestamp, body),
+            # Deprecated (optrack 0.1's scheme), sent for this release beside the standard ones.
+            SIGNATURE_HEADER: sign(self._secrets, body, message.timestamp),
             NOTICE_ID_HEADER: str(message.notice_id),
         }
         try:
@@ -236,18 +249,35 @@ class WebhookChannel:
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
-    """How many notices one run claims, how long a claim holds, how failures back off."""
+    """How many notices one run claims, how long a claim holds, how failures back off.
+
+    After the n-th failed attempt the notice waits ``backoff_base * 2**(n-1)`` seconds, at most
+    ``backoff_max``, times a factor drawn uniformly from ``1 ± jitter``: 10 s, 20 s, 40 s …
+    an hour, each ±20%, so the notices a receiver's outage failed together do not all come
+    back in the same second. Retried until delivered; nothing sleeps.
+    """
 
     # A claim must outlast its whole batch: 20 notices x 2 channels x a 10 s timeout < lease.
     batch: int = 20
     lease: timedelta = timedelta(minutes=10)
     backoff_base: float = 10.0
     backoff_max: float = 3600.0
+    jitter: float = 0.2
 
-    def backoff(self, attempts: int) -> timedelta:
-        """Wait after the ``attempts``-th failed attempt (1-based): doubling, capped."""
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def backoff(self, attempts: int, rng: random.Random | None = None) -> timedelta:
+        """Wait after the ``attempts``-th failed attempt (1-based): doubling, capped, jittered
+        (``rng``: the randomness, injected by tests; the module's by default)."""
         exponent = max(0, min(attempts, 32) - 1)
-        return timedelta(seconds=min(self.backoff_max, self.backoff_base * 2.0**exponent))
+        ceiling = min(self.backoff_max, self.backoff_base * 2.0**exponent)
+        factor = (
+            (rng or random).uniform(1.0 - self.jitter, 1.0 + self.jitter) if self.jitter else 1.0
+        )
+        # Whole milliseconds: the same instant on SQLite and PostgreSQL.
+        return timedelta(milliseconds=round(ceiling * factor * 1000))
 
 
 @dataclass(frozen=True)
@@ -324,15 +354,12 @@ def _record(
     sent: dict[ChannelName, datetime],
     errors: list[str],
     now: datetime,
-    policy: DeliveryPolicy,
+    retry_at: datetime,
 ) -> bool:
     values: dict[str, Any] = {_SENT_COLUMN[name]: when for name, when in sent.items()}
     values.update(claim_token=None, attempts=notice.attempts + 1)
     if errors:
-        values.update(
-            last_error="; ".join(errors)[:1000],
-            next_attempt_at=now + policy.backoff(notice.attempts + 1),
-        )
+        values.update(last_error="; ".join(errors)[:1000], next_attempt_at=retry_at)
     else:
         values.update(delivered_at=now, last_error=None)
     stmt = (
@@ -360,13 +387,14 @@ def deliver_pending(
     channels: Sequence[Channel],
     policy: DeliveryPolicy = DeliveryPolicy(),
     deadline: datetime | None = None,
+    rng: random.Random | None = None,
 ) -> DeliveryReport:
     """Send the notices due at ``clock.now()`` through ``channels``; never waits between them.
 
     The clock is read again for each send (``sent_at``) and for each result (``delivered_at``,
-    the backoff of a failure). No notice is begun at or after ``deadline``: the rest of the
-    batch is given back, due now, instead of being held for the claim's lease by a run its
-    task's time limit stopped mid-send.
+    the backoff of a failure, jittered by ``rng``). No notice is begun at or after
+    ``deadline``: the rest of the batch is given back, due now, instead of being held for the
+    claim's lease by a run its task's time limit stopped mid-send.
     """
     if not channels:
         return DeliveryReport()
@@ -384,8 +412,9 @@ def deliver_pending(
             return DeliveryReport(tuple(delivered), tuple(failed), lost, len(rest))
         sent, errors = _send_all(notice, channels, clock)
         now = clock.now()
+        retry_at = now + policy.backoff(notice.attempts + 1, rng) if errors else now
         with sessions.begin() as session:
-            recorded = _record(session, notice, token, sent, errors, now, policy)
+            recorded = _record(session, notice, token, sent, errors, now, retry_at)
         extra = {"operation_id": notice.operation_id}
         if not recorded:
             lost += 1
@@ -398,7 +427,7 @@ def deliver_pending(
                 notice.operation_id,
                 notice.attempts + 1,
                 "; ".join(errors),
-                (now + policy.backoff(notice.attempts + 1)).isoformat(),
+                retry_at.isoformat(),
                 extra=extra,
             )
         else:

@@ -34,7 +34,7 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
     if settings.notify_task:
         channels.append(notices.TaskChannel(app, settings.notify_task, settings.notify_queue))
     if settings.webhook_url:
-        channels.append(notices.WebhookChannel(settings.webhook_url, settings.webhook_secret))
+        channels.append(notices.WebhookChannel(settings.webhook_url, settings.webhook_secrets))
     return channels
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from worker import webhook_signing as signing
 from worker.durations import parse_duration
 from worker.errors import ConfigError
 from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
@@ -149,7 +150,8 @@ class Settings:
     notify_task: str | None = None
     notify_queue: str = DEFAULT_NOTIFY_QUEUE
     webhook_url: str | None = field(default=None, repr=False)  # path and query may hold a token
-    webhook_secret: str = field(default="", repr=False)
+    # Each signs every notice (a rotation holds two); whsec_<base64> or a legacy string.
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_dir: str | None = None
@@ -184,7 +186,10 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line (the webhook URL's path and query too)."""
         hook = () if self.webhook_url is None else url_secrets(self.webhook_url)
-        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token, *hook) if s)
+        # A whsec_ secret's base64 alone too, should anything ever show it without its prefix.
+        keys = [s.removeprefix(signing.PREFIX) for s in self.webhook_secrets]
+        found = (self.auth_token, *self.webhook_secrets, *keys, self.http_token, *hook)
+        return tuple(s for s in found if s)
 
     @property
     def notices_enabled(self) -> bool:
@@ -296,11 +301,11 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
-def _webhook(env: Mapping[str, str]) -> tuple[str | None, str]:
+def _webhook(env: Mapping[str, str]) -> tuple[str | None, tuple[str, ...]]:
     url = env.get("OPTRACK_WEBHOOK_URL", "").strip() or None
     secret = env.get("OPTRACK_WEBHOOK_SECRET", "")
     if url is None:
-        return None, secret
+        return None, (secret,) if secret else ()  # unused; still redacted from logs
     try:
         parts = urlsplit(url)
         scheme, host = parts.scheme, parts.hostname
@@ -320,8 +325,14 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str]:
             "you mean it (a private network)."
         )
     if not secret:
-        raise ConfigError("OPTRACK_WEBHOOK_URL is set but OPTRACK_WEBHOOK_SECRET is empty")
-    return url, secret
+        raise ConfigError(
+            "OPTRACK_WEBHOOK_URL is set but OPTRACK_WEBHOOK_SECRET is empty; make one with: "
+            + signing.MAKE_ONE
+        )
+    try:
+        return url, signing.split_secrets(secret)
+    except signing.BadSecret as exc:  # its message never holds the secret
+        raise ConfigError(f"OPTRACK_WEBHOOK_SECRET: {exc}") from None
 
 
 def _metrics(env: Mapping[str, str]) -> tuple[int | None, str | None]:
@@ -508,7 +519,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(env.get("OPTRACK_HOME", str(DEFAULT_HOME)))
     allow_http = env.get("OPTRACK_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
-    webhook_url, webhook_secret = _webhook(env)
+    webhook_url, webhook_secrets = _webhook(env)
     metrics_port, metrics_dir = _metrics(env)
     claim_lease = _float(env, "OPTRACK_CLAIM_LEASE", 120.0)
     settings = Settings(
@@ -551,7 +562,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         notify_task=env.get("OPTRACK_NOTIFY_TASK", "").strip() or None,
         notify_queue=env.get("OPTRACK_NOTIFY_QUEUE", "").strip() or DEFAULT_NOTIFY_QUEUE,
         webhook_url=webhook_url,
-        webhook_secret=webhook_secret,
+        webhook_secrets=webhook_secrets,
         metrics_port=metrics_port,
         metrics_host=env.get("OPTRACK_METRICS_HOST", "").strip() or "127.0.0.1",
         metrics_dir=metrics_dir,

@@ -1,5 +1,9 @@
 """Webhook signatures: ``X-Optrack-Signature: t=<unix>,v1=<hex>``, the scheme Stripe uses.
 
+Deprecated: optrack 0.1's own scheme, still sent beside the Standard Webhooks headers
+(``worker.webhook_signing``) for this release, then dropped. Each secret signs with its UTF-8
+bytes as the key, whatever its form (a ``whsec_`` one too), exactly as before.
+
 ``v1`` is the hex HMAC-SHA256, keyed with the webhook secret, of the timestamp, a dot and the
 raw body (``b"1764208146." + body``). The timestamp is inside what is signed, so a body captured
 once cannot be sent again later with a fresh timestamp: ``verify`` rejects a signature that

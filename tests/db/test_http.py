@@ -21,14 +21,15 @@ import requests
 from kombu import Connection
 from sqlalchemy import func, select
 
+from tests.support.hooks import notices_in_every_state
 from tests.support.processes import base_env, serve_process
 from tests.support.services import SID, TOKEN
-from worker import dead_letters, health, reports
+from worker import dead_letters, health, liveness, outbox, reports
 from worker.clock import FakeClock
 from worker.db import TrackedOperation
-from worker.http import create_app
+from worker.http import create_app, paging
 from worker.http.server import running
-from worker.records import operation_record
+from worker.records import operation_record, utc_text
 from worker.reports.formats import (
     STATUS_COLORS,
     SUMMARY_CSV_FIELDS,
@@ -762,3 +763,105 @@ def test_the_page_takes_the_statuses_colours_from_the_one_palette(api: Api) -> N
         assert f"--{status.lower().replace('_', '-')}: {color};" in palette.text
     css = requests.get(api.url + "/static/app.css", timeout=10).text
     assert "--processing:" not in css  # one definition: the palette
+
+
+# --- completion notices ----------------------------------------------------------------------
+
+NOTICE_OPS = [f"comms_operation_01h9krwprkeee8fzqspvwy6s{i:02d}" for i in range(4)]
+
+
+def test_notices_are_listed_by_page_and_filter_and_shown(api: Api) -> None:
+    ids = notices_in_every_state(api.rt.sessions, api.clock, NOTICE_OPS)
+    page = api.get("/api/v1/notices", limit=3).json()
+    assert [n["id"] for n in page["notices"]] == [ids["unsent"], ids["owed"], ids["failed"]]
+    rest = api.get("/api/v1/notices", limit=3, cursor=page["next"]).json()
+    assert [n["id"] for n in rest["notices"]] == [ids["delivered"]] and rest["next"] is None
+    now = api.clock.now()
+    with api.rt.sessions() as session:  # the records `optrack notices list --json` prints
+        every = outbox.page(session, outbox.Filter(), now, 10).notices
+        assert page["notices"] + rest["notices"] == [outbox.record(r, now) for r in every]
+    assert [n["status"] for n in page["notices"] + rest["notices"]] == [
+        "unsent",
+        "owed",
+        "failed",
+        "delivered",
+    ]
+
+    def ids_of(**params: Any) -> list[int]:
+        answer = api.get("/api/v1/notices", **params)
+        assert answer.status_code == 200, answer.text
+        return [n["id"] for n in answer.json()["notices"]]
+
+    assert ids_of(status=["failed", "OWED"]) == [ids["owed"], ids["failed"]]
+    assert ids_of(operation=NOTICE_OPS[0]) == [ids["delivered"]]
+    failed_at = page["notices"][2]["created_at"]
+    assert ids_of(since=failed_at, until=page["notices"][1]["created_at"]) == [ids["failed"]]
+
+    shown = api.get(f"/api/v1/notices/{ids['delivered']}").json()
+    assert shown["status"] == "delivered" and shown["operation"]["id"] == NOTICE_OPS[0]
+    assert shown["operation"]["status"] == "COMPLETED"
+
+    operations_cursor = paging.encode(GOOD)
+    for params, reason in [
+        ({"status": "lost"}, "unknown notice status lost"),
+        ({"cursor": "garbage"}, "cursor is not one this API gave out"),
+        ({"cursor": operations_cursor}, "cursor is not one this API gave out"),
+        ({"operation": "comms_op"}, "comms_operation_"),
+        ({"since": "yesterday-ish"}, "is not a time"),
+        ({"limit": "0"}, "limit"),
+    ]:
+        answer = api.get("/api/v1/notices", **params)
+        assert answer.status_code == 422, params
+        assert reason in answer.json()["errors"][0]["reason"], (params, answer.text)
+    assert api.get("/api/v1/notices/999999").json() == {
+        "errors": [{"reason": "no notice with id 999999"}]
+    }
+    assert api.get("/api/v1/notices/999999").status_code == 404
+    for bad in ("0", "abc", str(2**63)):
+        assert api.get(f"/api/v1/notices/{bad}").status_code == 422, bad
+
+
+def test_notices_are_resent_behind_the_token_and_only_where_something_delivers(
+    api: Api,
+) -> None:
+    ids = notices_in_every_state(api.rt.sessions, api.clock, NOTICE_OPS)
+    resend = "/api/v1/notices/resend"
+    body = {"ids": [ids["delivered"]]}
+    assert requests.post(api.url + resend, json=body, timeout=10).status_code == 401
+    form = api.http.post(api.url + resend, data="ids=1", timeout=10)
+    assert form.status_code == 415
+    refused = api.post(resend, body)
+    assert refused.status_code == 409
+    assert "no process delivers notices" in refused.json()["errors"][0]["reason"]
+
+    with api.rt.sessions.begin() as session:  # a worker with a channel, alive a minute ago
+        liveness.notices_delivered(session, api.clock.now())
+    unknown = api.post(resend, {"ids": [ids["delivered"], 999999]})
+    assert unknown.status_code == 404
+    assert unknown.json() == {"errors": [{"reason": "no notice with id 999999", "index": 1}]}
+    assert api.get(f"/api/v1/notices/{ids['delivered']}").json()["status"] == "delivered"
+    for _ in range(2):  # twice: the same one owed notice
+        answer = api.post(resend, body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"resent": [ids["delivered"]], "sending": []}
+    again = api.get(f"/api/v1/notices/{ids['delivered']}").json()
+    assert again["status"] == "owed" and again["next_attempt_at"] == utc_text(api.clock.now())
+    everything = api.post(resend, {"since": "30d"}).json()
+    assert everything == {"resent": sorted(ids.values()), "sending": []}
+    latest = {"resent": [ids["unsent"]], "sending": []}  # ended just now: the only one
+    assert api.post(resend, {"since": "1s"}).json() == latest
+
+    for bad in (
+        {},
+        {"ids": []},
+        {"ids": [0]},
+        {"ids": [1], "since": "1d"},
+        {"until": "1d"},
+        {"since": "yesterday-ish"},
+        {"since": "1d", "until": "2d"},
+        {"all": True},
+        [1],
+    ):
+        answer = api.post(resend, bad)
+        assert answer.status_code == 422, (bad, answer.text)
+        assert answer.json()["errors"][0]["reason"], bad

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -474,33 +475,46 @@ def test_two_dispatchers_never_send_the_same_notice(
     assert all(n.delivered_at is not None and n.attempts == 1 for n in notices(sessions))
 
 
+class Drawn(random.Random):
+    """Randomness that draws the given values in turn: a jitter a test can name."""
+
+    def __init__(self, *draws: float) -> None:
+        super().__init__(0)
+        self.draws = list(draws)
+
+    def random(self) -> float:
+        return self.draws.pop(0)
+
+
 def test_failures_back_off_in_the_row_without_sleeping(
     sessions: sessionmaker[Session], receiver: Receiver, clock: FakeClock
 ) -> None:
+    """10 s then 20 s, jittered ±20% by the injected randomness: its top (x1.2), its bottom."""
     with sessions.begin() as session:
         Repository(session).add(OP_IDS[:1], clock.now())
     end_operation(sessions, OP_IDS[0], clock.now(), status="NOT_FOUND")
     channel = WebhookChannel(receiver.url, SECRET)
     policy = DeliveryPolicy(backoff_base=10)
+    rng = Drawn(1.0, 0.0)
     receiver.fail_next = 2
     start = clock.now()
 
-    first = deliver_pending(sessions, clock, [channel], policy)
+    first = deliver_pending(sessions, clock, [channel], policy, rng=rng)
     assert first.failed == ((OP_IDS[0], "webhook: the webhook answered HTTP 500"),)
     [notice] = notices(sessions)
-    assert notice.attempts == 1 and notice.next_attempt_at == start + timedelta(seconds=10)
+    assert notice.attempts == 1 and notice.next_attempt_at == start + timedelta(seconds=12)
     assert notice.last_error == "webhook: the webhook answered HTTP 500"
     assert notice.claim_token is None and notice.delivered_at is None
 
-    clock.advance(9)  # not due yet: nothing is sent
-    assert deliver_pending(sessions, clock, [channel], policy).failed == ()
+    clock.advance(11)  # not due yet: nothing is sent
+    assert deliver_pending(sessions, clock, [channel], policy, rng=rng).failed == ()
     clock.advance(1)
-    assert deliver_pending(sessions, clock, [channel], policy).failed != ()
+    assert deliver_pending(sessions, clock, [channel], policy, rng=rng).failed != ()
     [notice] = notices(sessions)
-    assert notice.attempts == 2 and notice.next_attempt_at == start + timedelta(seconds=30)
+    assert notice.attempts == 2 and notice.next_attempt_at == start + timedelta(seconds=12 + 16)
 
-    clock.advance(20)
-    done = deliver_pending(sessions, clock, [channel], policy)
+    clock.advance(16)
+    done = deliver_pending(sessions, clock, [channel], policy, rng=rng)
     assert done.delivered == (OP_IDS[0],)
     [notice] = notices(sessions)
     assert notice.attempts == 3 and notice.last_error is None

@@ -11,6 +11,7 @@ import click
 from worker.cli import (
     dead_letter_cmds,
     http_cmds,
+    notice_cmds,
     ops_cmds,
     report_cmds,
     service_cmds,
@@ -35,6 +36,7 @@ for command in (
     *ops_cmds.COMMANDS,
     *http_cmds.COMMANDS,
     *dead_letter_cmds.COMMANDS,
+    *notice_cmds.COMMANDS,
     *wait_cmds.COMMANDS,
 ):
     cli.add_command(command)

@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.http import dashboard, dead_letter_routes, problems, routes, waits
+from worker.http import dashboard, dead_letter_routes, notice_routes, problems, routes, waits
 from worker.http.auth import BearerAuth
 from worker.http.guards import SameSiteGuard
 from worker.http.openapi import OpenApiApp
@@ -140,6 +140,7 @@ def create_app(
     problems.install(app)
     app.include_router(routes.api, dependencies=[Depends(auth)])
     app.include_router(dead_letter_routes.router, dependencies=[Depends(auth)])
+    app.include_router(notice_routes.router, dependencies=[Depends(auth)])
     app.include_router(waits.router, dependencies=[Depends(auth)])
     app.include_router(routes.public)
     app.include_router(dashboard.router)
