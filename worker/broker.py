@@ -46,6 +46,7 @@ from sqlalchemy import (
     Float,
     Integer,
     MetaData,
+    Sequence,
     String,
     Table,
     delete,
@@ -60,7 +61,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
 from worker.db import make_engine, make_sessionmaker
 from worker.dialect import in_many, skip_locked
@@ -89,12 +90,18 @@ hold_table = Table(
 
 
 def kombu_connection(broker_url: str) -> tuple[str, str] | None:
-    """``(url, transport)`` for a ``sqla+…`` broker URL, carried by this transport; None for
-    another broker. kombu takes the transport from a ``sqla+`` prefix over any it is given, so
-    the prefix goes."""
+    """``(url, transport)`` for a ``sqla+`` broker URL on SQLite or PostgreSQL, carried by this
+    transport; None for another broker (another database stays on kombu's transport).
+
+    kombu takes the transport from a ``+`` in the URL's scheme over any it is given, so the
+    ``sqla+`` prefix goes, and so does a driver (``postgresql+psycopg``): the engine is
+    ``db.make_engine``'s, psycopg for PostgreSQL, the standard library for SQLite."""
     for prefix in ("sqla+", "sqlalchemy+"):
         if broker_url.startswith(prefix):
-            return broker_url.removeprefix(prefix), TRANSPORT
+            scheme, sep, rest = broker_url.removeprefix(prefix).partition("://")
+            dialect = scheme.split("+", 1)[0]
+            if sep and dialect in ("sqlite", "postgresql"):
+                return f"{dialect}://{rest}", TRANSPORT
     return None
 
 
@@ -170,6 +177,10 @@ class Broker:
             return
         with self.engine.begin() as conn:
             for table in tables:
+                if conn.dialect.supports_sequences:  # kombu's ids on PostgreSQL
+                    for column in table.columns:
+                        if isinstance(column.default, Sequence):
+                            conn.execute(CreateSequence(column.default, if_not_exists=True))
                 conn.execute(CreateTable(table, if_not_exists=True))
                 for index in table.indexes:
                     conn.execute(CreateIndex(index, if_not_exists=True))

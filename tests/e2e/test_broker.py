@@ -27,6 +27,7 @@ import pytest
 from celery import Celery
 from kombu import Connection
 from sqlalchemy import select
+from sqlalchemy import text as sa_text
 
 from tests.support.processes import base_env, celery_process, wait_for, worker_args
 from worker.broker import kombu_connection
@@ -291,3 +292,39 @@ def test_two_workers_on_one_broker_file_run_every_message_once_and_leave_nothing
     assert sorted(received) == sorted(sent)  # each once
     assert "database is locked" not in text and "gave back" not in text
     assert (messages(tmp_path), holds(tmp_path)) == ([], [])
+
+
+def test_on_postgresql_a_killed_consumers_message_comes_back_and_done_is_deleted(
+    pg_url: str,
+) -> None:
+    """The same transport on `sqla+postgresql://` (FOR UPDATE SKIP LOCKED, kombu's sequences)."""
+    broker = "sqla+" + pg_url
+    with Connection(broker) as conn:  # another service publishes with kombu's own transport
+        queue = conn.SimpleQueue("celery")
+        queue.put({"n": 1})
+        queue.close()
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, broker, "600"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "taken {'n': 1}"
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    url, transport = kombu_connection(broker) or ("", "")
+    with Connection(url, transport=transport) as conn:
+        queue = conn.SimpleQueue("celery")
+        message = queue.get(timeout=30)
+        assert message.payload == {"n": 1}
+        message.ack()
+        queue.close()
+    engine = make_engine(pg_url)
+    with engine.connect() as db:
+        left = db.execute(sa_text("SELECT count(*) FROM kombu_message")).scalar_one()
+        held = db.execute(sa_text("SELECT count(*) FROM optrack_broker_hold")).scalar_one()
+    engine.dispose()
+    assert (left, held) == (0, 0)
