@@ -32,6 +32,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateIndex, CreateSequence, CreateTable
 
@@ -157,7 +158,8 @@ class Broker:
         self.pid = os.getpid()
         self.host = _host_key()
         self.pid_start = _pid_start(self.pid)
-        self.holder = f"{socket.gethostname()[:100]}/{self.pid}/{self.pid_start or '?'}"
+        # Unique, whatever two hosts or namespaces have in common.
+        self.holder = f"{socket.gethostname()[:100]}/{self.pid}/{uuid.uuid4().hex}"
         self.held: set[int] = set()
         self.lock = threading.Lock()
         self.settled = False  # legacy rows, at the first get
@@ -213,7 +215,7 @@ class Broker:
                         .where(hold_table.c.holder == self.holder)
                         .values(lease_until=self.clock() + self.lease)
                     )
-            except OperationalError as exc:  # the next renewal may get through
+            except DBAPIError as exc:  # the next renewal may get through; the thread goes on
                 log.warning("broker: could not renew the lease of held messages: %s", exc)
 
     def hold_values(self, message_id: int) -> dict[str, Any]:
@@ -252,6 +254,7 @@ class Channel(kombu_sqla.Channel):
         # delivery tag → rows this channel took under it (a plain kombu restore copied a
         # message with its tag, so an old broker may hold two rows of one tag)
         self._taken: defaultdict[str, deque[int]] = defaultdict(deque)
+        self._no_ack: set[str] = set()  # queues consumed without acknowledgement
         super().__init__(connection, **kwargs)  # type: ignore[no-untyped-call]
 
     @property
@@ -282,12 +285,19 @@ class Channel(kombu_sqla.Channel):
             return queue_id
         queues: Table = self.queue_cls.__table__
         broker = self.broker
-        with broker.transaction() as session:
-            queue_id = session.scalar(select(queues.c.id).where(queues.c.name == queue))
-            if queue_id is None:
-                queue_id = session.scalar(insert(queues).values(name=queue).returning(queues.c.id))
-        self._queue_ids[queue] = int(queue_id)
-        return int(queue_id)
+        named = select(queues.c.id).where(queues.c.name == queue)
+        try:
+            with broker.transaction() as session:
+                found = session.scalar(named)
+                if found is None:
+                    created = insert(queues).values(name=queue).returning(queues.c.id)
+                    found = session.execute(created).scalar_one()
+                queue_id = int(found)
+        except IntegrityError:  # another process created it meanwhile (PostgreSQL)
+            with broker.transaction() as session:
+                queue_id = int(session.execute(named).scalar_one())
+        self._queue_ids[queue] = queue_id
+        return queue_id
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         self._queue_id(queue)
@@ -317,6 +327,9 @@ class Channel(kombu_sqla.Channel):
             row = session.execute(skip_locked(first, session)).first()
             if row is None:
                 raise Empty()
+            if queue in self._no_ack:  # nothing will acknowledge it: done once handed out
+                session.execute(delete(messages).where(messages.c.id == row.id))
+                return loads(row.payload)
             session.execute(update(messages).where(messages.c.id == row.id).values(visible=False))
             session.execute(insert(hold_table).values(broker.hold_values(row.id)))
         broker.took(row.id)
@@ -362,6 +375,25 @@ class Channel(kombu_sqla.Channel):
                     update(messages).where(messages.c.id == message_id).values(visible=True)
                 )
         broker.let_go(message_id)
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> Any:
+        if no_ack:
+            self._no_ack.add(queue)
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)  # type: ignore[no-untyped-call]
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        self._no_ack.discard(self._tag_to_queue.get(consumer_tag))
+        return super().basic_cancel(consumer_tag)  # type: ignore[no-untyped-call]
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        message = super().basic_get(queue, no_ack, **kwargs)  # type: ignore[no-untyped-call]
+        if no_ack and message is not None:
+            row = self._row_of(message.delivery_tag)
+            if row is not None:
+                self._let_go(row, done=True)
+        return message
 
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         row = self._row_of(delivery_tag)

@@ -328,3 +328,19 @@ def test_on_postgresql_a_killed_consumers_message_comes_back_and_done_is_deleted
         held = db.execute(sa_text("SELECT count(*) FROM optrack_broker_hold")).scalar_one()
     engine.dispose()
     assert (left, held) == (0, 0)
+
+
+def test_a_message_taken_without_acknowledgement_is_deleted_when_handed_out(
+    tmp_path: Path,
+) -> None:
+    """`no_ack` consumers and gets: nothing will acknowledge, so nothing is held."""
+    publish(tmp_path, {"n": 1}, {"n": 2})
+    url, transport = kombu_connection(broker_url(tmp_path)) or ("", "")
+    with Connection(url, transport=transport) as conn:
+        consumed = conn.SimpleQueue("celery", no_ack=True)
+        assert consumed.get(timeout=30).payload == {"n": 1}
+        assert [n for n, _ in messages(tmp_path)] == [2]
+        consumed.close()
+        got = conn.default_channel.basic_get("celery", no_ack=True)
+        assert conn.default_channel.message_to_python(got).payload == {"n": 2}
+    assert (messages(tmp_path), holds(tmp_path)) == ([], [])
