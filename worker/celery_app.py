@@ -37,7 +37,7 @@ from celery.signals import (
 from celery.worker import state as worker_state
 from kombu.exceptions import KombuError
 
-from worker import liveness, logs, sweep
+from worker import broker, liveness, logs, sweep
 from worker.clock import SystemClock
 from worker.db import DB_UNREACHABLE
 from worker.errors import BrokerError
@@ -153,6 +153,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith("sqla+sqlite:///"):
         home = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
         config["beat_schedule_filename"] = str(home / "celerybeat-schedule")
+    embedded = broker.kombu_connection(settings.broker_url)
+    if embedded is not None:
+        # Our transport under kombu's SQLAlchemy one: a message handed to a killed process
+        # comes back, a done one is deleted (worker.broker). An older release's leftovers:
+        # taken within the longest a message is held, given back once.
+        config["broker_url"], config["broker_transport"] = embedded
+        config["broker_transport_options"] = {"legacy_window": visibility_timeout(settings)}
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # A message unacked this long belongs to a dead worker: no live one runs that long.
         config["broker_transport_options"] = {"visibility_timeout": visibility_timeout(settings)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker import ops_tasks, tasks
-from worker.celery_app import app, celery_config
+from worker.celery_app import app, celery_config, visibility_timeout
 from worker.errors import ConfigError
 from worker.runtime import Runtime
 from worker.settings import BOUNDS, Settings, load_settings
@@ -160,6 +160,34 @@ def test_redis_never_redelivers_a_message_a_worker_still_runs(env: dict[str, str
     for task in [*every, ops_tasks.deliver_notices]:
         limit = task.time_limit or config["task_time_limit"]
         assert timeout >= limit + 60, f"{task.name} runs up to {limit:g} s"
+
+
+@pytest.mark.parametrize(
+    ("url", "kombu_url", "transport"),
+    [
+        (
+            "sqla+sqlite:////var/lib/optrack/broker.sqlite",
+            "sqlite:////var/lib/optrack/broker.sqlite",
+            "worker.broker:Transport",
+        ),
+        ("sqla+postgresql+psycopg://u:p@db/b", "postgresql://u:p@db/b", "worker.broker:Transport"),
+        ("sqla+mysql://u:p@db/b", "sqla+mysql://u:p@db/b", None),  # kombu's own transport
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", None),
+    ],
+)
+def test_the_embedded_broker_runs_on_optracks_transport(
+    url: str, kombu_url: str, transport: str | None
+) -> None:
+    """A `sqla+` URL on SQLite or PostgreSQL is carried by worker.broker (kombu reads the
+    transport from the URL's prefix, so the prefix goes); its older release's leftovers are
+    settled within the longest a message may be held."""
+    settings = load_settings({"OPTRACK_BROKER_URL": url})
+    config = celery_config(settings)
+    assert (config["broker_url"], config.get("broker_transport")) == (kombu_url, transport)
+    if transport is not None:
+        options = config["broker_transport_options"]
+        assert options == {"legacy_window": visibility_timeout(settings)}
+        assert options["legacy_window"] >= config["task_time_limit"] + 60
 
 
 def test_a_message_stops_calling_while_one_request_still_fits_in_its_claim() -> None:
