@@ -25,6 +25,7 @@ from typing import Protocol
 import requests
 import urllib3
 
+from worker import __version__
 from worker.clock import Clock, SystemClock
 from worker.errors import (
     AUTH_STATUSES,
@@ -62,7 +63,7 @@ MAX_PAGES = 10_000  # 10 million operations at 1,000 a page: a `next` that never
 AUTH_PAUSE_SECONDS = 60.0
 # How long a 404 that proves a wrong base URL stops all polling before one more try.
 CONFIG_PAUSE_SECONDS = 60.0
-USER_AGENT = "optrack/0.1 (+requests)"
+USER_AGENT = f"optrack/{__version__} (+requests)"
 MAX_BODY_BYTES = 64 << 20  # a List page of 1,000 operations is about 250 KB
 _READ_CHUNK = 64 << 10
 

@@ -34,7 +34,7 @@ from kombu.exceptions import KombuError
 from sqlalchemy import and_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import claims, dialect, liveness, logs
+from worker import __version__, claims, dialect, liveness, logs
 from worker import webhook_signing as signing
 from worker.clock import Clock
 from worker.db import Notice, TrackedOperation
@@ -227,7 +227,7 @@ class WebhookChannel:
         body = message.body()
         headers = {
             "Content-Type": "application/json",
-            "User-Agent": "optrack/0.1 (+notices)",
+            "User-Agent": f"optrack/{__version__} (+notices)",
             **signing.headers(self._keys, str(message.notice_id), message.timestamp, body),
             # Deprecated (optrack 0.1's scheme), sent for this release beside the standard ones.
             SIGNATURE_HEADER: sign(self._secrets, body, message.timestamp),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import threading
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 
 import pytest
 
@@ -118,6 +119,35 @@ def test_a_404_that_is_not_the_apis_is_not_operation_not_found(clock: FakeClock)
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_requests_name_this_release_in_their_user_agent(clock: FakeClock) -> None:
+    """The User-Agent carries pyproject's version (Twilio support asks for it)."""
+    seen: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("User-Agent", ""))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with ApiClient(url, SID, TOKEN, clock=clock) as client, pytest.raises(WrongBaseUrl):
+            client.fetch(MISSING)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert seen == [f"optrack/{version('optrack')} (+requests)"]
+    assert version("optrack") != "0.1"
 
 
 def test_400_carries_the_error_list(sandbox: SandboxServer, make_client) -> None:
