@@ -103,11 +103,11 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 @contextmanager
-def sandbox(env: dict[str, str], log: Path) -> Iterator[str]:
-    """`optrack sandbox --port 0`; yields its base URL."""
+def sandbox(env: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
+    """`optrack sandbox --port 0 EXTRA`; yields its base URL."""
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--seed", "0"],
+            [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--seed", "0", *extra],
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
