@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from worker.credentials import Credentials, api_username, parse_secret_keys
 from worker.durations import parse_duration
 from worker.errors import ConfigError
 from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
@@ -107,6 +108,11 @@ class Settings:
     api_base_url: str = DEFAULT_API_BASE_URL
     account_sid: str = ""
     auth_token: str = field(default="", repr=False)
+    # The default account may authenticate with an API key instead (TWILIO_API_KEY/_SECRET).
+    api_key_sid: str = ""
+    api_key_secret: str = field(default="", repr=False)
+    # Fernet keys sealing the stored accounts' secrets (OPTRACK_SECRET_KEY); the first seals.
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
     poll_interval: float = 10.0
     max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
     tick_interval: float = 2.0
@@ -184,7 +190,17 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line (the webhook URL's path and query too)."""
         hook = () if self.webhook_url is None else url_secrets(self.webhook_url)
-        return tuple(s for s in (self.auth_token, self.webhook_secret, self.http_token, *hook) if s)
+        values = (self.auth_token, self.api_key_secret, *self.secret_keys)
+        return tuple(s for s in (*values, self.webhook_secret, self.http_token, *hook) if s)
+
+    @property
+    def default_credentials(self) -> Credentials:
+        """The environment's account (``default``): an API key's if one is set, else the SID's
+        Auth Token (empty values when unset: the API rejects them, `health` says so)."""
+        if self.api_key_sid:
+            user = api_username(self.account_sid, self.api_key_sid)
+            return Credentials(self.account_sid, user, self.api_key_secret)
+        return Credentials(self.account_sid, self.account_sid, self.auth_token)
 
     @property
     def notices_enabled(self) -> bool:
@@ -322,6 +338,17 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, str]:
     if not secret:
         raise ConfigError("OPTRACK_WEBHOOK_URL is set but OPTRACK_WEBHOOK_SECRET is empty")
     return url, secret
+
+
+def _api_key(env: Mapping[str, str]) -> tuple[str, str]:
+    key = env.get("TWILIO_API_KEY", "").strip()
+    secret = env.get("TWILIO_API_SECRET", "").strip()
+    if bool(key) != bool(secret):
+        given, missing = ("TWILIO_API_KEY", "TWILIO_API_SECRET")[:: 1 if key else -1]
+        raise ConfigError(f"{given} is set but {missing} is not: an API key needs both")
+    if key and not re.fullmatch(r"SK[0-9a-f]{32}", key):
+        raise ConfigError("TWILIO_API_KEY must be an API key SID: SK and 32 lower-case hex digits")
+    return key, secret
 
 
 def _metrics(env: Mapping[str, str]) -> tuple[int | None, str | None]:
@@ -519,6 +546,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
         auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
+        api_key_sid=_api_key(env)[0],
+        api_key_secret=_api_key(env)[1],
+        secret_keys=parse_secret_keys(env.get("OPTRACK_SECRET_KEY", "")),
         poll_interval=_float(env, "OPTRACK_POLL_INTERVAL", 10.0),
         max_retry_after=_max_retry_after(env),
         tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0),

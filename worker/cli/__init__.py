@@ -9,6 +9,7 @@ from typing import NoReturn
 import click
 
 from worker.cli import (
+    account_cmds,
     dead_letter_cmds,
     http_cmds,
     ops_cmds,
@@ -18,7 +19,7 @@ from worker.cli import (
     wait_cmds,
 )
 from worker.db import DB_UNREACHABLE
-from worker.errors import ConfigError, OptrackError
+from worker.errors import AccountError, ConfigError, OptrackError
 from worker.health import unreachable
 
 
@@ -36,6 +37,7 @@ for command in (
     *http_cmds.COMMANDS,
     *dead_letter_cmds.COMMANDS,
     *wait_cmds.COMMANDS,
+    *account_cmds.COMMANDS,
 ):
     cli.add_command(command)
 
@@ -58,6 +60,9 @@ def exit_code(args: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except ConfigError as exc:
         click.echo(f"optrack: configuration error: {exc}", err=True)
+        return 2
+    except AccountError as exc:  # an account named wrongly, or a change it refuses: usage
+        click.echo(f"optrack: {exc}", err=True)
         return 2
     except OptrackError as exc:
         click.echo(f"optrack: {exc}", err=True)
