@@ -102,6 +102,32 @@ class Accounts:
             for row in rows
         ]
 
+    def paused(self, now: datetime, default_sid: str) -> dict[str, tuple[datetime, str]]:
+        """The accounts paused at ``now`` (a 409/429/503's Retry-After, rejected credentials):
+        name → (until, reason). ``default_sid``: the environment's SID, the default's key."""
+        p = AccountPause
+        stmt = (
+            select(p.account_sid, p.paused_until, p.reason, Account.name)
+            .outerjoin(Account, Account.account_sid == p.account_sid)
+            .where(p.paused_until > now)
+        )
+        found: dict[str, tuple[datetime, str]] = {}
+        for sid, until, reason, name in self.session.execute(stmt):
+            if name is None and sid == default_sid:
+                name = DEFAULT_ACCOUNT
+            if name is not None:
+                found[name] = (until, reason)
+        return found
+
+    def pauses(self, default_sid: str) -> list[tuple[str, AccountPause | None]]:
+        """Every account by name with its last pause row (None: never paused); the default
+        account's is the environment's SID's."""
+        found: list[tuple[str, AccountPause | None]] = []
+        for row in self.all():
+            sid = default_sid if row.name == DEFAULT_ACCOUNT else row.account_sid
+            found.append((row.name, None if sid is None else self.session.get(AccountPause, sid)))
+        return found
+
     def by_sid(self, account_sid: str) -> str | None:
         """The name of the stored account with this SID, if any."""
         return self.session.scalar(select(Account.name).where(Account.account_sid == account_sid))
@@ -149,7 +175,13 @@ class Accounts:
 
     def set_budget(self, name: str, rate: float | None) -> None:
         """Set (None: clear) the account's own OPTRACK_MAX_REQUESTS_PER_SECOND."""
-        self.get(name).max_requests_per_second = rate
+        row = self.get(name)
+        if row.name == DEFAULT_ACCOUNT:
+            raise AccountError(
+                "the default account's budget is the environment's: set "
+                "OPTRACK_MAX_REQUESTS_PER_SECOND"
+            )
+        row.max_requests_per_second = rate
 
     def sealed(self) -> list[tuple[str, str]]:
         """(name, sealed secret) of every stored account (for a key rotation)."""

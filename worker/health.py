@@ -17,7 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker import dead_letters, liveness
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.db import (
+    Account,
     AccountPause,
     Heartbeat,
     Notice,
@@ -100,6 +102,24 @@ def credentials_rejected(session: Session, account_sid: str) -> AccountPause | N
     if row is not None and row.credentials_rejected_at is not None:
         return row
     return None
+
+
+def rejected_accounts(session: Session, default_sid: str) -> list[tuple[str, AccountPause]]:
+    """Every account whose credentials stand rejected, by name, with its pause row (each
+    account's own: one account's revoked key says nothing of another's)."""
+    p = AccountPause
+    stmt = (
+        select(p, Account.name)
+        .outerjoin(Account, Account.account_sid == p.account_sid)
+        .where(p.credentials_rejected_at.is_not(None))
+    )
+    found: list[tuple[str, AccountPause]] = []
+    for row, name in session.execute(stmt):
+        if name is None and row.account_sid == default_sid:
+            name = DEFAULT_ACCOUNT
+        if name is not None:
+            found.append((name, row))
+    return sorted(found, key=lambda item: item[0])
 
 
 def configuration_error(session: Session, account_sid: str, now: datetime) -> AccountPause | None:
@@ -205,11 +225,11 @@ def check(
         problems.append(
             f"polling lags {lag:.0f}s behind schedule (more than {max_lag.total_seconds():.0f}s)"
         )
-    rejected = credentials_rejected(session, account_sid)
-    if rejected is not None and rejected.credentials_rejected_at is not None:
+    for name, rejected in rejected_accounts(session, account_sid):
+        assert rejected.credentials_rejected_at is not None
         problems.append(
             f"credentials rejected at {rejected.credentials_rejected_at.isoformat()}, no request "
-            f"accepted since: {rejected.credentials_error}"
+            f"accepted since: {rejected.credentials_error} (account {name})"
         )
     wrong = configuration_error(session, account_sid, now)
     if wrong is not None:

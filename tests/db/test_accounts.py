@@ -118,6 +118,7 @@ def test_the_secret_from_a_variable_or_a_file(
         (("remove", "default"), "cannot be removed"),
         (("set-secret", "default"), "the default account's credentials are the environment's"),
         (("set-budget", "acme", "0"), "0"),
+        (("set-budget", "default", "5"), "OPTRACK_MAX_REQUESTS_PER_SECOND"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(
@@ -196,3 +197,33 @@ def test_budget_and_remove(env: dict[str, str], db_url: str) -> None:
     removed = optrack(env, "accounts", "remove", "acme")
     assert removed.returncode == 0, removed.stderr
     assert set(stored(db_url)) == {"default"}
+
+
+def test_tracking_under_an_account_and_removing_it(env: dict[str, str], db_url: str) -> None:
+    op = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
+    assert (
+        optrack(env, "accounts", "add", "acme", "--account-sid", SID_A, stdin=SECRET).returncode
+        == 0
+    )
+    unknown = optrack(env, "track", "--account", "nobody", op)
+    assert unknown.returncode == 2
+    assert "no account named 'nobody'" in unknown.stderr
+    tracked = optrack(env, "track", "--account", "acme", op)
+    assert tracked.returncode == 0, tracked.stderr
+    assert f"tracking {op} (account acme)" in tracked.stdout
+    elsewhere = optrack(env, "track", op)
+    assert elsewhere.returncode == 2
+    assert f"nothing was tracked under account 'default': {op} is tracked under account 'acme'" in (
+        elsewhere.stderr
+    )
+    assert "Traceback" not in elsewhere.stderr
+
+    refused = optrack(env, "accounts", "remove", "acme")
+    assert refused.returncode == 2
+    assert "account 'acme' has 1 active and 0 ended operation(s); nothing removed" in refused.stderr
+    assert set(stored(db_url)) == {"default", "acme"}
+    removed = optrack(env, "accounts", "remove", "acme", "--delete-operations")
+    assert removed.returncode == 0, removed.stderr
+    assert "account acme removed; 1 operation(s) deleted" in removed.stdout
+    assert set(stored(db_url)) == {"default"}
+    assert optrack(env, "track", op).returncode == 0  # free to track under default now

@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from worker import health, intake, listing, reports
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.db import DatabaseError
 from worker.durations import parse_duration
-from worker.errors import InvalidOperationId
+from worker.errors import AccountError, InvalidOperationId
 from worker.health import HealthFacts
 from worker.http import paging
 from worker.http.openapi import answer, error
@@ -108,11 +109,18 @@ Statuses = Annotated[
 
 
 class TrackRequest(BaseModel):
-    """IDs to track; every one is validated before anything is written."""
+    """IDs to track under one account; every one is validated before anything is written."""
 
     ids: list[Any] = Field(
         description=f"Operation IDs, at most {MAX_IDS:,} per request",
         examples=[["comms_operation_01h9krwprkeee8fzqspvwy6nq8"]],
+    )
+    account: Any = Field(
+        default=None,
+        description="The account whose credentials poll them (`optrack accounts`); "
+        "absent or null: `default`, the environment's",
+        examples=["default"],
+        json_schema_extra={"type": ["string", "null"]},
     )
 
 
@@ -165,8 +173,14 @@ def track(body: Annotated[TrackRequest, Depends(track_request)], request: Reques
             errors.append({"id": shown, "index": index, "reason": exc.reason})
     if errors:
         raise Problem(422, errors)
+    account = DEFAULT_ACCOUNT if body.account is None else body.account
+    if not isinstance(account, str):
+        raise Problem(422, [{"reason": "account must be a string: an account's name"}])
     rt = runtime(request)
-    result = intake.track(rt.sessions, body.ids, rt.clock.now())
+    try:
+        result = intake.track(rt.sessions, body.ids, rt.clock.now(), account)
+    except AccountError as exc:  # unknown, badly named, or an ID tracked under another
+        raise Problem(422, [{"reason": str(exc)}]) from None
     added: TrackAnswer = {
         "added": list(result.added),
         "already_tracked": list(result.already_tracked),
