@@ -7,6 +7,7 @@ each account was asked is read from its own log.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -203,3 +204,26 @@ def test_revoked_credentials_pause_their_account_alone(
     assert acme.requests_log()[-1]["status"] == 200
     pause = rt.gate_for(ACME_SID).current()
     assert pause is not None and pause.credentials_rejected_at is None
+
+
+def test_each_account_has_its_own_request_budget(
+    rt: Runtime, sandbox: SandboxServer, acme: SandboxAccount, clock: FakeClock
+) -> None:
+    with rt.sessions.begin() as session:
+        Accounts(session).set_budget("acme", 0.2)  # one request every 5 s, acme's alone
+    mine = [sandbox.add_operation(total=10, duration=3600) for _ in range(3)]
+    theirs = [acme.add_operation(total=10, duration=3600) for _ in range(3)]
+    intake.track(rt.sessions, [op.id for op in mine], clock.now())
+    intake.track(rt.sessions, [op.id for op in theirs], clock.now(), "acme")
+
+    for _ in range(12):
+        poll(rt, tick(rt))
+        clock.advance(1)
+
+    acme_times = [float(e["t"]) for e in acme.requests_log()]
+    gaps = [b - a for a, b in itertools.pairwise(acme_times)]
+    assert len(acme_times) >= 2 and all(gap >= 5.0 for gap in gaps), acme_times
+    # The default account has no budget: its three operations were asked in the same second.
+    first = [float(e["t"]) for e in sandbox.requests_log()][:3]
+    assert len(first) == 3 and first[-1] - first[0] < 1.0
+    assert rt.client_for("acme").budget is not None and rt.client.budget is None

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
@@ -87,8 +88,12 @@ def test_a_429_storm_and_revoked_credentials_on_one_account_leave_the_other_fres
     mine = [default.create(total=60, duration=600) for _ in range(2)]
     theirs = [acme.create(total=60, duration=600) for _ in range(2)]
     assert optrack(env, "track", *mine).returncode == 0
-    tracked = optrack(env, "track", "--account", "acme", *theirs)
+    tracked = optrack(env, "track", "--account", "acme", theirs[0])
     assert tracked.returncode == 0, tracked.stderr
+    # Another service sends the task by name, with the account after the IDs.
+    sender = Celery(broker=env["OPTRACK_BROKER_URL"])
+    sender.send_task("optrack.track", args=[[theirs[1]], "acme"])
+    sender.close()
     wait_for(
         lambda: (
             all(fetches(acme.requests(), op) for op in theirs)
