@@ -76,6 +76,24 @@ def poll_lag(session: Session, now: datetime) -> float:
     return max(0.0, (now - oldest).total_seconds())
 
 
+def poll_lags(session: Session, now: datetime) -> dict[str, float]:
+    """``poll_lag`` of each account with a late poll: one account's pause shows as its own."""
+    t, g = TrackedOperation, PollGroup
+    oldest: dict[str, datetime] = {}
+    due = select(g.account, func.min(g.next_due_at)).where(g.members > 0).group_by(g.account)
+    waiting = (
+        select(t.account, func.min(t.tracked_at))
+        .where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES))
+        .group_by(t.account)
+    )
+    for stmt in (due, waiting):
+        for account, at in session.execute(stmt):
+            if at is not None and (account not in oldest or at < oldest[account]):
+                oldest[account] = at
+    lags = {name: (now - at).total_seconds() for name, at in oldest.items()}
+    return {name: lag for name, lag in sorted(lags.items()) if lag > 0}
+
+
 def processing_unchanged(session: Session, now: datetime) -> float:
     """Seconds since the PROCESSING operation that changed least recently last changed at the
     API (its updatedAt; 0 if none): over the report's stuck-after, something is stuck."""
@@ -221,10 +239,12 @@ def check(
             f"(more than {max_beat_age.total_seconds():.0f}s)"
         )
     lag = poll_lag(session, now)
-    if lag > max_lag.total_seconds():
-        problems.append(
-            f"polling lags {lag:.0f}s behind schedule (more than {max_lag.total_seconds():.0f}s)"
-        )
+    for name, late in poll_lags(session, now).items():
+        if late > max_lag.total_seconds():
+            problems.append(
+                f"polling lags {late:.0f}s behind schedule (more than "
+                f"{max_lag.total_seconds():.0f}s) (account {name})"
+            )
     for name, rejected in rejected_accounts(session, account_sid):
         assert rejected.credentials_rejected_at is not None
         problems.append(
