@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from tests.support.processes import base_env
 from worker.credentials import Vault
-from worker.db import Account, make_engine, make_sessionmaker
+from worker.db import Account, TrackedOperation, make_engine, make_sessionmaker
 
 SID_A = "AC" + "a1" * 16
 KEY_A = "SK" + "b2" * 16
@@ -218,6 +218,22 @@ def test_tracking_under_an_account_and_removing_it(env: dict[str, str], db_url: 
     )
     assert "Traceback" not in elsewhere.stderr
 
+    other = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
+    assert optrack(env, "track", other).returncode == 0
+    only = json.loads(optrack(env, "status", "--json", "--account", "acme").stdout)
+    assert [(o["id"], o["account"]) for o in only["operations"]] == [(op, "acme")]
+    assert [a["name"] for a in only["accounts"]] == ["acme"]
+    every = json.loads(optrack(env, "status", "--json").stdout)
+    assert {o["id"]: o["account"] for o in every["operations"]} == {op: "acme", other: "default"}
+    report = json.loads(optrack(env, "report", "--json", "--account", "default").stdout)
+    assert report["operations"]["total"] == 1
+    assert optrack(env, "history", op, "--account", "acme").returncode == 0
+    wrong = optrack(env, "history", op, "--account", "default")
+    assert wrong.returncode == 2
+    assert f"{op} is tracked under account 'acme', not 'default'" in wrong.stderr
+    assert optrack(env, "status", "--account", "nobody").returncode == 2
+    assert optrack(env, "report", "--account", "nobody").returncode == 2
+
     refused = optrack(env, "accounts", "remove", "acme")
     assert refused.returncode == 2
     assert "account 'acme' has 1 active and 0 ended operation(s); nothing removed" in refused.stderr
@@ -227,3 +243,12 @@ def test_tracking_under_an_account_and_removing_it(env: dict[str, str], db_url: 
     assert "account acme removed; 1 operation(s) deleted" in removed.stdout
     assert set(stored(db_url)) == {"default"}
     assert optrack(env, "track", op).returncode == 0  # free to track under default now
+    assert set(tracked_ids(db_url)) == {op, other}
+
+
+def tracked_ids(db_url: str) -> list[str]:
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as session:
+        ids = list(session.scalars(select(TrackedOperation.id)))
+    engine.dispose()
+    return ids

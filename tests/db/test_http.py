@@ -200,6 +200,22 @@ def test_track_under_an_account(api: Api) -> None:
     with api.rt.sessions() as session:
         assert Repository(session).accounts_of([GOOD]) == {GOOD: "acme"}
 
+    # The views take the account: operations and the report.
+    api.track([OTHER])
+    every = api.get("/api/v1/operations").json()["operations"]
+    assert {(o["id"], o["account"]) for o in every} == {(GOOD, "acme"), (OTHER, "default")}
+    only = api.get("/api/v1/operations", account="acme").json()["operations"]
+    assert [(o["id"], o["account"]) for o in only] == [(GOOD, "acme")]
+    report = api.get("/api/v1/report", account="default").json()
+    assert report["operations"]["total"] == 1
+    assert api.get("/api/v1/report").json()["operations"]["total"] == 2
+    csv_row = api.get("/api/v1/report.csv", account="acme").text.splitlines()
+    assert len(csv_row) == 2
+    for path in ("/api/v1/operations", "/api/v1/report", "/api/v1/report.csv"):
+        refused = api.get(path, account="nobody")
+        assert refused.status_code == 422
+        assert "no account named 'nobody'" in refused.json()["errors"][0]["reason"]
+
 
 @pytest.mark.parametrize(
     ("body", "reason"),

@@ -9,7 +9,13 @@ import click
 
 from worker import dead_letters, intake
 from worker.accounts import Accounts
-from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.cli.common import (
+    account_option,
+    checked_account,
+    ensure_schema,
+    get_runtime,
+    usage_error,
+)
 from worker.cli.render import console, pause_line, status_table
 from worker.cli.report_cmds import follow
 from worker.credentials import DEFAULT_ACCOUNT, validate_account_name
@@ -74,18 +80,21 @@ def track(operation_ids: tuple[str, ...], wait: bool, account: str) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fields as in the README).")
-def status(as_json: bool) -> None:
+@account_option("Only this account's operations and pause (default: every account's).")
+def status(as_json: bool, account: str | None) -> None:
     """Show every tracked operation: status, stats, polling schedule, last error."""
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
+    account = checked_account(rt, account)
     pause = rt.gate.current()
     now = rt.clock.now()
     # Streamed a page at a time: memory stays flat however many operations are tracked.
     with rt.sessions() as session:
         letters = dead_letters.waiting(session)
-        total = queries.count_operations(session)
+        total = queries.count_operations(session, account)
         pauses = Accounts(session).pauses(rt.settings.account_sid)
-    pages = queries.operation_pages(rt.sessions, STATUS_PAGE)
+    pauses = [(name, row) for name, row in pauses if account in (None, name)]
+    pages = queries.operation_pages(rt.sessions, STATUS_PAGE, account)
     if as_json:
         head = {
             "account": account_record(pause, now),  # the default account's, as before

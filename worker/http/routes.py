@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from worker import health, intake, listing, reports
-from worker.credentials import DEFAULT_ACCOUNT
+from worker.accounts import Accounts
+from worker.credentials import DEFAULT_ACCOUNT, validate_account_name
 from worker.db import DatabaseError
 from worker.durations import parse_duration
 from worker.errors import AccountError, InvalidOperationId
@@ -106,6 +107,23 @@ Statuses = Annotated[
         description=f"Only these statuses (repeat the parameter): {', '.join(ALL_STATES)}",
     ),
 ]
+
+
+AccountName = Annotated[
+    str | None,
+    Query(description="Only this account's operations (`optrack accounts`); absent: every one"),
+]
+
+
+def _account(request: Request, name: str | None) -> str | None:
+    """``name`` if it names an account (a 422 saying why if not); None: every account."""
+    if name is None:
+        return None
+    try:
+        with runtime(request).sessions() as session:
+            return Accounts(session).get(validate_account_name(name)).name
+    except AccountError as exc:
+        raise Problem(422, [{"reason": str(exc)}]) from None
 
 
 class TrackRequest(BaseModel):
@@ -198,6 +216,7 @@ def list_operations(
     statuses: Statuses = [],  # noqa: B006  (FastAPI copies Query defaults)
     limit: Annotated[int, Query(ge=1, le=listing.MAX_PAGE)] = DEFAULT_PAGE,
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+    account: AccountName = None,
 ) -> JSONResponse:
     """A page of operations in ID order (fields of `optrack status --json`) and the cursor of
     the next page (``next``: null on the last)."""
@@ -206,8 +225,9 @@ def list_operations(
         after = None if cursor is None else paging.decode(cursor)
     except paging.BadCursor as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
+    account = _account(request, account)
     with runtime(request).sessions() as session:
-        found = listing.page(session, wanted, limit, after)
+        found = listing.page(session, wanted, limit, after, account)
     page: OperationsPage = {
         "operations": [operation_record(op) for op in found.operations],
         "next": None if found.after is None else paging.encode(found.after),
@@ -254,6 +274,7 @@ def _summary(
     statuses: list[str],
     stuck_after: str,
     limit: int | None,
+    account: str | None = None,
 ) -> reports.Summary:
     rt = runtime(request)
     now = rt.clock.now()
@@ -263,9 +284,10 @@ def _summary(
         period = reports.Period.parse(since, until, now)
     except reports.BadPeriod as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
+    account = _account(request, account)
     with rt.sessions() as session:
         reports.one_snapshot(session)
-        return reports.summarize(session, period, stuck, now, wanted, limit)
+        return reports.summarize(session, period, stuck, now, wanted, limit, account)
 
 
 Since = Annotated[
@@ -289,10 +311,12 @@ def get_report(
     limit: Annotated[
         int, Query(ge=0, le=listing.MAX_PAGE, description="Operations per flagged list")
     ] = DEFAULT_REPORT_LIST,
+    account: AccountName = None,
 ) -> JSONResponse:
     """`optrack report --json` (docs/reports.md); the flagged lists hold at most ``limit``
     operations each, their counts are complete."""
-    return _json(summary_record(_summary(request, since, until, statuses, stuck_after, limit)))
+    summary = _summary(request, since, until, statuses, stuck_after, limit, account)
+    return _json(summary_record(summary))
 
 
 @api.get(
@@ -307,9 +331,10 @@ def get_report_csv(
     until: Until = None,
     statuses: Statuses = [],  # noqa: B006
     stuck_after: StuckAfter = "30m",
+    account: AccountName = None,
 ) -> CsvResponse:
     """`optrack report --csv`: a header and one row, to append daily."""
-    summary = _summary(request, since, until, statuses, stuck_after, 0)
+    summary = _summary(request, since, until, statuses, stuck_after, 0, account)
     return CsvResponse(to_csv([summary_row(summary)], SUMMARY_CSV_FIELDS))
 
 
