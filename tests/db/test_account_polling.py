@@ -227,3 +227,37 @@ def test_each_account_has_its_own_request_budget(
     first = [float(e["t"]) for e in sandbox.requests_log()][:3]
     assert len(first) == 3 and first[-1] - first[0] < 1.0
     assert rt.client_for("acme").budget is not None and rt.client.budget is None
+
+
+def test_a_secret_no_key_opens_stops_only_its_own_account(
+    rt: Runtime, sandbox: SandboxServer, acme: SandboxAccount, clock: FakeClock
+) -> None:
+    mine = sandbox.add_operation(total=10, duration=3600)
+    theirs = acme.add_operation(total=10, duration=3600)
+    intake.track(rt.sessions, [mine.id], clock.now())
+    intake.track(rt.sessions, [theirs.id], clock.now(), "acme")
+    # A worker started with another key (the one acme was sealed with is missing).
+    other = Runtime(
+        load_settings(
+            {
+                "OPTRACK_DATABASE_URL": rt.settings.database_url,
+                "OPTRACK_API_BASE_URL": sandbox.base_url,
+                "TWILIO_ACCOUNT_SID": SID,
+                "TWILIO_AUTH_TOKEN": TOKEN,
+                "OPTRACK_SECRET_KEY": Fernet.generate_key().decode(),
+                "OPTRACK_POLL_STRATEGY": "fetch",
+            }
+        ),
+        clock=clock,
+    )
+    try:
+        poll(other, tick(other))
+    finally:
+        other.close()
+    assert fetched(sandbox.requests_log()) == [mine.id]
+    assert acme.requests_log() == []  # never asked with a wrong secret
+    with rt.sessions() as session:
+        groups = {g.account: g for g in session.scalars(select(PollGroup))}
+    assert groups["acme"].next_due_at > clock.now()
+    assert "OPTRACK_SECRET_KEY" in (groups["acme"].last_error or "")
+    assert KEY not in (groups["acme"].last_error or "")
