@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from worker import intake, waiting
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.repository import TrackResult
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
@@ -14,11 +15,18 @@ from worker.waiting import Condition, WaitFor, WaitResult
 __all__ = ["Condition", "WaitFor", "WaitResult", "track", "wait"]
 
 
-def track(operation_ids: Sequence[str], settings: Settings | None = None) -> TrackResult:
-    """Start tracking operation IDs; any invalid ID raises InvalidOperationId, writing nothing."""
+def track(
+    operation_ids: Sequence[str],
+    settings: Settings | None = None,
+    *,
+    account: str = DEFAULT_ACCOUNT,
+) -> TrackResult:
+    """Start tracking operation IDs under ``account`` (its credentials poll them); any invalid
+    ID raises InvalidOperationId, an unknown account UnknownAccount, an ID tracked under
+    another account TrackedElsewhere: nothing is written."""
     rt = Runtime(settings or load_settings())
     try:
-        return intake.track(rt.sessions, operation_ids, rt.clock.now())
+        return intake.track(rt.sessions, operation_ids, rt.clock.now(), account)
     finally:
         rt.close()
 

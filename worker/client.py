@@ -138,6 +138,7 @@ class ApiClient:
         observer: ApiObserver | None = None,
         budget: RequestBudget | None = None,
         rng: random.Random | None = None,
+        credentials_hint: str = "check TWILIO_*",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
@@ -148,6 +149,7 @@ class ApiClient:
         self.requests_sent = 0  # every HTTP request made, in-place retries included
         self.observer = observer
         self.budget = budget
+        self.credentials_hint = credentials_hint  # where a 401/403 says to look
         self.rng = rng or random.Random()  # jitter of waits; seeded in tests
         self.session = session or requests.Session()
         self.session.auth = (account_sid, auth_token)
@@ -291,7 +293,8 @@ class ApiClient:
                 if self.observer is not None:
                     self.observer.paused(wait.seconds, status)
                 continue
-            raise _http_error(status, errors, url, endpoint, self.clock.now(), self.gate)
+            now = self.clock.now()
+            raise _http_error(status, errors, url, endpoint, now, self.gate, self.credentials_hint)
         until = self.gate.paused_until(self.clock.now())
         raise RetryLater(until[0] if until else self.clock.now(), "still throttled after retries")
 
@@ -408,11 +411,12 @@ def _http_error(
     endpoint: str,
     now: datetime,
     gate: AccountGate,
+    hint: str = "check TWILIO_*",
 ) -> HttpError:
     if status == 400:
         return BadRequest(status, errors, url)
     if status in AUTH_STATUSES:
-        reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); check TWILIO_*"
+        reason = f"HTTP {status}: credentials rejected ({_first_message(errors)}); {hint}"
         gate.pause(now + timedelta(seconds=AUTH_PAUSE_SECONDS), reason, status)
         return AuthError(status, errors, url)
     if status == 404:

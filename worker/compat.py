@@ -10,7 +10,8 @@ recognized here and translated, for at least one release after the change:
                    keyword                                the next tick polls them
 
 ``optrack.tick``, ``discover``, ``deliver_notices`` and ``prune`` take no argument and
-``optrack.track`` takes ``operation_ids``, as in 0.1.0: their messages bind as they are.
+``optrack.track`` takes ``operation_ids``, as in 0.1.0, then (since 0.3.0) an optional
+``account``, last: their older messages bind as they are (no account: ``default``).
 tests/fixtures/messages_0_1_0.json holds 0.1.0's messages as it published them. A message that
 is neither today's shape nor an older one is left to the task: rejected or a dead letter.
 """

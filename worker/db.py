@@ -28,6 +28,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.settings import Settings
 from worker.tracking import ALL_STATES, ENDED_STATES, PENDING
 
@@ -43,7 +44,7 @@ DB_UNREACHABLE = (OperationalError, InterfaceError)
 DB_REFUSED = (SQLAlchemyError, ValueError)
 
 # The Alembic revision these models are: the head of migrations/ (a test keeps them equal).
-SCHEMA_REVISION = "0011"
+SCHEMA_REVISION = "0012"
 
 GROUP_KINDS = ("list", "fetch")
 
@@ -83,6 +84,39 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
 
 
+class Account(Base):
+    """A Twilio account optrack polls with its own credentials (migration 0012).
+
+    ``default`` is the environment's account (``TWILIO_*``): its row holds no credentials. Any
+    other holds its SID, its API key's SID if it authenticates with one, and its secret sealed
+    with Fernet (``credentials.Vault``), never in clear. Pauses and budgets are keyed by the
+    SID (Twilio throttles an account), so a SID names one account at most.
+    """
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        UniqueConstraint("account_sid"),
+        CheckConstraint(
+            f"name = '{DEFAULT_ACCOUNT}' OR (account_sid IS NOT NULL AND secret IS NOT NULL)",
+            name="credentials",
+        ),
+        CheckConstraint(
+            "max_requests_per_second IS NULL OR max_requests_per_second > 0", name="budget"
+        ),
+    )
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_sid: Mapped[str | None] = mapped_column(String(64))
+    api_key_sid: Mapped[str | None] = mapped_column(String(64))
+    # A Fernet token (OPTRACK_SECRET_KEY): the Auth Token, or the API key's secret.
+    secret: Mapped[str | None] = mapped_column(Text)
+    # This account's own OPTRACK_MAX_REQUESTS_PER_SECOND; NULL: the setting's.
+    max_requests_per_second: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime]
+    # When the secret was last set (add, set-secret): a running worker's clients follow it.
+    secret_set_at: Mapped[datetime | None]
+
+
 class TrackedOperation(Base):
     """One operation optrack follows, with its latest known state and its polling schedule."""
 
@@ -94,9 +128,14 @@ class TrackedOperation(Base):
         ),
         Index(None, "tracked_at"),  # the reports' period filter (migration 0003_reports)
         Index(None, "group_id"),  # a group's members; NULL: waiting to be placed
+        Index(None, "account", "status"),  # one account's operations (placing, removing)
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The account whose credentials see it (migration 0012; an older release's insert: default).
+    account: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.name"), server_default=DEFAULT_ACCOUNT
+    )
     status: Mapped[str] = mapped_column(String(16), default=PENDING)
     total: Mapped[int | None] = mapped_column(Integer)
     queued: Mapped[int | None] = mapped_column(Integer)
@@ -147,6 +186,10 @@ class PollGroup(Base):
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     kind: Mapped[str] = mapped_column(String(8))
+    # Every member is of this account: its poll asks with the account's credentials alone.
+    account: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.name"), server_default=DEFAULT_ACCOUNT
+    )
     # createdAt of the members (whole seconds, both ends included); NULL while none is known.
     start_at: Mapped[datetime | None]
     end_at: Mapped[datetime | None]

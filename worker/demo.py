@@ -1,8 +1,10 @@
 """The demo: sandbox API + a real worker with embedded beat, a few operations tracked to the end.
 
 Everything is embedded (SQLite database, Celery's SQLAlchemy transport on SQLite), under
-``.optrack/demo``, recreated at each run. The sandbox throws a 429 with Retry-After, a 503 with
-an HTTP-date Retry-After and a 500 along the way, so the demo shows them being honored.
+``.optrack/demo``, recreated at each run. Two accounts: the environment's (``default``) and
+``acme``, added as `optrack accounts add` does, reached with an API key. The sandbox throws a
+429 with Retry-After at acme (which pauses acme alone), a 503 with an HTTP-date Retry-After
+and a 500 at the default account, so the demo shows them being honored.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography.fernet import Fernet
 
 from worker import intake
+from worker.accounts import Accounts
 from worker.cli.render import console, status_table
 from worker.cli.report_cmds import history_view
+from worker.credentials import Vault
 from worker.errors import THROTTLE_STATUSES, OptrackError
 from worker.migrate import upgrade
 from worker.reports import queries
@@ -35,6 +40,10 @@ DEMO_HOME = Path(".optrack") / "demo"
 DEMO_TOKEN = "demo-token-not-a-secret"
 DEMO_SID = "AC" + "d" * 32
 DEMO_PORT = 8080
+ACME = "acme"
+ACME_SID = "AC" + "e" * 32
+ACME_KEY = "SK" + "e" * 32
+ACME_SECRET = "demo-acme-key-secret-not-a-secret"
 
 
 def _demo_env(base_url: str) -> dict[str, str]:
@@ -47,6 +56,8 @@ def _demo_env(base_url: str) -> dict[str, str]:
             "TWILIO_AUTH_TOKEN": DEMO_TOKEN,
             "OPTRACK_POLL_INTERVAL": "1",
             "OPTRACK_TICK_INTERVAL": "1",
+            # Made for this run: it seals acme's secret in the demo's database.
+            "OPTRACK_SECRET_KEY": Fernet.generate_key().decode(),
         }
     )
     return env
@@ -62,23 +73,32 @@ def run_demo(timeout: float = 180.0, *, serve: bool = False, port: int = DEMO_PO
     DEMO_HOME.mkdir(parents=True)
     out = console()
     with SandboxServer(account_sid=DEMO_SID, auth_token=DEMO_TOKEN, seed=0) as api:
+        acme = api.add_account(ACME_SID, "demo-acme-token-unused")
+        api.add_api_key(ACME_SID, ACME_KEY, ACME_SECRET)
         ops = [
             api.add_operation(total=12, duration=15.0, fail_ratio=0.0, outcome="COMPLETED"),
             api.add_operation(total=30, duration=25.0, fail_ratio=0.1, outcome="COMPLETED"),
-            api.add_operation(total=20, duration=20.0, fail_ratio=0.0, outcome="CANCELED"),
         ]
-        # Consumed by the first API requests, in this order.
-        api.add_fault(Fault(kind="status", status=429, retry_after="3"))
+        theirs = [acme.add_operation(total=20, duration=20.0, fail_ratio=0.0, outcome="CANCELED")]
+        # Consumed by the first API requests of each account, in this order.
+        acme.add_fault(Fault(kind="status", status=429, retry_after="3"))
         api.add_fault(Fault(kind="status", status=500))
         api.add_fault(Fault(kind="status", status=503, retry_after="2", retry_after_form="date"))
         env = _demo_env(api.base_url)
         rt = Runtime(load_settings(env))
         upgrade(rt.settings.database_url)
-        ids = [op.id for op in ops]
+        with rt.sessions.begin() as session:
+            sealed = Vault(rt.settings.secret_keys).seal(ACME_SECRET)
+            Accounts(session).add(ACME, ACME_SID, ACME_KEY, sealed, rt.clock.now())
+        ids = [op.id for op in ops + theirs]
         with ExitStack() as stack:
             link = _dashboard(stack, rt, port)
-            intake.track(rt.sessions, ids, rt.clock.now())
-            out.print(f"sandbox API on {api.base_url}; tracking {len(ids)} operations")
+            intake.track(rt.sessions, [op.id for op in ops], rt.clock.now())
+            intake.track(rt.sessions, [op.id for op in theirs], rt.clock.now(), ACME)
+            out.print(
+                f"sandbox API on {api.base_url}; tracking {len(ids)} operations of 2 accounts "
+                f"(default: {len(ops)}, {ACME}: {len(theirs)}, by its API key)"
+            )
             click.echo(f"dashboard: {link}")
             log_path = DEMO_HOME / "worker.log"
             log_file = stack.enter_context(log_path.open("w"))
@@ -90,7 +110,7 @@ def run_demo(timeout: float = 180.0, *, serve: bool = False, port: int = DEMO_PO
             )
             stack.callback(_stop, worker)
             _wait_until_ended(rt, ids, timeout, worker)
-            requests = api.requests_log()
+            requests = {"default": api.requests_log(), ACME: acme.requests_log()}
             _print_results(rt, ids, requests)
             out.print(f"worker log: {log_path}; database: {rt.settings.database_url}")
             if serve:
@@ -162,15 +182,17 @@ def _wait_until_ended(
         time.sleep(0.5)
 
 
-def _print_results(rt: Runtime, ids: list[str], requests: list[dict[str, Any]]) -> None:
+def _print_results(rt: Runtime, ids: list[str], requests: dict[str, list[dict[str, Any]]]) -> None:
     out = console()
     with rt.sessions() as session:
         out.print(status_table(queries.progress_states(session, ids)))
         for op_id in ids:
             out.print(history_view(queries.operation_history(session, op_id, rt.clock.now())))
-    out.print(f"API requests: {len(requests)}")
-    for line in describe_faults(requests):
-        out.print("  " + line)
+    each = ", ".join(f"{name}: {len(log)}" for name, log in requests.items())
+    out.print(f"API requests: {sum(len(log) for log in requests.values())} ({each})")
+    for name, log in requests.items():  # a pause is its account's: gaps within its own log
+        for line in describe_faults(log):
+            out.print(f"  account {name}: {line}")
 
 
 def describe_faults(requests: list[dict[str, Any]]) -> list[str]:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient
 from worker.clock import Clock
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.errors import ApiError, RetryLater
 from worker.operation import Operation, Status
 from worker.recorder import Recorder
@@ -63,6 +64,7 @@ def discover(
     clock_allowance: timedelta = PollPolicy.clock_allowance,
     deadline: datetime | None = None,
     clock: Clock | None = None,
+    account: str = DEFAULT_ACCOUNT,
 ) -> DiscoveryResult:
     """Track every PROCESSING operation created in the last ``window``; idempotent.
 
@@ -72,7 +74,9 @@ def discover(
     ``recorder``, what the listing shows of operations already tracked is recorded too
     (every page is news). With a ``deadline`` (and the ``clock`` to read), the listing stops
     once it is reached and what was found is kept: the task's time limit, which would stop it
-    in the middle of a request, comes at least one request later.
+    in the middle of a request, comes at least one request later. ``client`` holds the
+    credentials of ``account``, which the new operations belong to; what it lists of another
+    account's operations (tracked under the wrong one) is not written.
     """
     found: dict[str, Operation] = {}
     stopped: str | None = None
@@ -90,9 +94,9 @@ def discover(
     except ApiError as exc:
         stopped = str(exc)
     with sessions.begin() as session:
-        tracked = Repository(session).add_seen(list(found.values()), now, clock_allowance)
+        tracked = Repository(session).add_seen(list(found.values()), now, clock_allowance, account)
     if recorder is not None and tracked.already_tracked:
-        recorder.record({op_id: found[op_id] for op_id in tracked.already_tracked}, now)
+        recorder.record({op_id: found[op_id] for op_id in tracked.already_tracked}, now, account)
     result = DiscoveryResult(
         seen=len(found),
         added=tracked.added,
@@ -101,7 +105,9 @@ def discover(
         not_before=not_before,
     )
     for op_id in result.added:
-        log.info("discovered %s; tracking it", op_id, extra={"operation_id": op_id})
+        log.info(
+            "discovered %s (account %s); tracking it", op_id, account, extra={"operation_id": op_id}
+        )
         if not trusted_updated_at(found[op_id], now, clock_allowance):
             log.warning(
                 "%s: updatedAt %s runs ahead of the answer's Date and the local clock by more "
@@ -110,5 +116,7 @@ def discover(
                 found[op_id].updated_at.isoformat(),
                 extra={"operation_id": op_id},
             )
-    (log.info if result.complete else log.warning)("discovery: %s", result.summary())
+    (log.info if result.complete else log.warning)(
+        "discovery of account %s: %s", account, result.summary()
+    )
     return result

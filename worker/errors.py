@@ -11,6 +11,9 @@
     ├── NoticeNotFound                a notice asked for is unknown (never was, or pruned)
     ├── NoDelivery                    a resend asked where no process delivers notices
     ├── BrokerError                   the broker did not take a message
+    ├── AccountError                  an account named cannot be used or changed as asked
+    │   ├── UnknownAccount            no account has that name
+    │   └── TrackedElsewhere          an operation ID is tracked under another account
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
@@ -122,6 +125,33 @@ class NoDelivery(OptrackError):
 
 class BrokerError(OptrackError):
     """Raised when the broker did not take a message (refused, unreachable)."""
+
+
+class AccountError(OptrackError):
+    """Raised when an account named cannot be used or changed as asked (a usage error)."""
+
+
+class UnknownAccount(AccountError):
+    """Raised when no account has the name given."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no account named {name!r}; see `optrack accounts list`")
+
+
+class TrackedElsewhere(AccountError):
+    """Raised when operation IDs are already tracked under another account: nothing written."""
+
+    def __init__(self, account: str, elsewhere: dict[str, str]) -> None:
+        self.account = account
+        self.elsewhere = dict(elsewhere)
+        shown = sorted(elsewhere.items())[:10]
+        more = f" (and {len(elsewhere) - 10} more)" if len(elsewhere) > 10 else ""
+        super().__init__(
+            f"nothing was tracked under account {account!r}: "
+            + ", ".join(f"{op_id} is tracked under account {other!r}" for op_id, other in shown)
+            + more
+        )
 
 
 class InvalidMessage(OptrackError, ValueError):

@@ -17,7 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker import dead_letters, liveness
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.db import (
+    Account,
     AccountPause,
     Heartbeat,
     Notice,
@@ -74,6 +76,24 @@ def poll_lag(session: Session, now: datetime) -> float:
     return max(0.0, (now - oldest).total_seconds())
 
 
+def poll_lags(session: Session, now: datetime) -> dict[str, float]:
+    """``poll_lag`` of each account with a late poll: one account's pause shows as its own."""
+    t, g = TrackedOperation, PollGroup
+    oldest: dict[str, datetime] = {}
+    due = select(g.account, func.min(g.next_due_at)).where(g.members > 0).group_by(g.account)
+    waiting = (
+        select(t.account, func.min(t.tracked_at))
+        .where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES))
+        .group_by(t.account)
+    )
+    for stmt in (due, waiting):
+        for account, at in session.execute(stmt):
+            if at is not None and (account not in oldest or at < oldest[account]):
+                oldest[account] = at
+    lags = {name: (now - at).total_seconds() for name, at in oldest.items()}
+    return {name: lag for name, lag in sorted(lags.items()) if lag > 0}
+
+
 def processing_unchanged(session: Session, now: datetime) -> float:
     """Seconds since the PROCESSING operation that changed least recently last changed at the
     API (its updatedAt; 0 if none): over the report's stuck-after, something is stuck."""
@@ -100,6 +120,24 @@ def credentials_rejected(session: Session, account_sid: str) -> AccountPause | N
     if row is not None and row.credentials_rejected_at is not None:
         return row
     return None
+
+
+def rejected_accounts(session: Session, default_sid: str) -> list[tuple[str, AccountPause]]:
+    """Every account whose credentials stand rejected, by name, with its pause row (each
+    account's own: one account's revoked key says nothing of another's)."""
+    p = AccountPause
+    stmt = (
+        select(p, Account.name)
+        .outerjoin(Account, Account.account_sid == p.account_sid)
+        .where(p.credentials_rejected_at.is_not(None))
+    )
+    found: list[tuple[str, AccountPause]] = []
+    for row, name in session.execute(stmt):
+        if name is None and row.account_sid == default_sid:
+            name = DEFAULT_ACCOUNT
+        if name is not None:
+            found.append((name, row))
+    return sorted(found, key=lambda item: item[0])
 
 
 def configuration_error(session: Session, account_sid: str, now: datetime) -> AccountPause | None:
@@ -201,15 +239,17 @@ def check(
             f"(more than {max_beat_age.total_seconds():.0f}s)"
         )
     lag = poll_lag(session, now)
-    if lag > max_lag.total_seconds():
-        problems.append(
-            f"polling lags {lag:.0f}s behind schedule (more than {max_lag.total_seconds():.0f}s)"
-        )
-    rejected = credentials_rejected(session, account_sid)
-    if rejected is not None and rejected.credentials_rejected_at is not None:
+    for name, late in poll_lags(session, now).items():
+        if late > max_lag.total_seconds():
+            problems.append(
+                f"polling lags {late:.0f}s behind schedule (more than "
+                f"{max_lag.total_seconds():.0f}s) (account {name})"
+            )
+    for name, rejected in rejected_accounts(session, account_sid):
+        assert rejected.credentials_rejected_at is not None
         problems.append(
             f"credentials rejected at {rejected.credentials_rejected_at.isoformat()}, no request "
-            f"accepted since: {rejected.credentials_error}"
+            f"accepted since: {rejected.credentials_error} (account {name})"
         )
     wrong = configuration_error(session, account_sid, now)
     if wrong is not None:

@@ -35,8 +35,15 @@ def _states(session: Session, stmt: Any) -> tuple[OperationState, ...]:
     return tuple(OperationState(*row) for row in session.execute(stmt))
 
 
-def page(session: Session, statuses: Sequence[str], limit: int, after: str | None = None) -> Page:
-    """Up to ``limit`` operations with an ID greater than ``after``, in ID order.
+def page(
+    session: Session,
+    statuses: Sequence[str],
+    limit: int,
+    after: str | None = None,
+    account: str | None = None,
+) -> Page:
+    """Up to ``limit`` operations (of ``account``) with an ID greater than ``after``, in ID
+    order.
 
     Keyset by the primary key: a page costs the same at the millionth row as at the first,
     and operations tracked while a client pages through never shift or repeat a page.
@@ -48,6 +55,8 @@ def page(session: Session, statuses: Sequence[str], limit: int, after: str | Non
         stmt = stmt.where(TrackedOperation.status.in_(list(statuses)))
     if after is not None:
         stmt = stmt.where(TrackedOperation.id > after)
+    if account is not None:
+        stmt = stmt.where(TrackedOperation.account == account)
     found = _states(session, stmt)
     more = len(found) > limit
     shown = found[:limit]

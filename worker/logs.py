@@ -14,6 +14,7 @@ import contextvars
 import json
 import logging
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -76,7 +77,31 @@ def secret_variants(settings: Settings) -> tuple[str, ...]:
     if settings.auth_token:
         pair = f"{settings.account_sid}:{settings.auth_token}".encode()
         variants.append(base64.b64encode(pair).decode())
+    if settings.api_key_secret:
+        pair = f"{settings.api_key_sid}:{settings.api_key_secret}".encode()
+        variants.append(base64.b64encode(pair).decode())
     return tuple(variants)
+
+
+def basic_variants(username: str, password: str) -> tuple[str, ...]:
+    """A secret and the Basic auth header value that embeds it."""
+    pair = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return (password, pair) if password else ()
+
+
+_FILTERS: weakref.WeakSet[RedactFilter] = weakref.WeakSet()
+
+
+def redact_everywhere(secrets: Iterable[str]) -> None:
+    """Add ``secrets`` (a stored account's, opened at run time) to every redacting filter of
+    this process, present and future: they never reach a log line either."""
+    values = {s for s in secrets if s}
+    _LATER.update(values)
+    for found in list(_FILTERS):
+        found.secrets = sorted({*found.secrets, *values}, key=len, reverse=True)
+
+
+_LATER: set[str] = set()
 
 
 class RedactFilter(logging.Filter):
@@ -85,7 +110,8 @@ class RedactFilter(logging.Filter):
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
         # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.secrets = sorted({*(s for s in secrets if s), *_LATER}, key=len, reverse=True)
+        _FILTERS.add(self)
 
     def _clean(self, text: str) -> str:
         for secret in self.secrets:

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from worker import discovery, notices, retention
+from worker.accounts import Accounts
 from worker.celery_app import (
     DELIVER_NOTICES_TASK,
     DISCOVER_TASK,
@@ -20,7 +21,7 @@ from worker.celery_app import (
     app,
 )
 from worker.delivery import GuardedTask
-from worker.records import iso
+from worker.errors import ConfigError, UnknownAccount
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -40,30 +41,42 @@ def notice_channels(rt: Runtime) -> list[notices.Channel]:
 
 @app.task(bind=True, name=DISCOVER_TASK, ignore_result=True, periodic=True)
 def discover(self: GuardedTask) -> dict[str, Any]:
-    """List the account's PROCESSING operations and track the new ones."""
+    """List each account's PROCESSING operations, with its own credentials, and track the new
+    ones under it; one account paused or failing stops only its own listing."""
     rt = self.runtime
     now = rt.clock.now()
     s = rt.settings
     # Stop listing while one more request (and its wait in place) fits in the soft time limit,
     # which would otherwise stop the task mid-request and discard every page it had read.
     room = s.task_soft_time_limit - (s.request_deadline + s.max_inplace_wait)
-    result = discovery.discover(
-        rt.sessions,
-        rt.client,
-        now,
-        s.discovery_window,
-        recorder=rt.recorder,
-        clock_allowance=rt.poll_policy.clock_allowance,
-        deadline=now + timedelta(seconds=max(room, 0.0)),
-        clock=rt.clock,
-    )
-    rt.metrics.discovered.inc(len(result.added))
-    return {
-        "seen": result.seen,
-        "added": len(result.added),
-        "not_before": iso(result.not_before),
-        "stopped_early": result.stopped_early,
-    }
+    deadline = now + timedelta(seconds=max(room, 0.0))
+    with rt.sessions() as session:
+        names = Accounts(session).names()
+    seen = added = 0
+    stopped: dict[str, str] = {}
+    for name in names:
+        try:
+            client = rt.client_for(name)
+        except (ConfigError, UnknownAccount) as exc:
+            log.error("discovery: account %s skipped: %s", name, exc)
+            stopped[name] = str(exc)
+            continue
+        result = discovery.discover(
+            rt.sessions,
+            client,
+            rt.clock.now(),
+            s.discovery_window,
+            recorder=rt.recorder,
+            clock_allowance=rt.poll_policy.clock_allowance,
+            deadline=deadline,
+            clock=rt.clock,
+            account=name,
+        )
+        rt.metrics.discovered.inc(len(result.added))
+        seen, added = seen + result.seen, added + len(result.added)
+        if result.stopped_early is not None:
+            stopped[name] = result.stopped_early
+    return {"seen": seen, "added": added, "stopped_early": stopped or None}
 
 
 @app.task(bind=True, name=DELIVER_NOTICES_TASK, ignore_result=True, periodic=True)

@@ -40,9 +40,12 @@ from worker.errors import (
     ApiError,
     AuthError,
     BadRequest,
+    ConfigError,
     OperationNotFound,
+    OptrackError,
     RetryLater,
     ServerError,
+    UnknownAccount,
     WrongBaseUrl,
 )
 from worker.operation import Operation
@@ -81,6 +84,8 @@ class _Run:
     group_id: int
     deadline: datetime  # no request after this
     expires: datetime  # the claim's end: no write retried past it
+    client: ApiClient  # with the credentials of the group's account
+    account: str | None = None  # whose operations the answers may write (None: any)
     counts: PollCounts = field(default_factory=PollCounts.empty)
     seen: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)  # members that ended or must be re-placed
@@ -113,9 +118,11 @@ class Poller:
         clock: Clock,
         recorder: Recorder,
         stop: Stop | None = None,
+        clients: Callable[[str], ApiClient] | None = None,
     ) -> None:
         self.sessions = sessions
-        self.client = client
+        self.client = client  # every account's, unless ``clients`` gives each its own
+        self.clients = clients
         self.policy = policy
         self.clock = clock
         self.recorder = recorder
@@ -132,10 +139,16 @@ class Poller:
             log.info("group %d: claimed by another sweep meanwhile; nothing to do", group_id)
             return PollCounts.empty()
         started = self.clock.now()
+        try:
+            client = self.client_for(group.account)
+        except (ConfigError, UnknownAccount) as exc:
+            return self._unusable(group, token, exc)
         run = _Run(
             group_id,
             group.claim_expires_at - self.policy.deadline_margin,
             group.claim_expires_at,
+            client,
+            group.account,
             round_started=group.round_started_at or started,
             page_token=group.resume_token,
             after=group.resume_after,
@@ -146,7 +159,7 @@ class Poller:
                 run.bounds = (group.resume_start_at, group.resume_end_at)
         if group.round_started_at is not None:
             log.info("group %d: going on with the round begun at %s", group_id, run.round_started)
-        sent_before = self.client.requests_sent
+        sent_before = client.requests_sent
         try:
             if group.kind == LIST and members and run.after is None:
                 self._list(members, run)
@@ -166,11 +179,17 @@ class Poller:
             run.deferral = _Deferral(exc.not_before, exc.reason)
         except (AuthError, WrongBaseUrl) as exc:
             now = self.clock.now()
-            paused = self.client.gate.paused_until(now)
+            paused = client.gate.paused_until(now)
             run.deferral = _Deferral(paused[0] if paused else now + self.policy.interval, str(exc))
             what = "credentials rejected" if isinstance(exc, AuthError) else "configuration error"
-            log.error("%s, polling paused until %s: %s", what, run.deferral.until, exc)
-        run.counts.requests = self.client.requests_sent - sent_before
+            log.error(
+                "account %s: %s, its polling paused until %s: %s",
+                group.account,
+                what,
+                run.deferral.until,
+                exc,
+            )
+        run.counts.requests = client.requests_sent - sent_before
         if run.deferral is not None:
             left = [m for m in members if m.id not in run.seen and m.id not in run.removed]
             run.counts.add(Outcome.DEFERRED, len(left))
@@ -195,20 +214,48 @@ class Poller:
             left = [m for m in left if m.id > run.after]
         return left  # in id order, as ``members`` are: the place is the last id asked
 
+    def _unusable(self, group: Any, token: str, exc: OptrackError) -> PollCounts:
+        """The group's account cannot be asked (a secret no key opens, the account gone): its
+        polls wait an interval, said in the log; nothing else stops."""
+        until = self.clock.now() + self.policy.interval
+        log.error(
+            "account %s cannot poll (%s); group %d due again at %s",
+            group.account,
+            exc,
+            group.id,
+            until.isoformat(),
+        )
+        with self.sessions.begin() as session:
+            Repository(session).finish(
+                group.id, token, {"next_due_at": until, "last_error": str(exc)[:1000]}
+            )
+        return PollCounts.empty()
+
+    def client_for(self, account: str) -> ApiClient:
+        """The client with ``account``'s credentials."""
+        return self.client if self.clients is None else self.clients(account)
+
     def refresh(self, operation_ids: Sequence[str]) -> PollCounts:
-        """Ask for the given active operations now, one GET each, whatever their groups'
-        schedule (a refresh on demand); a pause of the account stops it."""
+        """Ask for the given active operations now, one GET each with its account's
+        credentials, whatever their groups' schedule (a refresh on demand); a pause of an
+        account stops its part."""
         with self.sessions() as session:
-            members = Repository(session).targets(operation_ids)
+            repo = Repository(session)
+            members = repo.targets(operation_ids)
+            accounts = repo.accounts_of([m.id for m in members])
         never = datetime.max.replace(tzinfo=self.clock.now().tzinfo)
-        run = _Run(0, never, never)
-        sent_before = self.client.requests_sent
-        try:
-            self._fetch(members, run)
-        except (RetryLater, AuthError, WrongBaseUrl, ShutdownRequested) as exc:
-            log.warning("refresh stopped: %s", exc or "the process is stopping")
-        run.counts.requests = self.client.requests_sent - sent_before
-        return run.counts
+        total = PollCounts.empty()
+        for account in sorted(set(accounts.values())):
+            client = self.client_for(account)
+            run = _Run(0, never, never, client, account)
+            sent_before = client.requests_sent
+            try:
+                self._fetch([m for m in members if accounts[m.id] == account], run)
+            except (RetryLater, AuthError, WrongBaseUrl, ShutdownRequested) as exc:
+                log.warning("refresh stopped: %s", exc or "the process is stopping")
+            run.counts.requests = client.requests_sent - sent_before
+            total.merge(run.counts)
+        return total
 
     def _check_deadline(self, run: _Run) -> None:
         self.stop.check()
@@ -235,7 +282,7 @@ class Poller:
                 self._check_deadline(run)
                 try:
                     with self.stop.interruptible():
-                        page = self.client.list_page(
+                        page = run.client.list_page(
                             start_date=run.bounds[0],
                             end_date=run.bounds[1],
                             page_size=PAGE_SIZE,
@@ -301,7 +348,7 @@ class Poller:
                 self._check_deadline(run)
                 try:
                     with self.stop.interruptible():
-                        results[member.id] = self.client.fetch(member.id)
+                        results[member.id] = run.client.fetch(member.id)
                 except (AuthError, RetryLater, WrongBaseUrl):
                     raise
                 except ApiError as exc:
@@ -327,7 +374,7 @@ class Poller:
             return
         try:
             with self.stop.interruptible():
-                self.client.list_page(page_size=1)
+                run.client.list_page(page_size=1)
         except (AuthError, RetryLater, WrongBaseUrl):
             raise
         except ApiError as exc:  # says nothing of the base URL: the 404s count, within the grace
@@ -338,7 +385,7 @@ class Poller:
     def _record(self, results: Mapping[str, Result], run: _Run) -> None:
         """Write what ``results`` say about tracked operations (members or not)."""
         recorded = self._write(
-            lambda: self.recorder.record(results, self.clock.now()),
+            lambda: self.recorder.record(results, self.clock.now(), run.account),
             run,
             f"{len(results)} answer(s)",
         )

@@ -82,13 +82,16 @@ class Recorder:
         self.policy = policy
         self.on_end = list(on_end)
 
-    def record(self, results: Mapping[str, Result], now: datetime) -> Recorded:
-        """Write what ``results`` say about the tracked, active operations among them; an
-        answer the database refuses costs only its own operation (module docstring)."""
+    def record(
+        self, results: Mapping[str, Result], now: datetime, account: str | None = None
+    ) -> Recorded:
+        """Write what ``results`` say about the tracked, active operations among them (with
+        ``account``: only that account's, whose credentials got the answers); an answer the
+        database refuses costs only its own operation (module docstring)."""
         if not results:
             return NOTHING
         try:
-            return self._record(results, now)
+            return self._record(results, now, account)
         except DB_UNREACHABLE:
             raise
         except DB_REFUSED as exc:
@@ -100,7 +103,8 @@ class Recorder:
                     len(items),
                     type(exc).__name__,
                 )
-                return self.record(dict(items[:half]), now) + self.record(dict(items[half:]), now)
+                first, second = dict(items[:half]), dict(items[half:])
+                return self.record(first, now, account) + self.record(second, now, account)
             [(op_id, result)] = results.items()
             return self._refused(op_id, result, exc, now)
 
@@ -123,10 +127,12 @@ class Recorder:
         unstorable = UnstorableAnswer(f"the database refused the answer ({reason})")
         return self.record({op_id: unstorable}, now)
 
-    def _record(self, results: Mapping[str, Result], now: datetime) -> Recorded:
+    def _record(
+        self, results: Mapping[str, Result], now: datetime, account: str | None = None
+    ) -> Recorded:
         with self.sessions.begin() as session:
             repo = Repository(session)
-            stored = repo.states(results)
+            stored = repo.states(results, account=account)
             decided = _decide(stored, results, now, self.policy)
             if decided:
                 # Decide again on the locked rows: another writer may have been first.

@@ -40,6 +40,12 @@ class OperationRecord(TypedDict):
     consecutive_errors: int
     last_error: str | None
     ended_at: Time | None
+    account: Annotated[
+        str,
+        msgspec.Meta(
+            description="The account whose credentials poll it (`default`: the environment's)"
+        ),
+    ]
 
 
 OPERATION_FIELDS = tuple(OperationRecord.__annotations__)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from worker import claims, dialect
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.db import (
     Base,
     HistoryEntry,
@@ -28,6 +29,7 @@ from worker.db import (
     TrackedOperation,
 )
 from worker.dialect import in_many
+from worker.errors import TrackedElsewhere
 from worker.operation import Operation
 from worker.planning import GroupView, Member, NewGroup, Placement, Waiting
 from worker.tracking import (
@@ -97,17 +99,45 @@ class Repository:
 
     # --- tracked operations -------------------------------------------------------------
 
-    def add(self, operation_ids: Sequence[str], now: datetime) -> TrackResult:
-        """Start tracking the IDs not tracked yet; the next tick places and polls them."""
+    def add(
+        self, operation_ids: Sequence[str], now: datetime, account: str = DEFAULT_ACCOUNT
+    ) -> TrackResult:
+        """Start tracking the IDs not tracked yet, under ``account``; the next tick places and
+        polls them. TrackedElsewhere (the caller rolls back: nothing written) if any is tracked
+        under another account."""
         wanted = list(dict.fromkeys(operation_ids))
-        added = self._insert_new([_new_row(op_id, now) for op_id in wanted])
-        return TrackResult(
+        added = self._insert_new([_new_row(op_id, now, account) for op_id in wanted])
+        result = TrackResult(
             added=tuple(i for i in wanted if i in added),
             already_tracked=tuple(i for i in wanted if i not in added),
         )
+        self._refuse_elsewhere(result.already_tracked, account)
+        return result
+
+    def _refuse_elsewhere(self, operation_ids: Sequence[str], account: str) -> None:
+        """TrackedElsewhere naming both accounts if any of these is another account's."""
+        t = TrackedOperation
+        elsewhere: dict[str, str] = {}
+        for wanted in self._id_filters(sorted(operation_ids)):
+            stmt = select(t.id, t.account).where(wanted, t.account != account)
+            elsewhere.update({op_id: other for op_id, other in self.session.execute(stmt)})
+        if elsewhere:
+            raise TrackedElsewhere(account, elsewhere)
+
+    def accounts_of(self, operation_ids: Iterable[str]) -> dict[str, str]:
+        """The account of each tracked operation among ``operation_ids``."""
+        t = TrackedOperation
+        found: dict[str, str] = {}
+        for wanted in self._id_filters(sorted(set(operation_ids))):
+            found.update(dict(self.session.execute(select(t.id, t.account).where(wanted)).all()))
+        return found
 
     def add_seen(
-        self, answers: Sequence[Operation], now: datetime, allowance: timedelta
+        self,
+        answers: Sequence[Operation],
+        now: datetime,
+        allowance: timedelta,
+        account: str = DEFAULT_ACCOUNT,
     ) -> TrackResult:
         """Start tracking operations as a listing showed them: their state is the first step
         of their history, and their createdAt places them at once. An updatedAt ahead of the
@@ -115,7 +145,7 @@ class Repository:
         by_id = {op.id: op for op in answers}
         keys = {op.id: first_sight_key(op, now, allowance) for op in by_id.values()}
         rows = [
-            {**_new_row(op.id, now), **_state(op, now, keys[op.id]), "version": 1}
+            {**_new_row(op.id, now, account), **_state(op, now, keys[op.id]), "version": 1}
             for op in by_id.values()
         ]
         added = self._insert_new(rows)
@@ -160,18 +190,23 @@ class Repository:
         )
         return self.session.scalars(stmt).all()
 
-    def states(self, operation_ids: Iterable[str], *, lock: bool = False) -> list[Row[Any]]:
+    def states(
+        self, operation_ids: Iterable[str], *, lock: bool = False, account: str | None = None
+    ) -> list[Row[Any]]:
         """The stored state of the active operations among ``operation_ids``, by id, as light
         Core rows with the columns of ``tracked_operations``.
 
         With ``lock`` the rows are locked for the transaction where the backend can
         (PostgreSQL), in id order so two writers never deadlock; SQLite's single write lock,
-        taken when the transaction began, does the same.
+        taken when the transaction began, does the same. With ``account``, only its operations
+        (an answer got with one account's credentials says nothing of another's).
         """
         ids = sorted(set(operation_ids))
         found: list[Row[Any]] = []
         for wanted in self._id_filters(ids):
             stmt = select(_OPERATIONS).where(wanted, _OPERATIONS.c.status.in_(ACTIVE_STATES))
+            if account is not None:
+                stmt = stmt.where(_OPERATIONS.c.account == account)
             if lock:
                 stmt = stmt.with_for_update()
             found.extend(self.session.execute(stmt.order_by(_OPERATIONS.c.id)).all())
@@ -229,19 +264,30 @@ class Repository:
 
     # --- poll groups --------------------------------------------------------------------
 
-    def waiting(self, limit: int) -> list[Waiting]:
-        """Active operations no group polls yet, to be placed by the sweep."""
+    def waiting_accounts(self) -> list[str]:
+        """The accounts with active operations no group polls yet, by name."""
+        t = TrackedOperation
+        stmt = select(t.account).where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES))
+        return sorted(set(self.session.scalars(stmt.distinct())))
+
+    def group_accounts(self) -> list[str]:
+        """The accounts with poll groups, by name."""
+        return sorted(set(self.session.scalars(select(PollGroup.account).distinct())))
+
+    def waiting(self, limit: int, account: str = DEFAULT_ACCOUNT) -> list[Waiting]:
+        """Active operations of ``account`` no group polls yet, to be placed by the sweep."""
         t = TrackedOperation
         stmt = (
             select(t.id, t.remote_created_at, t.tracked_at, t.last_polled_at)
-            .where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES))
+            .where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES), t.account == account)
             .order_by(t.tracked_at, t.id)
             .limit(limit)
         )
         return [Waiting(*row) for row in self.session.execute(stmt)]
 
-    def groups(self, now: datetime) -> list[GroupView]:
-        """Every poll group, as the planner reads them (claimed: a poll holds it at ``now``)."""
+    def groups(self, now: datetime, account: str = DEFAULT_ACCOUNT) -> list[GroupView]:
+        """Every poll group of ``account``, as the planner reads them (claimed: a poll holds it
+        at ``now``): groups never mix accounts."""
         g = PollGroup
         claimed = and_(g.claim_token.is_not(None), g.claim_expires_at > now)
         resuming = g.round_started_at.is_not(None)
@@ -257,9 +303,10 @@ class Repository:
             g.request_seconds,
             resuming.label("resuming"),
         )
-        return [GroupView(**row._asdict()) for row in self.session.execute(stmt.order_by(g.id))]
+        stmt = stmt.where(g.account == account).order_by(g.id)
+        return [GroupView(**row._asdict()) for row in self.session.execute(stmt)]
 
-    def place(self, plan: Placement, now: datetime) -> None:
+    def place(self, plan: Placement, now: datetime, account: str = DEFAULT_ACCOUNT) -> None:
         """Write a placement: new groups (due at once), grown windows, members joining."""
         g = PollGroup
         for group_id, (low, high) in plan.ranges.items():
@@ -272,16 +319,21 @@ class Repository:
                 update(g).where(g.id == group_id).values(members=g.members + len(op_ids))
             )
         for new in plan.new:
-            self.create_group(new, now)
+            self.create_group(new, now, account=account)
 
     def create_group(
-        self, new: NewGroup, now: datetime, request_seconds: float | None = None
+        self,
+        new: NewGroup,
+        now: datetime,
+        request_seconds: float | None = None,
+        account: str = DEFAULT_ACCOUNT,
     ) -> int:
-        """Create a group with its members, due at ``now`` (``request_seconds``: what a poll
-        of the group it was cut from measured)."""
+        """Create a group of ``account`` with its members, due at ``now`` (``request_seconds``:
+        what a poll of the group it was cut from measured)."""
         group_id = self.session.scalar(
             insert(PollGroup)
             .values(
+                account=account,
                 kind=new.kind,
                 start_at=new.start_at,
                 end_at=new.end_at,
@@ -324,13 +376,19 @@ class Repository:
         new groups' ids."""
         first = list(parts[0]) if parts else []
         g = PollGroup
-        seconds = self.session.scalar(select(g.request_seconds).where(g.id == group_id))
+        seconds, account = self.session.execute(
+            select(g.request_seconds, g.account).where(g.id == group_id)
+        ).one()
         self.session.execute(
             update(g)
             .where(g.id == group_id)
             .values(kind=kind, members=len(first), listed=None, pages=None, **NO_ROUND)
         )
-        return [self.create_group(NewGroup(kind, tuple(p)), now, seconds) for p in parts[1:] if p]
+        return [
+            self.create_group(NewGroup(kind, tuple(p)), now, seconds, account)
+            for p in parts[1:]
+            if p
+        ]
 
     def make_due(self, operation_ids: Sequence[str], now: datetime) -> tuple[int, int]:
         """Make the groups of the active operations among ``operation_ids`` due at ``now`` (a
@@ -419,6 +477,7 @@ class Repository:
         lease: timedelta,
         resend_after: timedelta | None = None,
         ahead: timedelta = timedelta(0),
+        paused: Collection[str] = (),
     ) -> list[GroupClaim]:
         """Claim up to ``limit`` due groups for one sweep, each with a token and a lease.
 
@@ -430,7 +489,7 @@ class Repository:
         leaves its groups due again when the lease runs out; a claim whose message no worker
         started yet (in the broker, or lost) only ``resend_after`` after it was made (the sweep
         passes the lease when the broker's queue is empty), so a broker nobody consumes does
-        not fill with one message per lease.
+        not fill with one message per lease. The groups of the ``paused`` accounts wait.
         """
         token = claims.new_token()
         g = PollGroup
@@ -447,6 +506,7 @@ class Repository:
                 g.next_due_at <= now + ahead,  # one range of the due index
                 or_(g.next_due_at <= now, g.consecutive_errors == 0),
                 or_(g.claim_token.is_(None), expired),
+                *([g.account.not_in(sorted(paused))] if paused else []),
             ),
             order_by=[g.next_due_at],
             limit=limit,
@@ -545,9 +605,10 @@ class Repository:
         self.session.execute(delete(PollGroup).where(PollGroup.id == group_id))
 
 
-def _new_row(op_id: str, now: datetime) -> dict[str, Any]:
+def _new_row(op_id: str, now: datetime, account: str) -> dict[str, Any]:
     return {
         "id": op_id,
+        "account": account,
         "status": PENDING,
         "tracked_at": now,
         "polls": 0,

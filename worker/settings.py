@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from worker import webhook_signing as signing
+from worker.credentials import Credentials, api_username, parse_secret_keys
 from worker.durations import parse_duration
 from worker.errors import ConfigError
 from worker.retry_after import DEFAULT_MAX_RETRY_AFTER, MIN_MAX_RETRY_AFTER
@@ -108,6 +109,11 @@ class Settings:
     api_base_url: str = DEFAULT_API_BASE_URL
     account_sid: str = ""
     auth_token: str = field(default="", repr=False)
+    # The default account may authenticate with an API key instead (TWILIO_API_KEY/_SECRET).
+    api_key_sid: str = ""
+    api_key_secret: str = field(default="", repr=False)
+    # Fernet keys sealing the stored accounts' secrets (OPTRACK_SECRET_KEY); the first seals.
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
     poll_interval: float = 10.0
     max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
     tick_interval: float = 2.0
@@ -188,8 +194,18 @@ class Settings:
         hook = () if self.webhook_url is None else url_secrets(self.webhook_url)
         # A whsec_ secret's base64 alone too, should anything ever show it without its prefix.
         keys = [s.removeprefix(signing.PREFIX) for s in self.webhook_secrets]
-        found = (self.auth_token, *self.webhook_secrets, *keys, self.http_token, *hook)
+        values = (self.auth_token, self.api_key_secret, *self.secret_keys)
+        found = (*values, *self.webhook_secrets, *keys, self.http_token, *hook)
         return tuple(s for s in found if s)
+
+    @property
+    def default_credentials(self) -> Credentials:
+        """The environment's account (``default``): an API key's if one is set, else the SID's
+        Auth Token (empty values when unset: the API rejects them, `health` says so)."""
+        if self.api_key_sid:
+            user = api_username(self.account_sid, self.api_key_sid)
+            return Credentials(self.account_sid, user, self.api_key_secret)
+        return Credentials(self.account_sid, self.account_sid, self.auth_token)
 
     @property
     def notices_enabled(self) -> bool:
@@ -333,6 +349,17 @@ def _webhook(env: Mapping[str, str]) -> tuple[str | None, tuple[str, ...]]:
         return url, signing.split_secrets(secret)
     except signing.BadSecret as exc:  # its message never holds the secret
         raise ConfigError(f"OPTRACK_WEBHOOK_SECRET: {exc}") from None
+
+
+def _api_key(env: Mapping[str, str]) -> tuple[str, str]:
+    key = env.get("TWILIO_API_KEY", "").strip()
+    secret = env.get("TWILIO_API_SECRET", "").strip()
+    if bool(key) != bool(secret):
+        given, missing = ("TWILIO_API_KEY", "TWILIO_API_SECRET")[:: 1 if key else -1]
+        raise ConfigError(f"{given} is set but {missing} is not: an API key needs both")
+    if key and not re.fullmatch(r"SK[0-9a-f]{32}", key):
+        raise ConfigError("TWILIO_API_KEY must be an API key SID: SK and 32 lower-case hex digits")
+    return key, secret
 
 
 def _metrics(env: Mapping[str, str]) -> tuple[int | None, str | None]:
@@ -530,6 +557,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         account_sid=env.get("TWILIO_ACCOUNT_SID", ""),
         auth_token=env.get("TWILIO_AUTH_TOKEN", ""),
+        api_key_sid=_api_key(env)[0],
+        api_key_secret=_api_key(env)[1],
+        secret_keys=parse_secret_keys(env.get("OPTRACK_SECRET_KEY", "")),
         poll_interval=_float(env, "OPTRACK_POLL_INTERVAL", 10.0),
         max_retry_after=_max_retry_after(env),
         tick_interval=_float(env, "OPTRACK_TICK_INTERVAL", 2.0),

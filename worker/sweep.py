@@ -20,7 +20,7 @@ named operations, not a group: ``worker.compat``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
@@ -65,20 +65,27 @@ class DispatchError(Exception):
 
 
 def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) -> int:
-    """Put every waiting operation into a group and keep the groups in shape; returns how many
-    operations were placed. One placer at a time (others skip this tick)."""
+    """Put every waiting operation into a group of its account and keep each account's groups
+    in shape (a group, a List window, never mixes accounts: one account's credentials see
+    only its operations); returns how many operations were placed. One placer at a time
+    (others skip this tick)."""
+    placed = new = 0
     with sessions.begin() as session:
         repo = Repository(session)
         if not repo.try_lock_placement():
             return 0
-        groups = repo.groups(now)
-        waiting = repo.waiting(MAX_PLACED_PER_TICK)
-        plan = planning.place(waiting, groups, policy) if waiting else planning.Placement()
-        repo.place(plan, now)
-        _upkeep(repo, groups, policy, now)
-    if plan.placed:
-        log.info("sweep: %d operation(s) placed (%d new group(s))", plan.placed, len(plan.new))
-    return plan.placed
+        waiting_accounts = repo.waiting_accounts()
+        left = MAX_PLACED_PER_TICK
+        for account in sorted({*waiting_accounts, *repo.group_accounts()}):
+            groups = repo.groups(now, account)
+            waiting = repo.waiting(left, account) if account in waiting_accounts and left else []
+            plan = planning.place(waiting, groups, policy) if waiting else planning.Placement()
+            repo.place(plan, now, account)
+            _upkeep(repo, groups, policy, now)
+            placed, new, left = placed + plan.placed, new + len(plan.new), left - len(waiting)
+    if placed:
+        log.info("sweep: %d operation(s) placed (%d new group(s))", placed, new)
+    return placed
 
 
 def _upkeep(
@@ -167,18 +174,20 @@ def sweep(
     paused_until: datetime | None,
     send: Send,
     queue_empty: bool = False,
+    paused: Collection[str] = (),
 ) -> SweepResult:
-    """One tick: place, then (unless the account is paused) claim the due groups and send
-    their polls. ``queue_empty``: the broker's queue was seen empty, so an expired claim whose
-    message no worker started was lost, not waiting. Raises DispatchError if the broker
-    refused a message."""
+    """One tick: place, then claim the due groups and send their polls, but none of the
+    ``paused`` accounts' (``paused_until``: every account waits, as when one was all).
+    ``queue_empty``: the broker's queue was seen empty, so an expired claim whose message no
+    worker started was lost, not waiting. Raises DispatchError if the broker refused a
+    message."""
     placed = place(sessions, now, policy)
     if paused_until is not None and paused_until > now:
         return SweepResult(placed=placed, paused_until=paused_until)
     resend_after = policy.lease if queue_empty else policy.resend_after
     with sessions.begin() as session:
         claims = Repository(session).claim_due(
-            now, limit, policy.lease, resend_after, policy.claim_ahead
+            now, limit, policy.lease, resend_after, policy.claim_ahead, paused
         )
     sent = dispatch(sessions, claims, send, now)
     return SweepResult(placed=placed, claimed=len(claims), sent=sent)

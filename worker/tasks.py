@@ -16,8 +16,9 @@ from kombu.exceptions import KombuError
 
 from worker import health, intake, sweep
 from worker.celery_app import POLL_TASK, TICK_TASK, TRACK_TASK, app, waiting_messages
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.delivery import GuardedTask
-from worker.errors import InvalidMessage
+from worker.errors import AccountError, InvalidMessage
 from worker.repository import GroupClaim
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def tick(self: GuardedTask) -> dict[str, int]:
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         health.beat_ticked(session, now)  # `optrack health` checks that beat keeps ticking
-    paused = rt.gate.paused_until(now)
+    # Each account's own pause: a 429 on one never holds another's polls back.
+    paused = rt.paused_accounts(now)
 
     def send(claim: GroupClaim) -> None:
         try:
@@ -47,15 +49,16 @@ def tick(self: GuardedTask) -> dict[str, int]:
         now,
         rt.poll_policy,
         limit=rt.settings.max_due_per_tick,
-        paused_until=paused[0] if paused else None,
+        paused_until=None,
+        paused=frozenset(paused),
         send=send,
         # Asked before claiming: an unstarted claim's message that is not waiting was lost.
         queue_empty=waiting_messages(self.app) == 0,
     )
     if result.sent:
         log.info("tick: %d group(s) due, %d poll message(s) sent", result.claimed, result.sent)
-    elif paused:
-        log.info("tick: account paused until %s (%s)", paused[0].isoformat(), paused[1])
+    for account, (until, reason) in sorted(paused.items()):
+        log.info("tick: account %s paused until %s (%s)", account, until.isoformat(), reason)
     return {"placed": result.placed, "claimed": result.claimed}
 
 
@@ -88,14 +91,24 @@ def poll(self: GuardedTask, group_id: int, claim_token: str) -> dict[str, int]:
 
 
 @app.task(bind=True, name=TRACK_TASK, ignore_result=True)
-def track(self: GuardedTask, operation_ids: list[str]) -> dict[str, list[str]]:
-    """Start tracking operation IDs sent by another service; any invalid ID rejects the lot."""
+def track(
+    self: GuardedTask, operation_ids: list[str], account: str | None = None
+) -> dict[str, list[str]]:
+    """Start tracking operation IDs sent by another service, under ``account`` (None, as every
+    message of 0.2.0 and before: ``default``); any invalid ID rejects the lot, and so does an
+    unknown account or an ID tracked under another."""
     if not isinstance(operation_ids, list):
         raise InvalidMessage(
-            "optrack.track takes one argument: a JSON list of operation IDs, "
-            f"not {type(operation_ids).__name__}"
+            f"optrack.track takes a JSON list of operation IDs, not {type(operation_ids).__name__}"
         )
+    if account is not None and not isinstance(account, str):
+        raise InvalidMessage(f"optrack.track's account is a name, not {type(account).__name__}")
     rt = self.runtime
-    result = intake.track(rt.sessions, operation_ids, rt.clock.now())
+    try:
+        result = intake.track(
+            rt.sessions, operation_ids, rt.clock.now(), account or DEFAULT_ACCOUNT
+        )
+    except AccountError as exc:  # never better for being delivered again
+        raise InvalidMessage(str(exc)) from exc
     log.info("track: %d added, %d already tracked", len(result.added), len(result.already_tracked))
     return {"added": list(result.added), "already_tracked": list(result.already_tracked)}

@@ -344,6 +344,14 @@ class PollCounts:
         """Count ``count`` operations with ``outcome``."""
         self.outcomes[outcome] += count
 
+    def merge(self, other: PollCounts) -> None:
+        """Add ``other``'s counts to these."""
+        for outcome, count in other.outcomes.items():
+            self.outcomes[outcome] += count
+        self.requests += other.requests
+        self.rows_written += other.rows_written
+        self.history_rows += other.history_rows
+
     def as_dict(self) -> dict[str, int]:
         """JSON-ready counts for task results and logs."""
         counts = {outcome.value: n for outcome, n in self.outcomes.items()}

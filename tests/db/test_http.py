@@ -25,7 +25,9 @@ from tests.support.hooks import notices_in_every_state
 from tests.support.processes import base_env, serve_process
 from tests.support.services import SID, TOKEN
 from worker import dead_letters, health, liveness, outbox, reports
+from worker.accounts import Accounts
 from worker.clock import FakeClock
+from worker.credentials import Vault
 from worker.db import TrackedOperation
 from worker.http import create_app, paging
 from worker.http.server import running
@@ -36,6 +38,7 @@ from worker.reports.formats import (
     history_record,
     summary_record,
 )
+from worker.repository import Repository
 from worker.runtime import Runtime
 from worker.sandbox import SandboxServer
 from worker.settings import load_settings
@@ -44,6 +47,7 @@ HTTP_TOKEN = "http-" + "t0k3n" * 6  # recognisable in any output
 GOOD = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
 OTHER = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
 JSON_TYPE = {"Content-Type": "application/json"}
+ACCOUNT_KEY = "x8r0ZrkNVk8w3cQbWJ0XoVh0yW7yQ6mQ2m3sV9b8a1c="
 
 
 @dataclass
@@ -174,6 +178,44 @@ def test_track_validates_every_id_first_and_writes_nothing_on_error(api: Api) ->
     assert api.track([GOOD, GOOD]) == {"added": [GOOD], "already_tracked": []}
     assert api.track([OTHER, GOOD]) == {"added": [OTHER], "already_tracked": [GOOD]}
     assert api.tracked() == 2
+
+
+def test_track_under_an_account(api: Api) -> None:
+    with api.rt.sessions.begin() as session:
+        sealed = Vault((ACCOUNT_KEY,)).seal("acme-secret")
+        Accounts(session).add("acme", "AC" + "ac" * 16, None, sealed, api.clock.now())
+    answer = api.post("/api/v1/operations", {"account": "acme", "ids": [GOOD]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"added": [GOOD], "already_tracked": []}
+    for body, reason in [
+        ({"account": "default", "ids": [OTHER, GOOD]}, f"{GOOD} is tracked under account 'acme'"),
+        ({"ids": [GOOD]}, "nothing was tracked under account 'default'"),
+        ({"account": "nobody", "ids": [OTHER]}, "no account named 'nobody'"),
+        ({"account": "Not A Name", "ids": [OTHER]}, "is not an account name"),
+        ({"account": 7, "ids": [OTHER]}, "account must be a string"),
+    ]:
+        refused = api.post("/api/v1/operations", body)
+        assert refused.status_code == 422, refused.text
+        assert reason in refused.json()["errors"][0]["reason"]
+    assert api.tracked() == 1
+    with api.rt.sessions() as session:
+        assert Repository(session).accounts_of([GOOD]) == {GOOD: "acme"}
+
+    # The views take the account: operations and the report.
+    api.track([OTHER])
+    every = api.get("/api/v1/operations").json()["operations"]
+    assert {(o["id"], o["account"]) for o in every} == {(GOOD, "acme"), (OTHER, "default")}
+    only = api.get("/api/v1/operations", account="acme").json()["operations"]
+    assert [(o["id"], o["account"]) for o in only] == [(GOOD, "acme")]
+    report = api.get("/api/v1/report", account="default").json()
+    assert report["operations"]["total"] == 1
+    assert api.get("/api/v1/report").json()["operations"]["total"] == 2
+    csv_row = api.get("/api/v1/report.csv", account="acme").text.splitlines()
+    assert len(csv_row) == 2
+    for path in ("/api/v1/operations", "/api/v1/report", "/api/v1/report.csv"):
+        refused = api.get(path, account="nobody")
+        assert refused.status_code == 422
+        assert "no account named 'nobody'" in refused.json()["errors"][0]["reason"]
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,7 @@ def _operation(
         "last_error": None,
         "ended_at": None,
         "version": 2 if counts else 0,
+        "account": "default",
     }
     row.update(extra)
     return row
@@ -109,6 +110,7 @@ GROUPS = [
         "resume_end_at": at(1),
         "resume_after": None,
         "request_seconds": 2.75,
+        "account": "default",
     },
     {
         "id": 2,
@@ -134,6 +136,7 @@ GROUPS = [
         "resume_end_at": None,
         "resume_after": "comms_operation_01h9krwprkeee8fzqspvwyproc01",
         "request_seconds": 0.125,
+        "account": "default",
     },
 ]
 
@@ -247,8 +250,22 @@ OTHER_TABLES: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
+# The migration adds ``default`` itself (the environment's account); one more beside it.
+ACCOUNTS = [
+    {
+        "name": "acme-eu",
+        "account_sid": "AC" + "2" * 32,
+        "api_key_sid": "SK" + "3" * 32,
+        "secret": "gAAAAABnotarealtokenbutopaquetextstoredasis==",
+        "max_requests_per_second": 2.5,
+        "created_at": at(5),
+        "secret_set_at": at(6),
+    }
+]
+
 # Insert order: parents before children.
 ALL_ROWS: dict[str, list[dict[str, Any]]] = {
+    "accounts": ACCOUNTS,
     "poll_groups": GROUPS,
     "tracked_operations": OPERATIONS,
     "operation_history": [
@@ -279,6 +296,9 @@ ADDED_COLUMN_VALUES: dict[tuple[str, str], Any] = {
         )
     },
     ("heartbeats", "schema_revision"): None,
+    # 0012: every operation and group that existed belongs to the environment's account.
+    ("tracked_operations", "account"): "default",
+    ("poll_groups", "account"): "default",
     # 0004's downgrade brings back the per-operation claim, with no claim held.
     ("tracked_operations", "claim_token"): None,
 }

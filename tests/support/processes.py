@@ -22,12 +22,18 @@ CELERY = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
 class Sandbox:
     """A sandbox API running as `optrack sandbox` in its own process, driven over HTTP."""
 
-    def __init__(self, process: subprocess.Popen[str], base_url: str) -> None:
+    def __init__(
+        self, process: subprocess.Popen[str], base_url: str, auth: tuple[str, str] = (SID, TOKEN)
+    ) -> None:
         self.process = process
         self.base_url = base_url
         self.root = base_url.removesuffix("/v1")
         self.http = requests.Session()
-        self.http.auth = (SID, TOKEN)
+        self.http.auth = auth  # the account it acts on: its operations, faults and log
+
+    def as_account(self, user: str, secret: str) -> Sandbox:
+        """The same sandbox, acting on another of its accounts."""
+        return Sandbox(self.process, self.base_url, (user, secret))
 
     def create(self, **fields: Any) -> str:
         """Create one operation; returns its ID."""
@@ -72,11 +78,11 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def sandbox_process(env: dict[str, str], log: Path) -> Iterator[Sandbox]:
-    """Start `optrack sandbox --port 0` and wait for the line that gives its URL."""
+def sandbox_process(env: dict[str, str], log: Path, *args: str) -> Iterator[Sandbox]:
+    """Start `optrack sandbox --port 0 ARGS` and wait for the line that gives its URL."""
     with log.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--seed", "0"],
+            [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--seed", "0", *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,

@@ -542,6 +542,7 @@ def test_request_log(sandbox: SandboxServer, http: requests.Session, clock: Fake
             "method": "GET",
             "path": "/v1/SenderPools/Operations",
             "query": "status=COMPLETED&pageSize=5",
+            "user": sandbox.account_sid,
             "status": 200,
         },
         {
@@ -549,6 +550,7 @@ def test_request_log(sandbox: SandboxServer, http: requests.Session, clock: Fake
             "method": "GET",
             "path": "/v1/SenderPools/Operations/bad",
             "query": "",
+            "user": sandbox.account_sid,
             "status": 400,
         },
     ]
@@ -805,3 +807,34 @@ def test_the_log_can_name_the_operations_each_answer_carried(
         op = quiet.add_operation()
         http.get(op_url(quiet, op.id), timeout=5)
         assert "ids" not in quiet.requests_log()[0]
+
+
+def test_each_account_has_its_own_operations_faults_and_log(sandbox: SandboxServer) -> None:
+    other_sid, key, secret = "AC" + "c" * 32, "SK" + "d" * 32, "key-secret"
+    other = sandbox.add_account(other_sid, "other-token")
+    sandbox.add_api_key(other_sid, key, secret)
+    mine, theirs = sandbox.add_operation(total=3), other.add_operation(total=4)
+    assert mine.id != theirs.id
+    other.add_fault(Fault("status", status=429, retry_after="5", count=1))
+    token = sandbox._token  # the first account's, as the sandbox fixture set it
+
+    def get(user: str, password: str, op_id: str) -> int:
+        url = f"{sandbox.base_url}/SenderPools/Operations/{op_id}"
+        return requests.get(url, auth=(user, password), timeout=5).status_code
+
+    # The first account neither sees the other's operation nor gets its fault.
+    assert get(sandbox.account_sid, token, theirs.id) == 404
+    assert get(sandbox.account_sid, token, mine.id) == 200
+    # The other account, by its API key: its fault first, then its operation; never mine.
+    assert get(key, secret, theirs.id) == 429
+    assert get(key, secret, theirs.id) == 200
+    assert get(other_sid, "other-token", mine.id) == 404
+    sandbox.revoke(key)
+    assert get(key, secret, theirs.id) == 401
+    assert [(e["user"], e["status"]) for e in other.requests_log()] == [
+        (key, 429),
+        (key, 200),
+        (other_sid, 404),
+        (key, 401),
+    ]
+    assert [e["status"] for e in sandbox.requests_log()] == [404, 200]

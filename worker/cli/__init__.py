@@ -9,6 +9,7 @@ from typing import NoReturn
 import click
 
 from worker.cli import (
+    account_cmds,
     dead_letter_cmds,
     http_cmds,
     notice_cmds,
@@ -19,7 +20,7 @@ from worker.cli import (
     wait_cmds,
 )
 from worker.db import DB_UNREACHABLE
-from worker.errors import ConfigError, OptrackError
+from worker.errors import AccountError, ConfigError, OptrackError
 from worker.health import unreachable
 
 
@@ -38,6 +39,7 @@ for command in (
     *dead_letter_cmds.COMMANDS,
     *notice_cmds.COMMANDS,
     *wait_cmds.COMMANDS,
+    *account_cmds.COMMANDS,
 ):
     cli.add_command(command)
 
@@ -60,6 +62,9 @@ def exit_code(args: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except ConfigError as exc:
         click.echo(f"optrack: configuration error: {exc}", err=True)
+        return 2
+    except AccountError as exc:  # an account named wrongly, or a change it refuses: usage
+        click.echo(f"optrack: {exc}", err=True)
         return 2
     except OptrackError as exc:
         click.echo(f"optrack: {exc}", err=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
+from worker.accounts import Accounts
+from worker.credentials import validate_account_name
 from worker.db import ensure_sqlite_dirs
 from worker.errors import OptrackError
 from worker.migrate import is_migrated, upgrade
@@ -34,6 +37,23 @@ def ensure_schema(rt: Runtime) -> None:
         return
     if not is_migrated(rt.engine):
         raise OptrackError("the database has no optrack tables yet; run `optrack db upgrade` first")
+
+
+FC = TypeVar("FC", bound=Callable[..., Any] | click.Command)
+
+
+def account_option(help_text: str) -> Callable[[FC], FC]:
+    """``--account NAME``: only that account's operations (default: every account's)."""
+    return click.option("--account", metavar="NAME", default=None, help=help_text)
+
+
+def checked_account(rt: Runtime, name: str | None) -> str | None:
+    """``name`` if it names an account, else exit 2 saying so (None: every account)."""
+    if name is None:
+        return None
+    validate_account_name(name)
+    with rt.sessions() as session:
+        return Accounts(session).get(name).name
 
 
 def usage_error(message: str) -> click.UsageError:

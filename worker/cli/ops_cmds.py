@@ -10,7 +10,9 @@ from typing import Any
 import click
 
 from worker import discovery, health
+from worker.accounts import Accounts
 from worker.cli.common import ensure_schema, get_runtime
+from worker.credentials import DEFAULT_ACCOUNT, validate_account_name
 from worker.durations import parse_duration
 
 DEFAULT_WINDOW = "7d"
@@ -47,26 +49,34 @@ DURATION = Duration()
     help="Look at operations created this long ago or later.",
 )
 @click.option("--page-size", default=1000, show_default=True, type=click.IntRange(1, 1000))
-def discover(window: timedelta, page_size: int) -> None:
-    """Track every PROCESSING operation of the account (one run; exit 1 if it stopped early)."""
+@click.option("--account", "only", metavar="NAME", help="Only this account (default: every one).")
+def discover(window: timedelta, page_size: int, only: str | None) -> None:
+    """Track every PROCESSING operation of each account, under it (one run; exit 1 if one
+    stopped early)."""
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    result = discovery.discover(
-        rt.sessions,
-        rt.client,
-        rt.clock.now(),
-        window,
-        page_size=page_size,
-        recorder=rt.recorder,
-        clock_allowance=rt.poll_policy.clock_allowance,
-    )
-    for op_id in result.added:
-        click.echo(f"tracking {op_id}")
-    if result.complete:
-        click.echo(result.summary())
-        return
-    click.echo(result.summary(), err=True)
-    sys.exit(1)
+    with rt.sessions() as session:
+        store = Accounts(session)
+        names = [store.get(validate_account_name(only)).name] if only else store.names()
+    complete = True
+    for name in names:
+        result = discovery.discover(
+            rt.sessions,
+            rt.client_for(name),
+            rt.clock.now(),
+            window,
+            page_size=page_size,
+            recorder=rt.recorder,
+            clock_allowance=rt.poll_policy.clock_allowance,
+            account=name,
+        )
+        for op_id in result.added:
+            click.echo(f"tracking {op_id} (account {name})")
+        prefix = f"account {name}: " if len(names) > 1 or name != DEFAULT_ACCOUNT else ""
+        click.echo(prefix + result.summary(), err=not result.complete)
+        complete = complete and result.complete
+    if not complete:
+        sys.exit(1)
 
 
 @click.command("health")

@@ -14,7 +14,14 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import reports
-from worker.cli.common import FiniteRange, ensure_schema, get_runtime, usage_error
+from worker.cli.common import (
+    FiniteRange,
+    account_option,
+    checked_account,
+    ensure_schema,
+    get_runtime,
+    usage_error,
+)
 from worker.cli.render import console, styled_status
 from worker.errors import InvalidOperationId, NotTracked, OptrackError
 from worker.operation import validate_operation_id
@@ -193,6 +200,7 @@ def _charted(
     type=click.IntRange(0, MAX_CHARTS),
     help="Operations charted one by one in the HTML.",
 )
+@account_option("Only this account's operations (default: every account's).")
 def report(
     since: str | None,
     until: str | None,
@@ -203,6 +211,7 @@ def report(
     html_path: Path | None,
     limit: int | None,
     chart_count: int,
+    account: str | None,
 ) -> None:
     """Summarize the operations tracked in a period: senders, failures, timings, what is stuck."""
     _one_format(as_json, as_csv)
@@ -215,13 +224,14 @@ def report(
         raise usage_error(str(exc)) from None
     wanted = tuple(dict.fromkeys(s.upper() for s in statuses))
     ensure_schema(rt)
+    account = checked_account(rt, account)
     if limit is None:
         limit = None if as_json else DEFAULT_LIST_LIMIT
     with rt.sessions() as session:
         reports.one_snapshot(session)
-        summary = reports.summarize(session, period, stuck_span, now, wanted, limit)
+        summary = reports.summarize(session, period, stuck_span, now, wanted, limit, account)
         if html_path is not None:
-            recent = reports.operations(session, period, wanted, limit=30)
+            recent = reports.operations(session, period, wanted, limit=30, account=account)
             histories = [
                 reports.operation_history(session, op_id, now)
                 for op_id in _charted(summary, recent, chart_count)
@@ -301,18 +311,26 @@ def history_view(report: reports.HistoryReport) -> RenderableType:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also draw created/failed/queued over time to this PNG.",
 )
-def history(operation_id: str, as_json: bool, as_csv: bool, plot_path: Path | None) -> None:
+@account_option("Refuse (exit 2) unless the operation is this account's.")
+def history(
+    operation_id: str, as_json: bool, as_csv: bool, plot_path: Path | None, account: str | None
+) -> None:
     """Show every recorded change of one operation, its rate and its estimated finish."""
     _one_format(as_json, as_csv)
     op_id = _checked_id(operation_id)
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
+    account = checked_account(rt, account)
     now = rt.clock.now()
     try:
         with rt.sessions() as session:
             report = reports.operation_history(session, op_id, now)
     except NotTracked:
         raise usage_error(f"{op_id} is not tracked; see `optrack status` for tracked IDs") from None
+    if account is not None and report.operation.account != account:
+        raise usage_error(
+            f"{op_id} is tracked under account {report.operation.account!r}, not {account!r}"
+        )
     if plot_path is not None:
         from worker.reports import charts
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 import click
 
 from worker import liveness, migrate, retention
-from worker.cli.common import LOG_LEVELS, FiniteRange, ensure_schema, get_runtime
+from worker.cli.common import LOG_LEVELS, FiniteRange, ensure_schema, get_runtime, usage_error
 from worker.cli.http_cmds import auth_token
 from worker.cli.ops_cmds import DURATION
 from worker.db import ensure_sqlite_dirs
@@ -177,14 +177,28 @@ def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
     help="Seconds a seeded operation runs.",
 )
 @click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    metavar="SID:TOKEN[:KEY_SID:KEY_SECRET]",
+    help="One more account, with its own operations and faults (repeatable).",
+)
+@click.option(
     "--log-ids",
     is_flag=True,
     help="Log the operation IDs each answer carried (GET /_sandbox/requests), for benchmarks.",
 )
-def sandbox(host: str, port: int, seed: int, duration: float, log_ids: bool) -> None:
-    """Serve a faithful sandbox of the SenderPool Operations API (for demos and tests)."""
-    from worker.sandbox.server import serve_forever
+def sandbox(
+    host: str, port: int, seed: int, duration: float, accounts: tuple[str, ...], log_ids: bool
+) -> None:
+    """Serve a faithful sandbox of the SenderPool Operations API (for demos and tests); the
+    environment's account, and each --account beside it."""
+    from worker.sandbox.server import parse_account, serve_forever
 
+    try:
+        extra = tuple(parse_account(text) for text in accounts)
+    except ValueError as exc:
+        raise usage_error(f"--account: {exc}") from None
     rt = get_runtime(click.get_current_context())
     serve_forever(
         host=host,
@@ -193,6 +207,7 @@ def sandbox(host: str, port: int, seed: int, duration: float, log_ids: bool) -> 
         auth_token=rt.settings.auth_token or "sandbox-token",
         seed=seed,
         duration=duration,
+        accounts=extra,
         log_ids=log_ids,
     )
 

@@ -8,9 +8,17 @@ import sys
 import click
 
 from worker import dead_letters, intake
-from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.accounts import Accounts
+from worker.cli.common import (
+    account_option,
+    checked_account,
+    ensure_schema,
+    get_runtime,
+    usage_error,
+)
 from worker.cli.render import console, pause_line, status_table
 from worker.cli.report_cmds import follow
+from worker.credentials import DEFAULT_ACCOUNT, validate_account_name
 from worker.errors import InvalidOperationId
 from worker.operation import validate_operation_id
 from worker.records import operation_record
@@ -35,8 +43,17 @@ def read_ids(args: tuple[str, ...]) -> list[str]:
 @click.command()
 @click.argument("operation_ids", nargs=-1, required=True, metavar="ID... | -")
 @click.option("--wait", is_flag=True, help="Then show progress bars until they all end.")
-def track(operation_ids: tuple[str, ...], wait: bool) -> None:
-    """Start tracking operation IDs (`-` reads them from stdin); invalid IDs write nothing."""
+@click.option(
+    "--account",
+    default=DEFAULT_ACCOUNT,
+    show_default=True,
+    metavar="NAME",
+    help="The account whose credentials poll them (`optrack accounts`).",
+)
+def track(operation_ids: tuple[str, ...], wait: bool, account: str) -> None:
+    """Start tracking operation IDs (`-` reads them from stdin) under an account; invalid IDs,
+    an unknown account or an ID tracked under another account write nothing."""
+    validate_account_name(account)
     ids = read_ids(operation_ids)
     if not ids:
         raise usage_error("no operation ID given (stdin was empty)")
@@ -50,9 +67,10 @@ def track(operation_ids: tuple[str, ...], wait: bool) -> None:
         raise usage_error("nothing was tracked, because:\n  " + "\n  ".join(problems))
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
-    result = intake.track(rt.sessions, ids, rt.clock.now())
+    result = intake.track(rt.sessions, ids, rt.clock.now(), account)
+    shown = "" if account == DEFAULT_ACCOUNT else f" (account {account})"
     for op_id in result.added:
-        click.echo(f"tracking {op_id}")
+        click.echo(f"tracking {op_id}{shown}")
     for op_id in result.already_tracked:
         click.echo(f"already tracked {op_id} (nothing to do)")
     if wait:
@@ -62,19 +80,27 @@ def track(operation_ids: tuple[str, ...], wait: bool) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fields as in the README).")
-def status(as_json: bool) -> None:
+@account_option("Only this account's operations and pause (default: every account's).")
+def status(as_json: bool, account: str | None) -> None:
     """Show every tracked operation: status, stats, polling schedule, last error."""
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
+    account = checked_account(rt, account)
     pause = rt.gate.current()
     now = rt.clock.now()
     # Streamed a page at a time: memory stays flat however many operations are tracked.
     with rt.sessions() as session:
         letters = dead_letters.waiting(session)
-        total = queries.count_operations(session)
-    pages = queries.operation_pages(rt.sessions, STATUS_PAGE)
+        total = queries.count_operations(session, account)
+        pauses = Accounts(session).pauses(rt.settings.account_sid)
+    pauses = [(name, row) for name, row in pauses if account in (None, name)]
+    pages = queries.operation_pages(rt.sessions, STATUS_PAGE, account)
     if as_json:
-        head = {"account": account_record(pause, now), "dead_letters": letters}
+        head = {
+            "account": account_record(pause, now),  # the default account's, as before
+            "accounts": [{"name": name, **account_record(row, now)} for name, row in pauses],
+            "dead_letters": letters,
+        }
         click.echo(to_json(head)[:-2] + ',\n  "operations": [')
         first = True
         for page in pages:
@@ -83,10 +109,12 @@ def status(as_json: bool) -> None:
                 first = False
         click.echo("  ]\n}")
         return
-    line = pause_line(pause, now)
     out = console()
-    if line:
-        out.print(f"[bold red]{line}[/]")
+    for name, paused in pauses:  # each account's own pause and credentials, by its name
+        line = pause_line(paused, now)
+        if line:
+            shown = "\n".join(f"account {name}: {part}" for part in line.splitlines())
+            out.print(f"[bold red]{shown}[/]")
     if letters:
         out.print(
             f"[bold yellow]{letters} dead letter(s): task messages given up on; "

@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from worker import health, intake, listing, reports
+from worker.accounts import Accounts
+from worker.credentials import DEFAULT_ACCOUNT, validate_account_name
 from worker.db import DatabaseError
 from worker.durations import parse_duration
-from worker.errors import InvalidOperationId
+from worker.errors import AccountError, InvalidOperationId
 from worker.health import HealthFacts
 from worker.http import paging
 from worker.http.openapi import answer, error
@@ -107,8 +109,25 @@ Statuses = Annotated[
 ]
 
 
+AccountName = Annotated[
+    str | None,
+    Query(description="Only this account's operations (`optrack accounts`); absent: every one"),
+]
+
+
+def _account(request: Request, name: str | None) -> str | None:
+    """``name`` if it names an account (a 422 saying why if not); None: every account."""
+    if name is None:
+        return None
+    try:
+        with runtime(request).sessions() as session:
+            return Accounts(session).get(validate_account_name(name)).name
+    except AccountError as exc:
+        raise Problem(422, [{"reason": str(exc)}]) from None
+
+
 class TrackRequest(BaseModel):
-    """IDs to track; every one is validated before anything is written."""
+    """IDs to track under one account; every one is validated before anything is written."""
 
     ids: list[Any] = Field(
         description=f"Operation IDs, at most {MAX_IDS:,} per request",
@@ -116,6 +135,13 @@ class TrackRequest(BaseModel):
         # Checked one by one in ``intake`` (each error names its index), so typed for clients
         # here rather than by pydantic.
         json_schema_extra={"items": {"type": "string"}, "maxItems": MAX_IDS},
+    )
+    account: Any = Field(
+        default=None,
+        description="The account whose credentials poll them (`optrack accounts`); "
+        "absent or null: `default`, the environment's",
+        examples=["default"],
+        json_schema_extra={"type": ["string", "null"]},
     )
 
 
@@ -168,8 +194,14 @@ def track(body: Annotated[TrackRequest, Depends(track_request)], request: Reques
             errors.append({"id": shown, "index": index, "reason": exc.reason})
     if errors:
         raise Problem(422, errors)
+    account = DEFAULT_ACCOUNT if body.account is None else body.account
+    if not isinstance(account, str):
+        raise Problem(422, [{"reason": "account must be a string: an account's name"}])
     rt = runtime(request)
-    result = intake.track(rt.sessions, body.ids, rt.clock.now())
+    try:
+        result = intake.track(rt.sessions, body.ids, rt.clock.now(), account)
+    except AccountError as exc:  # unknown, badly named, or an ID tracked under another
+        raise Problem(422, [{"reason": str(exc)}]) from None
     added: TrackAnswer = {
         "added": list(result.added),
         "already_tracked": list(result.already_tracked),
@@ -187,6 +219,7 @@ def list_operations(
     statuses: Statuses = [],  # noqa: B006  (FastAPI copies Query defaults)
     limit: Annotated[int, Query(ge=1, le=listing.MAX_PAGE)] = DEFAULT_PAGE,
     cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+    account: AccountName = None,
 ) -> JSONResponse:
     """A page of operations in ID order (fields of `optrack status --json`) and the cursor of
     the next page (``next``: null on the last)."""
@@ -195,8 +228,9 @@ def list_operations(
         after = None if cursor is None else paging.decode(cursor)
     except paging.BadCursor as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
+    account = _account(request, account)
     with runtime(request).sessions() as session:
-        found = listing.page(session, wanted, limit, after)
+        found = listing.page(session, wanted, limit, after, account)
     page: OperationsPage = {
         "operations": [operation_record(op) for op in found.operations],
         "next": None if found.after is None else paging.encode(found.after),
@@ -243,6 +277,7 @@ def _summary(
     statuses: list[str],
     stuck_after: str,
     limit: int | None,
+    account: str | None = None,
 ) -> reports.Summary:
     rt = runtime(request)
     now = rt.clock.now()
@@ -252,9 +287,10 @@ def _summary(
         period = reports.Period.parse(since, until, now)
     except reports.BadPeriod as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
+    account = _account(request, account)
     with rt.sessions() as session:
         reports.one_snapshot(session)
-        return reports.summarize(session, period, stuck, now, wanted, limit)
+        return reports.summarize(session, period, stuck, now, wanted, limit, account)
 
 
 Since = Annotated[
@@ -278,10 +314,12 @@ def get_report(
     limit: Annotated[
         int, Query(ge=0, le=listing.MAX_PAGE, description="Operations per flagged list")
     ] = DEFAULT_REPORT_LIST,
+    account: AccountName = None,
 ) -> JSONResponse:
     """`optrack report --json` (docs/reports.md); the flagged lists hold at most ``limit``
     operations each, their counts are complete."""
-    return _json(summary_record(_summary(request, since, until, statuses, stuck_after, limit)))
+    summary = _summary(request, since, until, statuses, stuck_after, limit, account)
+    return _json(summary_record(summary))
 
 
 @api.get(
@@ -296,9 +334,10 @@ def get_report_csv(
     until: Until = None,
     statuses: Statuses = [],  # noqa: B006
     stuck_after: StuckAfter = "30m",
+    account: AccountName = None,
 ) -> CsvResponse:
     """`optrack report --csv`: a header and one row, to append daily."""
-    summary = _summary(request, since, until, statuses, stuck_after, 0)
+    summary = _summary(request, since, until, statuses, stuck_after, 0, account)
     return CsvResponse(to_csv([summary_row(summary)], SUMMARY_CSV_FIELDS))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.reports.period import Period
 from worker.tracking import ACTIVE_STATES, ENDED_STATES, FINISHED_STATES
 
@@ -28,6 +29,7 @@ class OperationState:
     consecutive_errors: int
     last_error: str | None
     ended_at: datetime | None
+    account: str = DEFAULT_ACCOUNT  # whose credentials poll it (migration 0012)
 
     @property
     def ended(self) -> bool:

@@ -69,8 +69,12 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(float(value), 3)
 
 
-def _scope(period: Period, statuses: Sequence[str]) -> list[ColumnElement[bool]]:
+def _scope(
+    period: Period, statuses: Sequence[str], account: str | None = None
+) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
+    if account is not None:
+        conditions.append(TrackedOperation.account == account)
     if period.since is not None:
         conditions.append(TrackedOperation.tracked_at >= period.since)
     if period.until is not None:
@@ -161,6 +165,7 @@ def summarize(
     now: datetime,
     statuses: Sequence[str] = (),
     list_limit: int | None = None,
+    account: str | None = None,
 ) -> Summary:
     """The figures of `optrack report` for operations tracked in ``period``.
 
@@ -171,7 +176,7 @@ def summarize(
     unknown = sorted(set(statuses) - set(ALL_STATES))
     if unknown:
         raise BadPeriod(f"unknown status {', '.join(unknown)}; use one of {', '.join(ALL_STATES)}")
-    scope = _scope(period, statuses)
+    scope = _scope(period, statuses, account)
     by_status = dict.fromkeys(ALL_STATES, 0)
     total = created = failed = queued = 0
     starts: list[datetime] = []
@@ -334,12 +339,16 @@ def get_operation(session: Session, operation_id: str) -> OperationState:
 
 
 def operations(
-    session: Session, period: Period, statuses: Sequence[str] = (), limit: int | None = None
+    session: Session,
+    period: Period,
+    statuses: Sequence[str] = (),
+    limit: int | None = None,
+    account: str | None = None,
 ) -> tuple[OperationState, ...]:
-    """Operations tracked in ``period``, the most recently tracked first."""
+    """Operations tracked in ``period`` (of ``account``), the most recently tracked first."""
     stmt = (
         select(*STATE_COLUMNS)
-        .where(*_scope(period, statuses))
+        .where(*_scope(period, statuses, account))
         .order_by(TrackedOperation.tracked_at.desc(), TrackedOperation.id)
         .limit(limit)
     )
@@ -520,7 +529,7 @@ def status_counts(session: Session, operation_ids: Sequence[str]) -> dict[str, i
 
 
 def operation_pages(
-    sessions: sessionmaker[Session], size: int = 1000
+    sessions: sessionmaker[Session], size: int = 1000, account: str | None = None
 ) -> Iterator[tuple[OperationState, ...]]:
     """Every tracked operation, the most recently tracked last, ``size`` at a time.
 
@@ -531,6 +540,8 @@ def operation_pages(
     after: tuple[datetime, str] | None = None
     while True:
         stmt = select(*STATE_COLUMNS).order_by(TrackedOperation.tracked_at, TrackedOperation.id)
+        if account is not None:
+            stmt = stmt.where(TrackedOperation.account == account)
         if after is not None:
             stmt = stmt.where(
                 tuple_(TrackedOperation.tracked_at, TrackedOperation.id)
@@ -545,9 +556,12 @@ def operation_pages(
         after = (found[-1].tracked_at, found[-1].id)
 
 
-def count_operations(session: Session) -> int:
-    """How many operations are tracked."""
-    return int(session.scalar(select(func.count()).select_from(TrackedOperation)) or 0)
+def count_operations(session: Session, account: str | None = None) -> int:
+    """How many operations are tracked (of ``account``)."""
+    stmt = select(func.count()).select_from(TrackedOperation)
+    if account is not None:
+        stmt = stmt.where(TrackedOperation.account == account)
+    return int(session.scalar(stmt) or 0)
 
 
 def active_ids(session: Session) -> tuple[str, ...]:

@@ -113,12 +113,13 @@ class _Server(ThreadingHTTPServer):
         self,
         address: tuple[str, int],
         sim: Simulation,
-        sid: str,
-        token: str,
+        logins: dict[str, tuple[str | None, Simulation]],
         log: bool,
         sleep: Sleep | None = None,
     ) -> None:
-        self.sim, self.sid, self.token, self.log_requests = sim, sid, token, log
+        # ``sim``: the first account's (unauthenticated requests are logged there); ``logins``:
+        # Basic-auth user (an account SID or an API key SID) → (password, its account's state).
+        self.sim, self.logins, self.log_requests = sim, logins, log
         self.sleep = sleep
         self.stopping = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -163,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stalls
     server: _Server
     date_offset = 0.0  # of the request being answered (a fault's ``date_offset``)
+    sim: Simulation  # the state of the account the request authenticated as
 
     def date_time_string(self, timestamp: float | None = None) -> str:
         """The ``Date`` header: the simulation's clock, not the machine's."""
@@ -188,27 +190,34 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         sim = self.server.sim
         arrived = sim.clock()
+        account = None
         self.date_offset = 0.0
         parts = urlsplit(self.path)
         path, query = parts.path, parts.query
         is_api = not path.startswith(CONTROL_PREFIX)
         reply: _Reply | None
+        user = ""
         try:
             body = self._read_body()
+            user, account, named = self._authorized()
+            sim = named or sim
             if body is None:
                 reply = _bad("body", "Bad Content-Length.")
-            elif not self._authorized():
+            elif account is None:
                 reply = _Reply(401, error_body(401), {"WWW-Authenticate": 'Basic realm="Twilio"'})
             elif is_api:
+                # Each account its own operations, faults and request log, as in Twilio.
+                self.sim = sim = account
                 reply = self._api(method, path, query)
             else:
+                self.sim = sim = account
                 reply = self._control(method, path, body)
         except Exception:
             traceback.print_exc()
             reply = _Reply(500, error_body(500))
         if is_api:  # logged before answering, so a client that got its answer sees the entry
             status = 0 if reply is None else reply.status
-            entry = {"t": arrived, "method": method, "path": path, "query": query}
+            entry = {"t": arrived, "method": method, "path": path, "query": query, "user": user}
             entry["status"] = status
             if sim.log_ids and reply is not None and reply.status == 200:
                 entry["ids"] = _carried_ids(reply.payload)
@@ -227,18 +236,24 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(int(raw)) if int(raw) else b""
 
-    def _authorized(self) -> bool:
+    def _authorized(self) -> tuple[str, Simulation | None, Simulation | None]:
+        """(the Basic-auth user, the state its credentials open or None, the account the user
+        names, whose log a refused request goes to: a revoked key's 401s are its account's)."""
         scheme, _, value = self.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return "", None, None
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
-            return False
+            return "", None, None
         user, sep, password = decoded.partition(":")
-        ok_user = hmac.compare_digest(user.encode(), self.server.sid.encode())
-        ok_password = hmac.compare_digest(password.encode(), self.server.token.encode())
-        return bool(sep) and ok_user and ok_password
+        login = self.server.logins.get(user)
+        if login is None:
+            return "", None, None
+        secret, sim = login
+        good = bool(sep) and secret is not None
+        ok = good and hmac.compare_digest(password.encode(), str(secret).encode())
+        return user, sim if ok else None, sim
 
     def _send(self, reply: _Reply) -> None:
         data = reply.body()
@@ -262,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- the documented API -------------------------------------------------------------
 
     def _api(self, method: str, path: str, query: str) -> _Reply | None:
-        sim = self.server.sim
+        sim = self.sim
         # A fault may match the query too (one List window by its startDate, say).
         fault = sim.take_fault(f"{path}?{query}" if query else path)
         now = sim.clock()
@@ -301,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] = {}
         retry_after = fault.effective_retry_after()
         if retry_after is not None and fault.retry_after_form == "date":
-            when = datetime.fromtimestamp(self.server.sim.clock() + float(retry_after), UTC)
+            when = datetime.fromtimestamp(self.sim.clock() + float(retry_after), UTC)
             headers["Retry-After"] = format_datetime(when, usegmt=True)
         elif retry_after is not None:
             headers["Retry-After"] = retry_after
@@ -321,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
         op_id = unquote(match.group(1))
         if not OPERATION_ID_RE.fullmatch(op_id):
             return _bad("operationId", "Invalid operationId: it must match the operation pattern.")
-        op = self.server.sim.get(op_id)
+        op = self.sim.get(op_id)
         if op is None or not op.visible_at(now):
             return _Reply(404, error_body(404))
         return _Reply(200, op.to_api(now))
@@ -348,7 +363,7 @@ class _Handler(BaseHTTPRequestHandler):
             after = _decode_token(raw["pageToken"], filters)
             if after is None:
                 return _bad("pageToken", "Invalid pageToken for these filters.")
-        ops, next_key = self.server.sim.list_page(
+        ops, next_key = self.sim.list_page(
             now=now,
             page_size=int(size_raw),
             start=filters.get("startDate"),
@@ -369,7 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- sandbox control -----------------------------------------------------------------
 
     def _control(self, method: str, path: str, body: bytes) -> _Reply:
-        sim = self.server.sim
+        sim = self.sim
         routes = {
             "/_sandbox/operations": ("POST",),
             "/_sandbox/operations/bulk": ("POST",),
@@ -502,11 +517,23 @@ class SandboxServer:
     ) -> None:
         """``log_ids``: each logged request carries the operation IDs its answer carried.
         ``sleep``: how a ``slow`` fault waits (None: for real); with a fake ``clock``, its
-        sleep makes slow answers take time on that clock without a test waiting."""
+        sleep makes slow answers take time on that clock without a test waiting.
+
+        ``account_sid``/``auth_token`` is the first account; ``add_account`` adds more, each
+        with its own operations, faults and request log (``SandboxAccount``), and
+        ``add_api_key`` lets an API key (``SK…``) act for one."""
         self.account_sid, self._token = account_sid, auth_token
         self.host, self._port, self._log = host, port, log_requests
         self._sleep = sleep
+        self._seed, self._duration, self._clock = seed, duration, clock
         self.simulation = Simulation(seed=seed, duration=duration, clock=clock)
+        self._logins: dict[str, tuple[str | None, Simulation]] = {
+            account_sid: (auth_token, self.simulation)
+        }
+        self.accounts: dict[str, SandboxAccount] = {
+            account_sid: SandboxAccount(account_sid, self.simulation)
+        }
+        self._log_ids = log_ids
         self.simulation.log_ids = log_ids
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -514,17 +541,36 @@ class SandboxServer:
     def __repr__(self) -> str:  # never shows the token
         return f"SandboxServer(account_sid={self.account_sid!r}, host={self.host!r})"
 
+    def add_account(self, account_sid: str, auth_token: str, *, seed: int = 0) -> SandboxAccount:
+        """Serve one more account (another subaccount): its own operations (``seed`` at
+        start), faults and request log, reached with its SID and Auth Token."""
+        if account_sid in self.accounts:
+            raise ValueError(f"account {account_sid} exists already")
+        sim = Simulation(seed=seed, duration=self._duration, clock=self._clock, name=account_sid)
+        sim.log_ids = self._log_ids
+        self._logins[account_sid] = (auth_token, sim)
+        self.accounts[account_sid] = SandboxAccount(account_sid, sim)
+        return self.accounts[account_sid]
+
+    def add_api_key(self, account_sid: str, key_sid: str, secret: str) -> None:
+        """Let the API key ``key_sid`` (with ``secret``) act for the account."""
+        self._logins[key_sid] = (secret, self.accounts[account_sid].simulation)
+
+    def revoke(self, user: str) -> None:
+        """Revoke a login (an account SID's token or an API key): its requests are 401s,
+        logged in its account's request log."""
+        self._logins[user] = (None, self._logins[user][1])
+
+    def restore(self, user: str, secret: str, account_sid: str) -> None:
+        """Accept a login again (an account SID or an API key of ``account_sid``)."""
+        self._logins[user] = (secret, self.accounts[account_sid].simulation)
+
     def start(self) -> SandboxServer:
         """Bind and serve in a daemon thread; returns self."""
         if self._httpd is not None:
             raise RuntimeError("sandbox already started")
         httpd = _Server(
-            (self.host, self._port),
-            self.simulation,
-            self.account_sid,
-            self._token,
-            self._log,
-            self._sleep,
+            (self.host, self._port), self.simulation, self._logins, self._log, self._sleep
         )
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -584,6 +630,39 @@ class SandboxServer:
         self.simulation.clear_requests()
 
 
+@dataclass(frozen=True)
+class SandboxAccount:
+    """One account of a sandbox: its operations, faults and request log."""
+
+    account_sid: str
+    simulation: Simulation
+
+    def add_operation(self, **kwargs: Any) -> SimulatedOperation:
+        """Keywords of ``Simulation.add_operations`` (total, duration, fail_ratio, ...)."""
+        return self.simulation.add_operation(**kwargs)
+
+    def add_fault(self, fault: Fault) -> None:
+        self.simulation.add_fault(fault)
+
+    def clear_faults(self) -> None:
+        self.simulation.clear_faults()
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        return self.simulation.requests_log()
+
+    def clear_requests(self) -> None:
+        self.simulation.clear_requests()
+
+
+def parse_account(text: str) -> tuple[str, str, tuple[str, str] | None]:
+    """``SID:TOKEN`` or ``SID:TOKEN:KEYSID:KEYSECRET`` (`optrack sandbox --account`)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 4) or not all(parts):
+        raise ValueError("an account is SID:TOKEN or SID:TOKEN:KEY_SID:KEY_SECRET")
+    key = (parts[2], parts[3]) if len(parts) == 4 else None
+    return parts[0], parts[1], key
+
+
 def serve_forever(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -594,6 +673,7 @@ def serve_forever(
     *,
     log_requests: bool = False,
     log_ids: bool = False,
+    accounts: tuple[tuple[str, str, tuple[str, str] | None], ...] = (),
 ) -> None:
     """Serve until SIGINT/SIGTERM, after printing ``sandbox listening on <base_url>``."""
     stop = threading.Event()
@@ -611,6 +691,10 @@ def serve_forever(
         log_requests=log_requests,
         log_ids=log_ids,
     )
+    for sid, token, key in accounts:
+        sandbox.add_account(sid, token, seed=seed)
+        if key is not None:
+            sandbox.add_api_key(sid, *key)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         sandbox.start()

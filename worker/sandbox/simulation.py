@@ -325,13 +325,16 @@ class Fault:
 class Simulation:
     """All sandbox state: operations, the fault queue and the API request log."""
 
-    def __init__(self, seed: int = 0, duration: float = 20.0, clock: Clock = time.time) -> None:
-        """Create ``seed`` random operations; ids come from an RNG seeded with ``seed``."""
+    def __init__(
+        self, seed: int = 0, duration: float = 20.0, clock: Clock = time.time, name: str = ""
+    ) -> None:
+        """Create ``seed`` random operations; ids come from an RNG seeded with ``seed`` (and
+        ``name``: each account of a sandbox its own, so no two share an id)."""
         _check(seed >= 0, "seed", "seed must be >= 0")
         _check(math.isfinite(duration) and duration >= 0, "duration", "must be >= 0")
         self.clock = clock
         self.duration = duration
-        self._rng = random.Random(f"optrack-sandbox-{seed}")
+        self._rng = random.Random(f"optrack-sandbox-{seed}" + (f"-{name}" if name else ""))
         self._lock = threading.Lock()
         self._by_id: dict[str, SimulatedOperation] = {}
         self._keys: list[SortKey] = []  # sorted, parallel to _ordered
