@@ -103,11 +103,12 @@ def test_two_beats_at_once_poll_nothing_twice(tmp_path: Path, pg_url: str) -> No
         for name in ("beat1", "beat2"):
             assert "Sending due task optrack-tick" in stack.log(name)
         # Claims make the two beats' ticks share the work: each operation is asked once per
-        # poll interval (1 s), never twice in a row by two sweeps.
+        # poll interval (1 s; up to one 0.5 s tick early, as a tick claims what falls due
+        # before the next), never twice at once by two sweeps (milliseconds apart).
         for op_id in ids:
             times = [r["t"] for r in stack.requests_for(op_id)]
             gaps = [b - a for a, b in itertools.pairwise(times)]
-            assert all(gap >= 0.9 for gap in gaps), f"{op_id} polled twice at once: {gaps}"
+            assert all(gap >= 0.45 for gap in gaps), f"{op_id} polled twice at once: {gaps}"
 
 
 POISON_DELIVERIES = 2  # OPTRACK_MAX_DELIVERIES of the poison test: two kills, then a letter
