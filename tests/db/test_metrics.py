@@ -223,7 +223,10 @@ def test_a_real_worker_with_two_processes_serves_them(
                 break
             time.sleep(0.2)
         else:
-            pytest.fail(f"no polls counted; see {tmp_path / 'worker.log'}: {samples}")
+            log.flush()
+            said = (tmp_path / "worker.log").read_text(errors="replace").splitlines()
+            tail = "\n".join(said[-60:])
+            pytest.fail(f"no polls counted: {samples}\nthe worker's last lines:\n{tail}")
         pids = {p.name.split("_")[-1] for p in (tmp_path / "prom").glob("counter_*.db")}
         assert len(pids) >= 2, "both pool processes counted"
     finally:
