@@ -54,9 +54,9 @@ from bench.sweep import (
     fresh_pg,
     pct,
     peak_rss_mb,
-    process,
     sandbox,
     wait_until,
+    workers_and_beat,
 )
 from worker.migrate import upgrade
 
@@ -163,33 +163,7 @@ def run(args: argparse.Namespace, tmp: Path) -> Result:
         root = base_url.removesuffix("/v1")
         env["OPTRACK_API_BASE_URL"] = base_url
         served = stack.enter_context(serve(env, home / "serve.log"))
-        celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
-        workers = [
-            stack.enter_context(
-                process(
-                    [
-                        *celery,
-                        "worker",
-                        f"--hostname=w{i}@%h",
-                        "--concurrency=1",
-                        "--loglevel=INFO",
-                        "--without-gossip",
-                        "--without-mingle",
-                        "--without-heartbeat",
-                    ],
-                    env,
-                    home / f"w{i}.log",
-                )
-            )
-            for i in (1, 2)
-        ]
-        stack.enter_context(
-            process(
-                [*celery, "beat", "--loglevel=INFO", f"--schedule={home / 'schedule'}"],
-                env,
-                home / "beat.log",
-            )
-        )
+        workers = workers_and_beat(stack, env, home)
         wait_until(
             lambda: all("ready." in (home / f"w{i}.log").read_text() for i in (1, 2)),
             120,

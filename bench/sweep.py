@@ -125,6 +125,36 @@ def sandbox(env: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+def workers_and_beat(
+    stack: ExitStack, env: dict[str, str], home: Path
+) -> list[subprocess.Popen[bytes]]:
+    """Two Celery workers (concurrency 1, logs ``w1.log``/``w2.log``) and beat, in ``home``,
+    stopped with ``stack``; returns the workers."""
+    celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
+    workers = [
+        stack.enter_context(
+            process(
+                [
+                    *celery,
+                    "worker",
+                    f"--hostname=w{i}@%h",
+                    "--concurrency=1",
+                    "--loglevel=INFO",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                env,
+                home / f"w{i}.log",
+            )
+        )
+        for i in (1, 2)
+    ]
+    beat = [*celery, "beat", "--loglevel=INFO", f"--schedule={home / 'schedule'}"]
+    stack.enter_context(process(beat, env, home / "beat.log"))
+    return workers
+
+
 def peak_rss_mb(worker: subprocess.Popen[bytes]) -> float:
     """The largest VmHWM among a worker's processes, in MiB."""
     children = subprocess.run(
@@ -226,33 +256,7 @@ def run(database: str, n: int, interval: float, tmp: Path) -> Result:
         ends = create_operations(http, root, n, first_end, first_end + 8 * interval)
         print(f"  {n:,} operations created in {time.time() - t0:.0f}s", file=sys.stderr)
         optrack(env, "track", "-", stdin="\n".join(ends))
-        celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
-        workers = [
-            stack.enter_context(
-                process(
-                    [
-                        *celery,
-                        "worker",
-                        f"--hostname=w{i}@%h",
-                        "--concurrency=1",
-                        "--loglevel=INFO",
-                        "--without-gossip",
-                        "--without-mingle",
-                        "--without-heartbeat",
-                    ],
-                    env,
-                    home / f"w{i}.log",
-                )
-            )
-            for i in (1, 2)
-        ]
-        stack.enter_context(
-            process(
-                [*celery, "beat", "--loglevel=INFO", f"--schedule={home / 'schedule'}"],
-                env,
-                home / "beat.log",
-            )
-        )
+        workers = workers_and_beat(stack, env, home)
         placed = (
             "SELECT count(*) FROM tracked_operations WHERE status = 'PENDING' "
             "OR (group_id IS NULL AND status = 'PROCESSING')"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.server
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 
@@ -95,6 +97,20 @@ def test_a_base_url_without_v1_gives_wrong_base_url_on_list(
             client.fetch(op.id)
 
 
+@contextmanager
+def served(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A local HTTP server answering with ``handler``; yields its /v1 base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_a_404_that_is_not_the_apis_is_not_operation_not_found(clock: FakeClock) -> None:
     class NotTheApi(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -108,17 +124,12 @@ def test_a_404_that_is_not_the_apis_is_not_operation_not_found(clock: FakeClock)
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTheApi)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        with ApiClient(url, SID, TOKEN, clock=clock) as client, pytest.raises(WrongBaseUrl):
-            client.fetch(MISSING)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with (
+        served(NotTheApi) as url,
+        ApiClient(url, SID, TOKEN, clock=clock) as client,
+        pytest.raises(WrongBaseUrl),
+    ):
+        client.fetch(MISSING)
 
 
 def test_requests_name_this_release_in_their_user_agent(clock: FakeClock) -> None:
@@ -135,17 +146,12 @@ def test_requests_name_this_release_in_their_user_agent(clock: FakeClock) -> Non
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        with ApiClient(url, SID, TOKEN, clock=clock) as client, pytest.raises(WrongBaseUrl):
-            client.fetch(MISSING)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with (
+        served(Recorder) as url,
+        ApiClient(url, SID, TOKEN, clock=clock) as client,
+        pytest.raises(WrongBaseUrl),
+    ):
+        client.fetch(MISSING)
     assert seen == [f"optrack/{version('optrack')} (+requests)"]
     assert version("optrack") != "0.1"
 
