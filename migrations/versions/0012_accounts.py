@@ -1,5 +1,4 @@
-"""accounts: many Twilio accounts in one deployment; every operation and poll group belongs
-to one
+"""accounts: many Twilio accounts in one deployment, each operation and poll group in one
 
 Revision ID: 0012
 Revises: 0011
