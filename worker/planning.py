@@ -8,8 +8,12 @@ operation created inside it, tracked or not; a GET group costs one request per m
 * a run of operations close together in createdAt (gaps small for the account's density)
   becomes a new List window, or extends the neighbouring one, when the window would cost
   fewer requests than GETs; the rest joins GET groups;
-* never-seen operations (createdAt unknown) are one List window over the lookback when they
-  are many, GETs when few; once seen they are placed again by their createdAt;
+* never-seen operations (createdAt unknown) join the newest List window if it reaches within
+  ``intake_lookback`` of their tracking (its next poll lists on to them), else are one List
+  window when they are many, GETs when few. A window's poll lists the ``intake_lookback``
+  before their tracking, then, for those it did not show, the day before
+  (``pending_lookback``) if that pays, else asks one GET each; once seen they are placed
+  again by their createdAt;
 * windows that grew past a page are split between two seconds, windows that cost more than
   their GETs become GET groups, and small neighbours are merged;
 * a group one poll cannot finish within half its claim's lease, at the seconds per request
@@ -180,12 +184,52 @@ def place(waiting: Sequence[Waiting], groups: Sequence[GroupView], policy: PollP
             _fetch(plan, run, groups, sizes, policy)
 
     never_seen = [w for w in waiting if w.created_at is None]
-    lookback = policy.pending_lookback.total_seconds()
-    if never_seen and list_pays(len(never_seen), lookback, rate, policy):
-        plan.new.append(NewGroup(LIST, tuple(w.id for w in never_seen)))
+    never_seen = _join_edge(plan, never_seen, groups, sizes, policy)
+    if never_seen and list_pays(len(never_seen), _intake_span(never_seen, policy), rate, policy):
+        plan.new.append(NewGroup(LIST, tuple(op.id for op in never_seen)))
     elif never_seen:
         _fetch(plan, never_seen, groups, sizes, policy)
     return plan
+
+
+def _join_edge(
+    plan: Placement,
+    never_seen: Sequence[Waiting],
+    groups: Sequence[GroupView],
+    sizes: dict[int, int],
+    policy: PollPolicy,
+) -> list[Waiting]:
+    """Never-seen operations join the account's newest List window if its createdAt range
+    reaches within ``intake_lookback`` of their tracking and it has room: its next poll (at
+    most an interval away) lists on to their tracking, so operations handed over one by one
+    cost no request of their own. Returns those left to place ([] if they joined)."""
+    if not never_seen:
+        return []
+    first = min(op.tracked_at for op in never_seen)
+    edge = [
+        g
+        for g in groups
+        if g.kind == LIST
+        and g.end_at is not None
+        and g.end_at >= second(first) - policy.intake_lookback
+        and not (g.claimed or g.resuming)
+        and sizes[g.id] + len(never_seen) <= policy.list_group
+    ]
+    if not edge or policy.strategy == FETCH:
+        return list(never_seen)
+    window = max(edge, key=lambda g: g.end_at or datetime.min)
+    for op in never_seen:
+        plan.join(window.id, op.id)
+    sizes[window.id] += len(never_seen)
+    return []
+
+
+def _intake_span(never_seen: Sequence[Waiting], policy: PollPolicy) -> float:
+    """Seconds of createdAt the first listing of never-seen operations covers: from
+    ``intake_lookback`` before the first was tracked to the last's tracking (the poller lists
+    the ``pending_lookback`` window only for those it did not show, and only if that pays)."""
+    tracked = [w.tracked_at for w in never_seen]
+    return (max(tracked) - min(tracked) + policy.intake_lookback).total_seconds() + 2.0
 
 
 def _start(group: GroupView) -> datetime:

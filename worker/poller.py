@@ -49,7 +49,7 @@ from worker.errors import (
     WrongBaseUrl,
 )
 from worker.operation import Operation
-from worker.planning import LIST
+from worker.planning import LIST, list_pays
 from worker.recorder import Recorder, Result
 from worker.repository import NO_ROUND, PollTarget, Repository
 from worker.shutdown import ShutdownRequested, Stop
@@ -92,6 +92,7 @@ class _Run:
     changed: bool = False
     listed: int | None = None
     pages: int | None = None
+    skipped: int = 0  # items of the pages that broke the schema (listed all the same)
     list_error: ApiError | None = None
     deferral: _Deferral | None = None
     # An answer (a page, a 200) proved the base URL right: a 404 then may be about its operation.
@@ -264,17 +265,53 @@ class Poller:
 
     def _list(self, members: Sequence[PollTarget], run: _Run) -> None:
         """Read the members' createdAt window page by page (no status filter: it would hide
-        the operations that just ended), recording each page."""
-        lookback = self.policy.pending_lookback
-        starts = [m.remote_created_at or m.tracked_at - lookback for m in members]
-        ends = [m.remote_created_at or m.tracked_at for m in members]
-        window = (min(starts) - WINDOW_PAD, max(ends) + WINDOW_PAD)
+        the operations that just ended), recording each page.
+
+        Never-seen members (createdAt unknown) are looked for first over the recent window,
+        ``intake_lookback`` before their tracking: one page learns many createdAt at once.
+        Those it did not show are listed over ``pending_lookback`` if that costs fewer pages
+        than their GETs at the density the first listing measured, else asked by GET.
+        """
+        never = [m for m in members if m.remote_created_at is None]
+        if run.page_token is not None or not never:  # a round going on, or nothing new
+            self._read(members, run, _window(members, self.policy.pending_lookback))
+            return
+        recent = _window(members, self.policy.intake_lookback)
+        self._read(members, run, recent)
+        unshown = [m for m in never if m.id not in run.seen]
+        if run.list_error is not None or not unshown or run.listed is None:
+            return
+        span = (recent[1] - recent[0]).total_seconds()
+        lookback = self.policy.pending_lookback.total_seconds()
+        rate = (run.listed + run.skipped) / span  # the account's operations a second, lately
+        if list_pays(len(unshown), lookback, rate, self.policy):
+            log.info(
+                "group %d: %d new operation(s) not in the last %s; listed over %s",
+                run.group_id,
+                len(unshown),
+                self.policy.intake_lookback,
+                self.policy.pending_lookback,
+            )
+            self._read(unshown, run, _window(unshown, self.policy.pending_lookback), more=True)
+
+    def _read(
+        self,
+        members: Sequence[PollTarget],
+        run: _Run,
+        window: tuple[datetime, datetime],
+        *,
+        more: bool = False,
+    ) -> None:
+        """Read one window page by page, from the round's page if one is kept; ``more``: a
+        second listing of this poll, its pages added to the first's."""
         token, resumed = run.page_token, run.page_token is not None
         if not resumed or run.bounds is None:
             token, resumed, run.bounds = None, False, window
         run.whole_listing = not resumed
         tokens: set[str] = set()
-        if run.pages is None or not resumed:
+        if more:
+            run.after = None  # the round's place is this listing's pages until it ends
+        elif run.pages is None or not resumed:
             run.listed = run.pages = 0
         assert run.listed is not None and run.pages is not None
         try:
@@ -303,6 +340,7 @@ class Poller:
                 run.listed += len(page.operations)
                 run.reachable = True
                 self._record({op.id: op for op in page.operations}, run)
+                run.skipped += len(page.rejected)
                 if page.rejected:
                     log.warning(
                         "List page: %d item(s) broke the schema and were skipped: %s",
@@ -477,6 +515,14 @@ class Poller:
                     repo.drop_group(group.id)
 
         self._write(write, run, "the group's schedule")
+
+
+def _window(members: Sequence[PollTarget], lookback: timedelta) -> tuple[datetime, datetime]:
+    """The List bounds covering the members: their createdAt, or for one never seen, from
+    ``lookback`` before its tracking to its tracking; padded by a second each side."""
+    starts = [m.remote_created_at or m.tracked_at - lookback for m in members]
+    ends = [m.remote_created_at or m.tracked_at for m in members]
+    return (min(starts) - WINDOW_PAD, max(ends) + WINDOW_PAD)
 
 
 def _answered(results: Mapping[str, Result]) -> bool:

@@ -90,6 +90,7 @@ class Runtime:
             strategy=s.poll_strategy,
             list_threshold=s.list_threshold,
             pending_lookback=timedelta(seconds=s.pending_lookback),
+            intake_lookback=timedelta(seconds=s.intake_lookback),
             clock_allowance=timedelta(seconds=s.clock_allowance),
             not_found_grace=timedelta(seconds=s.not_found_grace),
             request_time=timedelta(seconds=s.request_deadline + s.max_inplace_wait),

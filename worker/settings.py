@@ -77,6 +77,7 @@ BOUNDS: Mapping[str, Bound] = {
     "OPTRACK_LIST_THRESHOLD": Bound(1, 1_000_000, ""),
     "OPTRACK_MAX_REQUESTS_PER_SECOND": Bound(0.1, 10_000.0, "per s"),
     "OPTRACK_PENDING_LOOKBACK": Bound(0.0, 30 * DAY),
+    "OPTRACK_INTAKE_LOOKBACK": Bound(1.0, 3600.0),
     "OPTRACK_MAX_DUE_PER_TICK": Bound(1, 1_000_000, ""),
     "OPTRACK_CLAIM_LEASE": Bound(10.0, DAY),
     "OPTRACK_POLL_TIME_LIMIT": Bound(5.0, DAY),
@@ -131,6 +132,9 @@ class Settings:
     max_requests_per_second: float | None = None
     list_threshold: int = 5
     pending_lookback: float = 86400.0
+    # How long before its tracking a newly handed operation is first looked for (one List
+    # page over that recent window learns many createdAt at once; README "Scale").
+    intake_lookback: float = 60.0
     max_due_per_tick: int = 20000
     # How long a sweep's claim holds its operations; a killed worker's operations wait this long.
     claim_lease: float = 120.0
@@ -577,6 +581,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_requests_per_second=_optional_float(env, "OPTRACK_MAX_REQUESTS_PER_SECOND"),
         list_threshold=_int(env, "OPTRACK_LIST_THRESHOLD", 5),
         pending_lookback=_float(env, "OPTRACK_PENDING_LOOKBACK", 86400.0),
+        intake_lookback=_float(env, "OPTRACK_INTAKE_LOOKBACK", 60.0),
         max_due_per_tick=_int(env, "OPTRACK_MAX_DUE_PER_TICK", 20000),
         claim_lease=claim_lease,
         resend_after=_resend_after(env, claim_lease),

@@ -168,6 +168,10 @@ class PollPolicy:
     # A never-seen operation was created at most this long before it was tracked (a List
     # window over never-seen operations starts that far back; missing ones fall back to GET).
     pending_lookback: timedelta = timedelta(days=1)
+    # Newly tracked operations are first listed over this recent window before their tracking
+    # (OPTRACK_INTAKE_LOOKBACK): one page learns many createdAt; the ones it does not show
+    # fall back to the ``pending_lookback`` window if that pays, else to one GET each.
+    intake_lookback: timedelta = timedelta(seconds=60)
     # How far an updatedAt may run ahead of the answer's Date (or the local clock) and still
     # order answers (OPTRACK_CLOCK_ALLOWANCE).
     clock_allowance: timedelta = timedelta(seconds=60)

@@ -394,13 +394,17 @@ def test_list_windows_ask_for_no_status_filter(
 def test_a_listing_cut_by_its_deadline_goes_on_at_the_page_it_did_not_read(
     sessions, sandbox: SandboxServer, make_client, db_gate: DbGate, clock: FakeClock
 ) -> None:  # type: ignore[no-untyped-def]
-    # A never-seen window over a day: 4,000 untracked operations from 12 h ago, then six new
-    # ones on its last page. Every answer takes 2.5-3 s; a message stops 5 s after its claim.
+    # A never-seen window over a day: 4,000 untracked operations from 12 h ago, then six
+    # tracked now but created after them, on its last page (so the recent window, listed
+    # first, shows none of them). Every answer takes 2.5-3 s; a message stops 5 s after its
+    # claim.
     policy = replace(POLICY, lease=timedelta(seconds=10), request_time=timedelta(seconds=5))
     sandbox.simulation.add_operations(
         4000, total=10, duration=100_000, created_at=clock.now().timestamp() - 43_200
     )
-    new = sandbox.simulation.add_operations(6, total=10, duration=100_000)
+    new = sandbox.simulation.add_operations(
+        6, total=10, duration=100_000, created_at=clock.now().timestamp() - 43_000
+    )
     intake.track(sessions, [o.id for o in new], clock.now())
     for i in range(100):
         sandbox.add_fault(Fault(kind="slow", delay=2.5 + (i % 3) * 0.25))
@@ -414,4 +418,5 @@ def test_a_listing_cut_by_its_deadline_goes_on_at_the_page_it_did_not_read(
     # Before, every poll read pages 1 and 2 again and the new operations were never seen.
     assert all(r.remote_created_at is not None for r in rows(sessions).values())
     tokens = [parse_qs(str(r["query"])).get("pageToken", [""])[0] for r in sandbox.requests_log()]
-    assert len(tokens) == 5 and len(set(tokens)) == 5  # five pages, each read once
+    # The recent window (empty), then the day's five pages, each read once.
+    assert tokens[0] == "" and len(tokens[1:]) == 5 and len(set(tokens[1:])) == 5

@@ -277,6 +277,8 @@ def test_every_number_setting_has_a_bound() -> None:
         ("OPTRACK_MAX_RETRY_AFTER", "1e12"),
         ("OPTRACK_TICK_INTERVAL", "1e9"),
         ("OPTRACK_PENDING_LOOKBACK", "1e20"),
+        ("OPTRACK_INTAKE_LOOKBACK", "0"),
+        ("OPTRACK_INTAKE_LOOKBACK", "86400"),
         ("OPTRACK_DISCOVERY_INTERVAL", "1e18"),
         ("OPTRACK_READ_TIMEOUT", "inf"),
         ("OPTRACK_CONNECT_TIMEOUT", "nan"),
@@ -337,3 +339,10 @@ def test_the_resend_interval_is_at_least_the_lease() -> None:
     assert load_settings({}).max_deliveries == 5
     with pytest.raises(ConfigError, match="OPTRACK_MAX_DELIVERIES='0' must be between 1 and 100"):
         load_settings({"OPTRACK_MAX_DELIVERIES": "0"})
+
+
+def test_the_intake_lookback_is_read_once_into_the_policy() -> None:
+    """A minute by default; set, it reaches the poll policy the planner and poller read."""
+    assert load_settings({}).intake_lookback == 60.0
+    runtime = Runtime(load_settings({"OPTRACK_INTAKE_LOOKBACK": "90"}))
+    assert runtime.poll_policy.intake_lookback == timedelta(seconds=90)
