@@ -95,7 +95,10 @@ def test_invalid_input_is_rejected_once_with_the_reason_never_retried(
         wait_for(lambda: PICKLED_ID in tracked_ids(db_url), 60, "the valid task")
     sender.close()
     text = log.read_text()
-    assert f"optrack.track[{not_a_list}] rejected, not retried: optrack.track takes one" in text
+    assert (
+        f"optrack.track[{not_a_list}] rejected, not retried: optrack.track takes a JSON list"
+        in text
+    )
     assert f"optrack.track[{bad_id}] rejected, not retried: 'not-an-id' is not an operation ID" in (
         text
     )
