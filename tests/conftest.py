@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -225,3 +226,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     more when a test failed."""
     outcome = yield
     setattr(item, f"rep_{call.when}", outcome.get_result())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A temporary folder of this run's own. pytest's default keeps the newest three runs'
+    folders under /tmp/pytest-of-USER and deletes older ones when a run starts, a running
+    one's included: with another test run on the machine, a worker's SQLite file vanished
+    under it mid-test ("database did not answer"). ``--basetemp`` still chooses."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="optrack-tests-")
