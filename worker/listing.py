@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from worker.db import TrackedOperation
 from worker.reports.model import OperationState
-from worker.reports.queries import STATE_COLUMNS
+from worker.reports.queries import STATE_COLUMNS, AccountScope, of_accounts
 from worker.tracking import ACTIVE_STATES
 
 MAX_PAGE = 1000
@@ -40,7 +40,7 @@ def page(
     statuses: Sequence[str],
     limit: int,
     after: str | None = None,
-    account: str | None = None,
+    account: AccountScope = None,
 ) -> Page:
     """Up to ``limit`` operations (of ``account``) with an ID greater than ``after``, in ID
     order.
@@ -56,16 +56,23 @@ def page(
     if after is not None:
         stmt = stmt.where(TrackedOperation.id > after)
     if account is not None:
-        stmt = stmt.where(TrackedOperation.account == account)
+        stmt = stmt.where(of_accounts(account))
     found = _states(session, stmt)
     more = len(found) > limit
     shown = found[:limit]
     return Page(shown, shown[-1].id if more and shown else None)
 
 
-def watched_ids(session: Session, now: datetime, recent: timedelta, limit: int) -> tuple[str, ...]:
-    """The dashboard's progress list: operations still active or ended within ``recent``
-    of ``now`` (so a finish stays in sight), the most recently tracked first."""
+def watched_ids(
+    session: Session,
+    now: datetime,
+    recent: timedelta,
+    limit: int,
+    account: AccountScope = None,
+) -> tuple[str, ...]:
+    """The dashboard's progress list: operations (of ``account``) still active or ended
+    within ``recent`` of ``now`` (so a finish stays in sight), the most recently tracked
+    first."""
     stmt = (
         select(TrackedOperation.id)
         .where(
@@ -77,4 +84,13 @@ def watched_ids(session: Session, now: datetime, recent: timedelta, limit: int) 
         .order_by(TrackedOperation.tracked_at.desc(), TrackedOperation.id)
         .limit(limit)
     )
+    if account is not None:
+        stmt = stmt.where(of_accounts(account))
     return tuple(session.scalars(stmt))
+
+
+def account_of(session: Session, operation_id: str) -> str | None:
+    """The account ``operation_id`` is tracked under; None if it is not tracked."""
+    return session.scalar(
+        select(TrackedOperation.account).where(TrackedOperation.id == operation_id)
+    )
