@@ -576,11 +576,14 @@ def count_operations(session: Session, account: str | None = None) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def active_ids(session: Session) -> tuple[str, ...]:
-    """IDs of the operations still PENDING or PROCESSING, the oldest tracked first."""
+def active_ids(session: Session, account: AccountScope = None) -> tuple[str, ...]:
+    """IDs of the operations (of ``account``) still PENDING or PROCESSING, the oldest tracked
+    first."""
     stmt = (
         select(TrackedOperation.id)
         .where(TrackedOperation.status.in_(ACTIVE_STATES))
         .order_by(TrackedOperation.tracked_at, TrackedOperation.id)
     )
+    if account is not None:
+        stmt = stmt.where(of_accounts(account))
     return tuple(session.scalars(stmt))
