@@ -28,7 +28,7 @@ from tests.db.test_http import (  # noqa: F401  (api: the fixture, used by name)
     api,
 )
 from tests.support.processes import serve_process
-from worker import events
+from worker import events, listing
 from worker.accounts import Accounts
 from worker.credentials import Vault
 from worker.db import make_engine
@@ -143,6 +143,24 @@ def test_a_scoped_token_sees_and_tracks_only_its_accounts(api: Api) -> None:
     assert api.get("/api/v1/report").json()["operations"]["total"] == 3
     progress = get("/api/v1/progress").json()["progress"]
     assert [p["operation"]["id"] for p in progress] == [GOOD]
+
+    # The accounts it sees, with their figures (the dashboard's table).
+    assert get("/api/v1/accounts").json() == {
+        "accounts": [
+            {
+                "name": "acme",
+                "active": 1,
+                "paused": False,
+                "paused_until": None,
+                "failure_rate": None,
+            }
+        ]
+    }
+    every = {a["name"]: a for a in api.get("/api/v1/accounts").json()["accounts"]}
+    assert list(every) == ["acme", "default", "globex"]
+    assert every["default"]["active"] == 2 and every["globex"]["active"] == 0
+    assert every["default"]["failure_rate"] is None  # no sender created or failed yet
+    assert listing.AccountFigures("x", 0, created=3, failed=1).failure_rate == 0.25
 
     # Another account's operation is not there for this token: 404 as for an untracked one.
     for path in ("", "/history", "/history.csv"):

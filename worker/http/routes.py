@@ -26,7 +26,13 @@ from worker.http import paging
 from worker.http.auth import access_of, all_accounts, forbidden
 from worker.http.openapi import FORBIDDEN, answer, error
 from worker.http.problems import ErrorEntry, Problem
-from worker.http.shapes import OperationsPage, ProgressPage, TrackAnswer
+from worker.http.shapes import (
+    AccountsPage,
+    AccountSummary,
+    OperationsPage,
+    ProgressPage,
+    TrackAnswer,
+)
 from worker.operation import validate_operation_id
 from worker.records import operation_record, utc_text
 from worker.reports.formats import (
@@ -375,6 +381,33 @@ def get_account(request: Request) -> JSONResponse:
     """The ``account`` object of `optrack status --json`."""
     rt = runtime(request)
     return _json(account_record(rt.gate.current(), rt.clock.now()))
+
+
+@api.get(
+    "/accounts",
+    summary="Every account the token sees, with its figures",
+    responses=answer(AccountsPage, "Each account: active operations, pause, failure rate"),
+)
+def get_accounts(request: Request) -> JSONResponse:
+    """The dashboard's per-account summary; a token scoped to accounts sees only those."""
+    rt = runtime(request)
+    now = rt.clock.now()
+    scope = access_of(request).accounts
+    with rt.sessions() as session:
+        figures = listing.account_figures(session, scope)
+        paused = Accounts(session).paused(now, rt.settings.account_sid)
+    rows: list[AccountSummary] = [
+        {
+            "name": f.name,
+            "active": f.active,
+            "paused": f.name in paused,
+            "paused_until": utc_text(paused[f.name][0]) if f.name in paused else None,
+            "failure_rate": f.failure_rate,
+        }
+        for f in figures
+    ]
+    page: AccountsPage = {"accounts": rows}
+    return _json(page)
 
 
 @api.get(
