@@ -44,7 +44,7 @@ DB_UNREACHABLE = (OperationalError, InterfaceError)
 DB_REFUSED = (SQLAlchemyError, ValueError)
 
 # The Alembic revision these models are: the head of migrations/ (a test keeps them equal).
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 
 GROUP_KINDS = ("list", "fetch")
 
@@ -343,6 +343,25 @@ class DeadLetter(Base):
     # Set by `optrack dead-letters replay`, with the id of the message it sent.
     replayed_at: Mapped[datetime | None]
     replay_task_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class HttpToken(Base):
+    """A token of the HTTP API minted by `optrack tokens add` (migration 0013).
+
+    Only the SHA-256 digest of the token is stored: the token is 256 random bits, so the
+    digest alone cannot be turned back into it. ``accounts`` is a JSON list of the account
+    names it may see (NULL: every account); ``read_only`` tokens change nothing.
+    """
+
+    __tablename__ = "http_tokens"
+    __table_args__ = (UniqueConstraint("digest"),)
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    accounts: Mapped[str | None] = mapped_column(Text)
+    read_only: Mapped[bool]
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
 
 
 class Heartbeat(Base):

@@ -14,6 +14,7 @@
     ├── AccountError                  an account named cannot be used or changed as asked
     │   ├── UnknownAccount            no account has that name
     │   └── TrackedElsewhere          an operation ID is tracked under another account
+    ├── TokenError                    an HTTP token cannot be minted or revoked as asked
     └── ApiError                      anything that went wrong talking to the API
         ├── TransportError            no HTTP answer: connection refused or dropped, timeout
         ├── SchemaError               a 200 whose body breaks the documented schema
@@ -152,6 +153,10 @@ class TrackedElsewhere(AccountError):
             + ", ".join(f"{op_id} is tracked under account {other!r}" for op_id, other in shown)
             + more
         )
+
+
+class TokenError(OptrackError):
+    """Raised when an HTTP token cannot be minted or revoked as asked (a usage error)."""
 
 
 class InvalidMessage(OptrackError, ValueError):

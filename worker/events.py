@@ -29,9 +29,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.clock import Clock
-from worker.db import HistoryEntry, Notice
+from worker.db import HistoryEntry, Notice, TrackedOperation
 from worker.records import iso
 from worker.reports import one_snapshot
+from worker.reports.queries import AccountScope, of_accounts
 
 HOLD = timedelta(seconds=5)
 SETTLED = timedelta(minutes=10)
@@ -128,10 +129,12 @@ def _change(row: HistoryEntry) -> dict[str, Any]:
 
 @dataclass
 class Feed:
-    """One stream's place in the feed; ``ids`` (if given) keeps only those operations."""
+    """One stream's place in the feed; ``ids`` (if given) keeps only those operations, and
+    ``accounts`` (if given) only the operations of that account or those accounts."""
 
     cursor: Cursor
     ids: frozenset[str] | None = None
+    accounts: AccountScope = None
     hold: timedelta = HOLD
     settled: timedelta = SETTLED
     batch: int = BATCH
@@ -140,6 +143,15 @@ class Feed:
 
     def _wanted(self, operation_id: str) -> bool:
         return self.ids is None or operation_id in self.ids
+
+    def _of_accounts(self, session: Session, operation_ids: set[str]) -> frozenset[str] | None:
+        """Of ``operation_ids``, those of ``accounts``; None: no account filter."""
+        if self.accounts is None or not operation_ids:
+            return None
+        stmt = select(TrackedOperation.id).where(
+            TrackedOperation.id.in_(sorted(operation_ids)), of_accounts(self.accounts)
+        )
+        return frozenset(session.scalars(stmt))
 
     def read(self, session: Session, now: datetime) -> list[Event]:
         """The events after the cursor that may be sent at ``now``, in order; moves on."""
@@ -165,9 +177,12 @@ class Feed:
             self.settled,
         )
         events: list[Event] = []
+        kept = self._of_accounts(
+            session, {r.operation_id for r in changes} | {n.operation_id for n in ends}
+        )
         for row in changes[:take]:
             self.cursor = Cursor(row.id, self.cursor.notice)
-            if self._wanted(row.operation_id):
+            if self._wanted(row.operation_id) and (kept is None or row.operation_id in kept):
                 events.append(Event("change", self.cursor, row.operation_id, _change(row)))
         take = passable(
             self.cursor.notice,
@@ -179,7 +194,7 @@ class Feed:
         )
         for notice in ends[:take]:
             self.cursor = Cursor(self.cursor.history, notice.id)
-            if self._wanted(notice.operation_id):
+            if self._wanted(notice.operation_id) and (kept is None or notice.operation_id in kept):
                 record = json.loads(notice.payload)
                 events.append(Event("end", self.cursor, notice.operation_id, record))
         return events

@@ -149,6 +149,39 @@ def configuration_error(session: Session, account_sid: str, now: datetime) -> Ac
 
 
 @dataclass(frozen=True)
+class AccountGauges:
+    """One account's gauges: its active operations, its pause, its credentials."""
+
+    name: str
+    active: int
+    paused: bool
+    credentials_rejected: bool
+
+
+def account_gauges(session: Session, default_sid: str, now: datetime) -> tuple[AccountGauges, ...]:
+    """Every account's gauges at ``now``, by name (the default's pause is ``default_sid``'s)."""
+    t = TrackedOperation
+    active = dict(
+        session.execute(
+            select(t.account, func.count()).where(t.status.in_(ACTIVE_STATES)).group_by(t.account)
+        ).all()
+    )
+    found = []
+    for row in session.scalars(select(Account).order_by(Account.name)):
+        sid = default_sid if row.name == DEFAULT_ACCOUNT else row.account_sid
+        pause = None if sid is None else session.get(AccountPause, sid)
+        found.append(
+            AccountGauges(
+                row.name,
+                int(active.get(row.name, 0)),
+                pause is not None and pause.paused_until > now,
+                pause is not None and pause.credentials_rejected_at is not None,
+            )
+        )
+    return tuple(found)
+
+
+@dataclass(frozen=True)
 class Gauges:
     """What a metrics scrape reads of the database, in one session."""
 
@@ -158,8 +191,9 @@ class Gauges:
     notices_pending: int
     processing_unchanged: float
     paused: bool
-    credentials_rejected: bool
+    credentials_rejected: bool  # these two: the default account's
     dead_letters: int
+    accounts: tuple[AccountGauges, ...] = ()
 
 
 def gauges(session: Session, account_sid: str, now: datetime) -> Gauges:
@@ -177,6 +211,7 @@ def gauges(session: Session, account_sid: str, now: datetime) -> Gauges:
         paused=pause is not None and pause.paused_until > now,
         credentials_rejected=credentials_rejected(session, account_sid) is not None,
         dead_letters=dead_letters.waiting(session),
+        accounts=account_gauges(session, account_sid, now),
     )
 
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from worker.db import TrackedOperation
+from worker.db import Account, TrackedOperation
 from worker.reports.model import OperationState
-from worker.reports.queries import STATE_COLUMNS
+from worker.reports.queries import STATE_COLUMNS, AccountScope, of_accounts
 from worker.tracking import ACTIVE_STATES
 
 MAX_PAGE = 1000
@@ -40,7 +40,7 @@ def page(
     statuses: Sequence[str],
     limit: int,
     after: str | None = None,
-    account: str | None = None,
+    account: AccountScope = None,
 ) -> Page:
     """Up to ``limit`` operations (of ``account``) with an ID greater than ``after``, in ID
     order.
@@ -56,16 +56,23 @@ def page(
     if after is not None:
         stmt = stmt.where(TrackedOperation.id > after)
     if account is not None:
-        stmt = stmt.where(TrackedOperation.account == account)
+        stmt = stmt.where(of_accounts(account))
     found = _states(session, stmt)
     more = len(found) > limit
     shown = found[:limit]
     return Page(shown, shown[-1].id if more and shown else None)
 
 
-def watched_ids(session: Session, now: datetime, recent: timedelta, limit: int) -> tuple[str, ...]:
-    """The dashboard's progress list: operations still active or ended within ``recent``
-    of ``now`` (so a finish stays in sight), the most recently tracked first."""
+def watched_ids(
+    session: Session,
+    now: datetime,
+    recent: timedelta,
+    limit: int,
+    account: AccountScope = None,
+) -> tuple[str, ...]:
+    """The dashboard's progress list: operations (of ``account``) still active or ended
+    within ``recent`` of ``now`` (so a finish stays in sight), the most recently tracked
+    first."""
     stmt = (
         select(TrackedOperation.id)
         .where(
@@ -77,4 +84,53 @@ def watched_ids(session: Session, now: datetime, recent: timedelta, limit: int) 
         .order_by(TrackedOperation.tracked_at.desc(), TrackedOperation.id)
         .limit(limit)
     )
+    if account is not None:
+        stmt = stmt.where(of_accounts(account))
     return tuple(session.scalars(stmt))
+
+
+def account_of(session: Session, operation_id: str) -> str | None:
+    """The account ``operation_id`` is tracked under; None if it is not tracked."""
+    return session.scalar(
+        select(TrackedOperation.account).where(TrackedOperation.id == operation_id)
+    )
+
+
+@dataclass(frozen=True)
+class AccountFigures:
+    """One account's operations at a glance: active ones, and senders created and failed."""
+
+    name: str
+    active: int
+    created: int
+    failed: int
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Failed senders of all those that ended either way; None before any."""
+        done = self.created + self.failed
+        return None if done == 0 else self.failed / done
+
+
+def account_figures(session: Session, account: AccountScope = None) -> list[AccountFigures]:
+    """Every account (of ``account``) by name, with its figures."""
+    t = TrackedOperation
+    names = select(Account.name).order_by(Account.name)
+    active_by = select(t.account, func.count()).where(t.status.in_(ACTIVE_STATES))
+    sums = select(
+        t.account, func.coalesce(func.sum(t.created), 0), func.coalesce(func.sum(t.failed), 0)
+    )
+    if account is not None:
+        names = names.where(
+            Account.name.in_([account] if isinstance(account, str) else sorted(account))
+        )
+        active_by = active_by.where(of_accounts(account))
+        sums = sums.where(of_accounts(account))
+    active = dict(session.execute(active_by.group_by(t.account)).all())
+    senders = {
+        name: (int(c or 0), int(f or 0)) for name, c, f in session.execute(sums.group_by(t.account))
+    }
+    return [
+        AccountFigures(name, int(active.get(name, 0)), *senders.get(name, (0, 0)))
+        for name in session.scalars(names)
+    ]

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import health
 from worker.clock import Clock, SystemClock
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.db import DatabaseError, make_engine, make_sessionmaker
 from worker.settings import Settings
 from worker.tracking import ALL_STATES, Outcome, PollCounts
@@ -41,14 +42,15 @@ class Metrics:
         r = self.registry
         self.api_responses = Counter(
             "optrack_api_responses",
-            "API requests by endpoint (fetch, list) and HTTP status code (none: no answer)",
-            ["endpoint", "code"],
+            "API requests by account, endpoint (fetch, list) and HTTP status code (none: no "
+            "answer)",
+            ["account", "endpoint", "code"],
             registry=r,
         )
         self.pauses = Counter(
             "optrack_account_pauses",
-            "Account pauses after a 409/429/503, by status code",
-            ["code"],
+            "Account pauses after a 409/429/503, by account and status code",
+            ["account", "code"],
             registry=r,
         )
         self.pause_seconds = Histogram(
@@ -80,14 +82,19 @@ class Metrics:
         for outcome in Outcome:  # every outcome shows up, at 0 until it happens
             self.polls.labels(outcome.value)
 
-    def answered(self, endpoint: str, status: int | None) -> None:
+    def answered(self, endpoint: str, status: int | None, account: str = DEFAULT_ACCOUNT) -> None:
         """Count one API request and its status (the client's observer hook)."""
-        self.api_responses.labels(endpoint, "none" if status is None else str(status)).inc()
+        code = "none" if status is None else str(status)
+        self.api_responses.labels(account, endpoint, code).inc()
 
-    def paused(self, seconds: float, status: int) -> None:
+    def paused(self, seconds: float, status: int, account: str = DEFAULT_ACCOUNT) -> None:
         """Count one account pause and its length (the client's observer hook)."""
-        self.pauses.labels(str(status)).inc()
+        self.pauses.labels(account, str(status)).inc()
         self.pause_seconds.observe(seconds)
+
+    def for_account(self, account: str) -> AccountObserver:
+        """The observer of ``account``'s client: its counts carry ``account``."""
+        return AccountObserver(self, account)
 
     def observe_polls(self, counts: PollCounts) -> None:
         """Count what one poll message did to its operations, and the history it wrote."""
@@ -95,6 +102,22 @@ class Metrics:
             if count:
                 self.polls.labels(outcome.value).inc(count)
         self.history_rows.inc(counts.history_rows)
+
+
+@dataclass(frozen=True)
+class AccountObserver:
+    """An ``ApiObserver`` counting into ``metrics`` under one account's label."""
+
+    metrics: Metrics
+    account: str
+
+    def answered(self, endpoint: str, status: int | None) -> None:
+        """One request of this account ended."""
+        self.metrics.answered(endpoint, status, self.account)
+
+    def paused(self, seconds: float, status: int) -> None:
+        """A 409/429/503 paused this account."""
+        self.metrics.paused(seconds, status, self.account)
 
 
 class DatabaseCollector:
@@ -141,16 +164,28 @@ class DatabaseCollector:
             "updatedAt; 0: none)",
             value=read.processing_unchanged,
         )
-        yield GaugeMetricFamily(
+        paused = GaugeMetricFamily(
             "optrack_account_paused",
             "1 while the account is paused (409/429/503 Retry-After, or 401/403)",
-            value=1 if read.paused else 0,
+            labels=["account"],
         )
-        yield GaugeMetricFamily(
+        rejected = GaugeMetricFamily(
             "optrack_credentials_rejected",
-            "1 while a 401/403 pause of the account runs",
-            value=1 if read.credentials_rejected else 0,
+            "1 while the account's credentials stand rejected (a 401/403 until a 200)",
+            labels=["account"],
         )
+        active = GaugeMetricFamily(
+            "optrack_account_active_operations",
+            "The account's operations still PENDING or PROCESSING",
+            labels=["account"],
+        )
+        for account in read.accounts:
+            paused.add_metric([account.name], 1 if account.paused else 0)
+            rejected.add_metric([account.name], 1 if account.credentials_rejected else 0)
+            active.add_metric([account.name], account.active)
+        yield paused
+        yield rejected
+        yield active
         yield GaugeMetricFamily(
             "optrack_dead_letters",
             "Task messages given up on and not replayed yet (optrack dead-letters)",

@@ -155,7 +155,7 @@ class Runtime:
             policy=self.retry_policy,
             gate=self.gate_for(sid),
             clock=self.clock,
-            observer=self.metrics,
+            observer=self.metrics.for_account(account),
             budget=None if rate is None else DbBudget(self.engine, sid, rate),
             credentials_hint=(
                 "check TWILIO_*"

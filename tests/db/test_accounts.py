@@ -252,3 +252,35 @@ def tracked_ids(db_url: str) -> list[str]:
         ids = list(session.scalars(select(TrackedOperation.id)))
     engine.dispose()
     return ids
+
+
+def test_watch_and_wait_take_an_account(env: dict[str, str]) -> None:
+    op = "comms_operation_01h9krwprkeee8fzqspvwy6nq8"
+    other = "comms_operation_01h9krwprkeee8fzqspvwy6nq9"
+    new = "comms_operation_01h9krwprkeee8fzqspvwy6nqa"
+    assert (
+        optrack(env, "accounts", "add", "acme", "--account-sid", SID_A, stdin=SECRET).returncode
+        == 0
+    )
+    assert optrack(env, "track", "--account", "acme", op).returncode == 0
+    assert optrack(env, "track", other).returncode == 0
+
+    wide = {**env, "COLUMNS": "200"}
+    acme = optrack(wide, "watch", "--once", "--account", "acme")
+    assert acme.returncode == 0, acme.stderr
+    assert op in acme.stdout and other not in acme.stdout
+    default = optrack(wide, "watch", "--once", "--account", "default")
+    assert other in default.stdout and op not in default.stdout
+    for command in (("watch", "--once"), ("wait", "--timeout", "1s")):
+        refused = optrack(env, *command, "--account", "default", op, other)
+        assert refused.returncode == 2, command
+        assert f"not of account 'default': {op} is tracked under account 'acme'" in refused.stderr
+        assert other not in refused.stderr and "Traceback" not in refused.stderr
+        unknown = optrack(env, *command, "--account", "nobody", op)
+        assert unknown.returncode == 2 and "no account named 'nobody'" in unknown.stderr
+
+    # wait --track --account: the new ID is tracked under that account (it then times out).
+    waited = optrack(env, "wait", "--track", "--account", "acme", "--timeout", "1s", new)
+    assert waited.returncode == 124, waited.stderr
+    every = json.loads(optrack(env, "status", "--json").stdout)
+    assert {o["id"]: o["account"] for o in every["operations"]}[new] == "acme"

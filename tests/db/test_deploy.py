@@ -93,3 +93,22 @@ def test_every_metric_in_deploy_exists(sessions: sessionmaker[Session], clock: F
     assert len(named) >= 12
     exposed = exposed_names(sessions, clock)
     assert named - exposed == set(), f"not exposed by the worker: {sorted(named - exposed)}"
+
+
+def test_the_dashboard_filters_the_per_account_panels_by_an_account_variable() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    [variable] = doc["templating"]["list"]
+    assert variable["name"] == "account" and variable["includeAll"] and variable["multi"]
+    assert "optrack_account_active_operations" in variable["query"]["query"]
+    per_account = (
+        "optrack_account_active_operations",
+        "optrack_account_paused",
+        "optrack_credentials_rejected",
+        "optrack_api_responses_total",
+        "optrack_account_pauses_total",
+    )
+    exprs = dashboard_exprs()
+    for metric in per_account:
+        uses = [e for e in exprs if metric in e]
+        assert uses, metric
+        assert all(f'{metric}{{account=~"$account"}}' in e for e in uses), (metric, uses)

@@ -212,7 +212,10 @@ def test_track_under_an_account(api: Api) -> None:
     assert api.get("/api/v1/report").json()["operations"]["total"] == 2
     csv_row = api.get("/api/v1/report.csv", account="acme").text.splitlines()
     assert len(csv_row) == 2
-    for path in ("/api/v1/operations", "/api/v1/report", "/api/v1/report.csv"):
+    progress = api.get("/api/v1/progress", account="acme").json()["progress"]
+    assert [p["operation"]["id"] for p in progress] == [GOOD]
+    paths = ("/api/v1/operations", "/api/v1/report", "/api/v1/report.csv", "/api/v1/progress")
+    for path in (*paths, "/api/v1/events"):
         refused = api.get(path, account="nobody")
         assert refused.status_code == 422
         assert "no account named 'nobody'" in refused.json()["errors"][0]["reason"]

@@ -94,7 +94,12 @@ def test_values_after_a_known_sequence_of_polls(
     before = scrape(port)
     assert value(before, "optrack_operations", status="PENDING") == 3
     assert value(before, "optrack_poll_lag_seconds") == 0
-    assert value(before, "optrack_api_responses_total", endpoint="fetch", code="200") == 0
+    assert (
+        value(
+            before, "optrack_api_responses_total", account="default", endpoint="fetch", code="200"
+        )
+        == 0
+    )
 
     poller = Poller(sessions, client, POLICY, clock, Recorder(sessions, POLICY))
     claims: list[GroupClaim] = []
@@ -111,8 +116,13 @@ def test_values_after_a_known_sequence_of_polls(
 
     after = scrape(port)
     for code, count in (("200", 1), ("429", 1), ("500", 1), ("404", 1)):
-        assert value(after, "optrack_api_responses_total", endpoint="fetch", code=code) == count
-    assert value(after, "optrack_account_pauses_total", code="429") == 1
+        assert (
+            value(
+                after, "optrack_api_responses_total", account="default", endpoint="fetch", code=code
+            )
+            == count
+        )
+    assert value(after, "optrack_account_pauses_total", account="default", code="429") == 1
     assert value(after, "optrack_account_pause_seconds_count") == 1
     assert value(after, "optrack_account_pause_seconds_sum") == 2.0
     assert value(after, "optrack_account_pause_seconds_bucket", le="1.0") == 0
@@ -156,9 +166,19 @@ def test_counters_add_up_across_processes(
     servers.append(serve(registry, "127.0.0.1", 0))
 
     samples = scrape(servers[0].port)
-    assert value(samples, "optrack_api_responses_total", endpoint="fetch", code="200") == 15
-    assert value(samples, "optrack_api_responses_total", endpoint="list", code="none") == 3
-    assert value(samples, "optrack_account_pauses_total", code="503") == 3
+    assert (
+        value(
+            samples, "optrack_api_responses_total", account="default", endpoint="fetch", code="200"
+        )
+        == 15
+    )
+    assert (
+        value(
+            samples, "optrack_api_responses_total", account="default", endpoint="list", code="none"
+        )
+        == 3
+    )
+    assert value(samples, "optrack_account_pauses_total", account="default", code="503") == 3
     assert value(samples, "optrack_account_pause_seconds_sum") == 90.0
     assert value(samples, "optrack_operations", status="PENDING") == 0  # still from the DB
 
@@ -218,7 +238,13 @@ def test_a_real_worker_with_two_processes_serves_them(
                 samples = scrape(port)
             except requests.ConnectionError:
                 samples = {}
-            fetched = value(samples, "optrack_api_responses_total", endpoint="fetch", code="200")
+            fetched = value(
+                samples,
+                "optrack_api_responses_total",
+                account="default",
+                endpoint="fetch",
+                code="200",
+            )
             if fetched >= 8 and value(samples, "optrack_operations", status="PROCESSING") == 4:
                 break
             time.sleep(0.2)
@@ -249,9 +275,11 @@ def test_alerting_gauges_pause_credentials_stalest_change_dead_letters(
     servers.append(serve(registry, "127.0.0.1", 0))
     port = servers[0].port
     quiet = scrape(port)
+    for name in ("optrack_account_paused", "optrack_credentials_rejected"):
+        assert value(quiet, name, account="default") == 0, name
+        assert (name, (("account", "default"),)) in quiet, name
+    assert value(quiet, "optrack_account_active_operations", account="default") == 1
     for name in (
-        "optrack_account_paused",
-        "optrack_credentials_rejected",
         "optrack_processing_unchanged_seconds",  # PENDING only: nothing PROCESSING yet
         "optrack_dead_letters",
     ):
@@ -269,15 +297,15 @@ def test_alerting_gauges_pause_credentials_stalest_change_dead_letters(
     later = scrape(port)
     expected = (clock.now() - stalest).total_seconds()
     assert value(later, "optrack_processing_unchanged_seconds") == expected >= 600
-    assert value(later, "optrack_account_paused") == 1
-    assert value(later, "optrack_credentials_rejected") == 1
+    assert value(later, "optrack_account_paused", account="default") == 1
+    assert value(later, "optrack_credentials_rejected", account="default") == 1
     clock.advance(61)  # the pause is over; the credentials stand rejected until a 200
     over = scrape(port)
-    assert value(over, "optrack_account_paused") == 0
-    assert value(over, "optrack_credentials_rejected") == 1
+    assert value(over, "optrack_account_paused", account="default") == 0
+    assert value(over, "optrack_credentials_rejected", account="default") == 1
     db_gate.paused_until(clock.now())
     db_gate.answered_ok(clock.now())
-    assert value(scrape(port), "optrack_credentials_rejected") == 0
+    assert value(scrape(port), "optrack_credentials_rejected", account="default") == 0
 
     with sessions.begin() as session:  # a message given up on, then replayed
         dead_letters.bury(
@@ -294,3 +322,38 @@ def test_alerting_gauges_pause_credentials_stalest_change_dead_letters(
         (letter,) = dead_letters.letters(session)
         dead_letters.mark_replayed(session, letter.id, "again", clock.now())
     assert value(scrape(port), "optrack_dead_letters") == 0
+
+
+def test_the_account_gauges_and_counters_carry_each_accounts_name(
+    sessions: sessionmaker[Session], clock: FakeClock, servers: list[MetricsServer]
+) -> None:
+    from worker.accounts import Accounts
+
+    acme_sid = "AC" + "ac" * 16
+    with sessions.begin() as session:
+        Accounts(session).add("acme", acme_sid, None, "sealed-opaque", clock.now())
+        Repository(session).add(["comms_operation_01h9krwprkeee8fzqspvwy6nq8"], clock.now())
+        Repository(session).add(
+            [f"comms_operation_01h9krwprkeee8fzqspvwy6nq{n}" for n in "9a"], clock.now(), "acme"
+        )
+    engine = sessions.kw["bind"]
+    DbGate(engine, acme_sid, clock).pause(clock.now() + timedelta(seconds=60), "HTTP 401", 401)
+    local = Metrics()
+    local.for_account("acme").answered("fetch", 429)
+    local.for_account("acme").paused(5.0, 429)
+    local.answered("fetch", 200)
+    registry = build_registry(sessions, clock, multiproc_dir=None, local=local, account_sid=SID)
+    servers.append(serve(registry, "127.0.0.1", 0))
+    samples = scrape(servers[0].port)
+    active = "optrack_account_active_operations"
+    assert value(samples, active, account="default") == 1
+    assert value(samples, active, account="acme") == 2
+    for name in ("optrack_account_paused", "optrack_credentials_rejected"):
+        assert value(samples, name, account="acme") == 1, name
+        assert value(samples, name, account="default") == 0, name
+    responses = "optrack_api_responses_total"
+    assert value(samples, responses, account="acme", endpoint="fetch", code="429") == 1
+    assert value(samples, responses, account="default", endpoint="fetch", code="200") == 1
+    assert value(samples, responses, account="default", endpoint="fetch", code="429") == 0
+    pauses = "optrack_account_pauses_total"
+    assert value(samples, pauses, account="acme", code="429") == 1

@@ -215,6 +215,24 @@ OTHER_TABLES: dict[str, list[dict[str, Any]]] = {
         {"name": "beat", "beat_at": at(58), "schema_revision": None},
         {"name": "worker:optrack@host-1:4242", "beat_at": at(59), "schema_revision": "0009"},
     ],
+    "http_tokens": [
+        {
+            "name": "acme-readonly",
+            "digest": "5" * 64,
+            "accounts": '["acme-eu"]',
+            "read_only": True,
+            "created_at": at(7),
+            "revoked_at": None,
+        },
+        {
+            "name": "ops",
+            "digest": "6" * 64,
+            "accounts": None,
+            "read_only": False,
+            "created_at": at(8),
+            "revoked_at": at(9),
+        },
+    ],
     "task_deliveries": [
         {
             "task_id": "8c1d2e3f-0000-4000-8000-00000000000a",

@@ -16,11 +16,12 @@ from worker.cli import (
     ops_cmds,
     report_cmds,
     service_cmds,
+    token_cmds,
     tracking_cmds,
     wait_cmds,
 )
 from worker.db import DB_UNREACHABLE
-from worker.errors import AccountError, ConfigError, OptrackError
+from worker.errors import AccountError, ConfigError, OptrackError, TokenError
 from worker.health import unreachable
 
 
@@ -40,6 +41,7 @@ for command in (
     *notice_cmds.COMMANDS,
     *wait_cmds.COMMANDS,
     *account_cmds.COMMANDS,
+    *token_cmds.COMMANDS,
 ):
     cli.add_command(command)
 
@@ -63,7 +65,7 @@ def exit_code(args: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         click.echo(f"optrack: configuration error: {exc}", err=True)
         return 2
-    except AccountError as exc:  # an account named wrongly, or a change it refuses: usage
+    except (AccountError, TokenError) as exc:  # a name wrongly given, a change refused: usage
         click.echo(f"optrack: {exc}", err=True)
         return 2
     except OptrackError as exc:

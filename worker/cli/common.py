@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -13,6 +13,7 @@ from worker.credentials import validate_account_name
 from worker.db import ensure_sqlite_dirs
 from worker.errors import OptrackError
 from worker.migrate import is_migrated, upgrade
+from worker.repository import Repository
 from worker.runtime import Runtime
 from worker.settings import load_settings
 
@@ -54,6 +55,20 @@ def checked_account(rt: Runtime, name: str | None) -> str | None:
     validate_account_name(name)
     with rt.sessions() as session:
         return Accounts(session).get(name).name
+
+
+def refuse_others(rt: Runtime, operation_ids: Sequence[str], account: str) -> None:
+    """Exit 2 naming each of ``operation_ids`` tracked under another account than
+    ``account`` (an untracked one is left to the command)."""
+    with rt.sessions() as session:
+        owners = Repository(session).accounts_of(list(operation_ids))
+    others = [
+        f"{op_id} is tracked under account {owner!r}"
+        for op_id, owner in owners.items()
+        if owner != account
+    ]
+    if others:
+        raise usage_error(f"not of account {account!r}: " + "; ".join(others))
 
 
 def usage_error(message: str) -> click.UsageError:

@@ -20,6 +20,7 @@ from worker.cli.common import (
     checked_account,
     ensure_schema,
     get_runtime,
+    refuse_others,
     usage_error,
 )
 from worker.cli.render import console, styled_status
@@ -366,22 +367,28 @@ def _progress_fields(item: reports.Progress, now: datetime) -> dict[str, object]
 
 
 def follow(
-    rt: Runtime, operation_ids: Sequence[str], interval: float, *, once: bool = False
+    rt: Runtime,
+    operation_ids: Sequence[str],
+    interval: float,
+    *,
+    once: bool = False,
+    account: str | None = None,
 ) -> None:
     """Show a progress bar per operation, re-read every ``interval`` s, until all have ended
-    (``once``: one frame, then return).
+    (``once``: one frame, then return). No IDs: every active one (of ``account``).
 
     At most MAX_BARS bars; the operations past them share one summary row (how many ended),
     counted in the database whatever their number.
     """
     with rt.sessions() as session:
-        ids = list(operation_ids) or list(reports.active_ids(session))
+        ids = list(operation_ids) or list(reports.active_ids(session, account))
         shown, rest = ids[:MAX_BARS], ids[MAX_BARS:]
         items = reports.progress(session, shown)
         others = reports.status_counts(session, rest)
     out = console()
     if not ids:
-        out.print("nothing to watch: no operation is PENDING or PROCESSING")
+        whose = "" if account is None else f" of account {account}"
+        out.print(f"nothing to watch: no operation{whose} is PENDING or PROCESSING")
         return
     wide = out.width >= 140
     bar = Progress(
@@ -439,13 +446,17 @@ def follow(
     help="Seconds between reads of the database.",
 )
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
-def watch(operation_ids: tuple[str, ...], interval: float, once: bool) -> None:
+@account_option("Only this account's operations; IDs of another account are refused (exit 2).")
+def watch(operation_ids: tuple[str, ...], interval: float, once: bool, account: str | None) -> None:
     """Progress bars of operations (default: all still active) until they end or Ctrl-C."""
     ids = [_checked_id(op_id) for op_id in dict.fromkeys(operation_ids)]
     rt = get_runtime(click.get_current_context())
     ensure_schema(rt)
+    account = checked_account(rt, account)
+    if account is not None and ids:
+        refuse_others(rt, ids, account)
     try:
-        follow(rt, ids, interval, once=once)
+        follow(rt, ids, interval, once=once, account=account)
     except NotTracked as exc:
         raise usage_error(
             f"{exc.operation_id} is not tracked; see `optrack status` for tracked IDs"

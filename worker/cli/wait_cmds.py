@@ -8,9 +8,17 @@ from datetime import timedelta
 import click
 
 from worker import intake, waiting
-from worker.cli.common import ensure_schema, get_runtime, usage_error
+from worker.cli.common import (
+    account_option,
+    checked_account,
+    ensure_schema,
+    get_runtime,
+    refuse_others,
+    usage_error,
+)
 from worker.cli.ops_cmds import DURATION
 from worker.cli.tracking_cmds import read_ids
+from worker.credentials import DEFAULT_ACCOUNT
 from worker.db import DB_UNREACHABLE
 from worker.errors import InvalidOperationId, NotTracked
 from worker.health import unreachable
@@ -56,6 +64,9 @@ def _summary(result: waiting.WaitResult, timeout: timedelta | None) -> str:
 )
 @click.option("--track", "track_first", is_flag=True, help="Track the IDs not tracked yet first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome and records as JSON.")
+@account_option(
+    "The IDs' account: --track tracks under it (else `default`); an ID of another is refused."
+)
 def wait(
     operation_ids: tuple[str, ...],
     wait_for: str,
@@ -63,6 +74,7 @@ def wait(
     max_failed: int | None,
     track_first: bool,
     as_json: bool,
+    account: str | None,
 ) -> None:
     """Block until every operation has ended (`-` reads IDs from stdin).
 
@@ -91,8 +103,12 @@ def wait(
 
     try:
         ensure_schema(rt)
+        account = checked_account(rt, account)
+        if account is not None:
+            refuse_others(rt, ids, account)
         if track_first:
-            for op_id in intake.track(rt.sessions, ids, rt.clock.now()).added:
+            added = intake.track(rt.sessions, ids, rt.clock.now(), account or DEFAULT_ACCOUNT).added
+            for op_id in added:
                 click.echo(f"optrack wait: tracking {op_id}", err=True)
         result = waiting.wait(rt.sessions, ids, condition, timeout, rt.clock, on_end=ended)
     except NotTracked as exc:

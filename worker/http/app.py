@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker import tokens
 from worker.http import dashboard, dead_letter_routes, notice_routes, problems, routes, waits
-from worker.http.auth import BearerAuth
+from worker.http.auth import BearerAuth, all_accounts
 from worker.http.guards import SameSiteGuard
-from worker.http.openapi import OpenApiApp
+from worker.http.openapi import FORBIDDEN, OpenApiApp
 from worker.runtime import Runtime
 
 # 10,000 IDs of the longest form, quoted and comma-separated, are about 550 kB.
@@ -135,12 +137,14 @@ def create_app(
         redoc_url=None,
     )
     app.state.runtime = rt
-    auth = BearerAuth(token)
+    auth = BearerAuth(token, partial(tokens.look_up, rt.sessions))
     app.state.auth = auth
     problems.install(app)
     app.include_router(routes.api, dependencies=[Depends(auth)])
-    app.include_router(dead_letter_routes.router, dependencies=[Depends(auth)])
-    app.include_router(notice_routes.router, dependencies=[Depends(auth)])
+    # Deployment-wide: dead letters and notices are not filtered by account (403 if scoped).
+    everything = [Depends(auth), Depends(all_accounts)]
+    app.include_router(dead_letter_routes.router, dependencies=everything, responses=FORBIDDEN)
+    app.include_router(notice_routes.router, dependencies=everything, responses=FORBIDDEN)
     app.include_router(waits.router, dependencies=[Depends(auth)])
     app.include_router(routes.public)
     app.include_router(dashboard.router)

@@ -8,6 +8,7 @@ shape ``Errors``, in place of FastAPI's ``HTTPValidationError`` (which the API n
 
     400  every operation     a Host header naming no address served (``guards``)
     401  behind the token    no token or a wrong one (``auth``)
+    403  not GET             a read-only token, or an account the token does not see
     413  with a body         a body over 1 MiB (``app.BodyLimit``), or too many IDs
     415  not GET             a request changing state that is not JSON (``guards``)
     422  with parameters     a bad parameter or body
@@ -32,6 +33,7 @@ SAFE_METHODS = frozenset({"get", "head", "options"})
 ERRORS = {
     400: "The Host header names no address this server answers for",
     401: "No token, or a wrong one (with WWW-Authenticate)",
+    403: "A read-only token changing state, or an account the token does not see",
     413: "A body over 1 MiB, or more IDs than one request takes",
     415: "A request that changes state must be Content-Type: application/json",
     422: "A bad parameter or body; each entry says what was wrong",
@@ -68,6 +70,17 @@ def error(status: int, description: str) -> dict[int | str, Any]:
     return {status: json_response(Errors, description)}
 
 
+# A GET a token scoped to accounts may be refused: another account named, or a route of every
+# account (dead letters, notices, the pause).
+FORBIDDEN: dict[int | str, Any] = {
+    403: {
+        "description": "The token does not see the account named, or sees only some accounts "
+        "and this is a route of every account",
+        "content": {JSON: {"schema": {"$ref": REF.format(name="Errors")}}},
+    }
+}
+
+
 def body(shape: type, description: str) -> dict[str, Any]:
     """``openapi_extra=`` of a route that reads a JSON body of ``shape`` itself."""
     return {
@@ -87,6 +100,8 @@ def _errors_of(method: str, operation: dict[str, Any]) -> list[int]:
         statuses.append(413)
     if method not in SAFE_METHODS:
         statuses.append(415)
+        if operation.get("security"):
+            statuses.append(403)
     if operation.get("parameters") or "requestBody" in operation:
         statuses.append(422)
     return statuses

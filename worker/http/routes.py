@@ -20,12 +20,19 @@ from worker.accounts import Accounts
 from worker.credentials import DEFAULT_ACCOUNT, validate_account_name
 from worker.db import DatabaseError
 from worker.durations import parse_duration
-from worker.errors import AccountError, InvalidOperationId
+from worker.errors import AccountError, InvalidOperationId, NotTracked
 from worker.health import HealthFacts
 from worker.http import paging
-from worker.http.openapi import answer, error
+from worker.http.auth import access_of, all_accounts, forbidden
+from worker.http.openapi import FORBIDDEN, answer, error
 from worker.http.problems import ErrorEntry, Problem
-from worker.http.shapes import OperationsPage, ProgressPage, TrackAnswer
+from worker.http.shapes import (
+    AccountsPage,
+    AccountSummary,
+    OperationsPage,
+    ProgressPage,
+    TrackAnswer,
+)
 from worker.operation import validate_operation_id
 from worker.records import operation_record, utc_text
 from worker.reports.formats import (
@@ -39,6 +46,7 @@ from worker.reports.formats import (
     summary_row,
     to_csv,
 )
+from worker.reports.queries import AccountScope
 from worker.reports.shapes import AccountRecord, HistoryRecord, SummaryRecord
 from worker.runtime import Runtime
 from worker.tracking import ALL_STATES
@@ -115,15 +123,28 @@ AccountName = Annotated[
 ]
 
 
-def _account(request: Request, name: str | None) -> str | None:
-    """``name`` if it names an account (a 422 saying why if not); None: every account."""
+def _account(request: Request, name: str | None) -> AccountScope:
+    """Whose operations to show: ``name`` if it names an account the token sees (422 if it
+    names none, 403 if the token's accounts do not include it); without ``name``, the
+    token's accounts (None: every account)."""
+    access = access_of(request)
     if name is None:
-        return None
+        return access.accounts
     try:
         with runtime(request).sessions() as session:
-            return Accounts(session).get(validate_account_name(name)).name
+            found = Accounts(session).get(validate_account_name(name)).name
     except AccountError as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
+    if not access.sees(found):
+        raise forbidden(f"token {access.token} does not see account {found}")
+    return found
+
+
+def visible(request: Request, operation_id: str, account: str) -> None:
+    """NotTracked (a 404) for an operation of an account the token does not see: to such a
+    token, another account's operation is not there at all."""
+    if not access_of(request).sees(account):
+        raise NotTracked(operation_id)
 
 
 class TrackRequest(BaseModel):
@@ -166,6 +187,7 @@ async def track_request(request: Request) -> TrackRequest:
     "/operations",
     summary="Track operation IDs",
     responses=answer(TrackAnswer, "The IDs tracked now and those tracked already"),
+    # 403 (a read-only token, or an account the token does not see) is added for every POST.
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -197,6 +219,9 @@ def track(body: Annotated[TrackRequest, Depends(track_request)], request: Reques
     account = DEFAULT_ACCOUNT if body.account is None else body.account
     if not isinstance(account, str):
         raise Problem(422, [{"reason": "account must be a string: an account's name"}])
+    access = access_of(request)
+    if not access.sees(account):
+        raise forbidden(f"token {access.token} may not track under account {account[:64]!r}")
     rt = runtime(request)
     try:
         result = intake.track(rt.sessions, body.ids, rt.clock.now(), account)
@@ -212,7 +237,10 @@ def track(body: Annotated[TrackRequest, Depends(track_request)], request: Reques
 @api.get(
     "/operations",
     summary="List tracked operations",
-    responses=answer(OperationsPage, "A page of operations and the next page's cursor"),
+    responses={
+        **answer(OperationsPage, "A page of operations and the next page's cursor"),
+        **FORBIDDEN,
+    },
 )
 def list_operations(
     request: Request,
@@ -228,9 +256,9 @@ def list_operations(
         after = None if cursor is None else paging.decode(cursor)
     except paging.BadCursor as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
-    account = _account(request, account)
+    scope = _account(request, account)
     with runtime(request).sessions() as session:
-        found = listing.page(session, wanted, limit, after, account)
+        found = listing.page(session, wanted, limit, after, scope)
     page: OperationsPage = {
         "operations": [operation_record(op) for op in found.operations],
         "next": None if found.after is None else paging.encode(found.after),
@@ -245,7 +273,9 @@ def _history(operation_id: str, request: Request) -> reports.HistoryReport:
     op_id = _operation_id(operation_id)
     rt = runtime(request)
     with rt.sessions() as session:
-        return reports.operation_history(session, op_id, rt.clock.now())
+        found = reports.operation_history(session, op_id, rt.clock.now())
+    visible(request, op_id, found.operation.account)
+    return found
 
 
 @api.get(
@@ -287,10 +317,10 @@ def _summary(
         period = reports.Period.parse(since, until, now)
     except reports.BadPeriod as exc:
         raise Problem(422, [{"reason": str(exc)}]) from None
-    account = _account(request, account)
+    scope = _account(request, account)
     with rt.sessions() as session:
         reports.one_snapshot(session)
-        return reports.summarize(session, period, stuck, now, wanted, limit, account)
+        return reports.summarize(session, period, stuck, now, wanted, limit, scope)
 
 
 Since = Annotated[
@@ -303,7 +333,7 @@ StuckAfter = Annotated[str, Query(description="PROCESSING unchanged this long is
 @api.get(
     "/report",
     summary="The report of a period",
-    responses=answer(SummaryRecord, "The figures of the period (docs/reports.md)"),
+    responses={**answer(SummaryRecord, "The figures of the period (docs/reports.md)"), **FORBIDDEN},
 )
 def get_report(
     request: Request,
@@ -326,7 +356,7 @@ def get_report(
     "/report.csv",
     summary="The report as one CSV row",
     response_class=CsvResponse,
-    responses={200: {"description": "A header and one row"}},
+    responses={200: {"description": "A header and one row"}, **FORBIDDEN},
 )
 def get_report_csv(
     request: Request,
@@ -344,7 +374,8 @@ def get_report_csv(
 @api.get(
     "/account",
     summary="The account pause or credentials error",
-    responses=answer(AccountRecord, "The last pause, and whether it holds now"),
+    responses={**answer(AccountRecord, "The last pause, and whether it holds now"), **FORBIDDEN},
+    dependencies=[Depends(all_accounts)],
 )
 def get_account(request: Request) -> JSONResponse:
     """The ``account`` object of `optrack status --json`."""
@@ -353,22 +384,51 @@ def get_account(request: Request) -> JSONResponse:
 
 
 @api.get(
+    "/accounts",
+    summary="Every account the token sees, with its figures",
+    responses=answer(AccountsPage, "Each account: active operations, pause, failure rate"),
+)
+def get_accounts(request: Request) -> JSONResponse:
+    """The dashboard's per-account summary; a token scoped to accounts sees only those."""
+    rt = runtime(request)
+    now = rt.clock.now()
+    scope = access_of(request).accounts
+    with rt.sessions() as session:
+        figures = listing.account_figures(session, scope)
+        paused = Accounts(session).paused(now, rt.settings.account_sid)
+    rows: list[AccountSummary] = [
+        {
+            "name": f.name,
+            "active": f.active,
+            "paused": f.name in paused,
+            "paused_until": utc_text(paused[f.name][0]) if f.name in paused else None,
+            "failure_rate": f.failure_rate,
+        }
+        for f in figures
+    ]
+    page: AccountsPage = {"accounts": rows}
+    return _json(page)
+
+
+@api.get(
     "/progress",
     summary="Progress of the active and just-ended operations",
-    responses=answer(ProgressPage, "Each operation with its completion estimate"),
+    responses={**answer(ProgressPage, "Each operation with its completion estimate"), **FORBIDDEN},
 )
 def get_progress(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=MAX_PROGRESS)] = 50,
     recent: Annotated[str, Query(description="Also operations ended this long ago")] = "10m",
+    account: AccountName = None,
 ) -> JSONResponse:
     """What `optrack watch` shows: each operation and its completion estimate, the most
     recently tracked first."""
     rt = runtime(request)
     now = rt.clock.now()
     window = _span("recent", recent)
+    scope = _account(request, account)
     with rt.sessions() as session:
-        ids = listing.watched_ids(session, now, window, limit)
+        ids = listing.watched_ids(session, now, window, limit, scope)
         items = reports.progress(session, ids)
     page: ProgressPage = {
         "now": utc_text(now),

@@ -54,3 +54,22 @@ class ProgressPage(TypedDict):
 
     now: Time
     progress: list[ProgressItem]
+
+
+class AccountSummary(TypedDict):
+    """One account on the dashboard: its active operations, its pause, its failure rate."""
+
+    name: str
+    active: Annotated[int, msgspec.Meta(description="Operations PENDING or PROCESSING")]
+    paused: Annotated[bool, msgspec.Meta(description="Paused now (Retry-After or credentials)")]
+    paused_until: Time | None
+    failure_rate: Annotated[
+        float | None,
+        msgspec.Meta(description="Failed senders / (created + failed); null before any"),
+    ]
+
+
+class AccountsPage(TypedDict):
+    """Every account the token sees, by name."""
+
+    accounts: list[AccountSummary]

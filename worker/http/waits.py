@@ -16,11 +16,22 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from worker import events, waiting
+from worker import events, listing, waiting
 from worker.durations import parse_duration
-from worker.http.openapi import answer
+from worker.http.auth import access_of
+from worker.http.openapi import FORBIDDEN, answer
 from worker.http.problems import Problem
-from worker.http.routes import MAX_IDS, NOT_TRACKED, OperationId, _json, _operation_id, runtime
+from worker.http.routes import (
+    MAX_IDS,
+    NOT_TRACKED,
+    AccountName,
+    OperationId,
+    _account,
+    _json,
+    _operation_id,
+    runtime,
+    visible,
+)
 from worker.http.shapes import OperationStep
 from worker.records import operation_record
 
@@ -67,6 +78,16 @@ async def get_operation(
     op_id = _operation_id(operation_id)
     span = 0.0 if wait is None else _wait_span(wait)
     rt = runtime(request)
+    if access_of(request).accounts is not None:
+        # Before any wait: another account's operation is not there for this token.
+
+        def account() -> str | None:
+            with rt.sessions() as session:
+                return listing.account_of(session, op_id)
+
+        owner = await asyncio.to_thread(account)
+        if owner is not None:
+            visible(request, op_id, owner)
     snap = await waiting.await_step(
         rt.sessions,
         op_id,
@@ -75,6 +96,7 @@ async def get_operation(
         rt.clock,
         gone=request.is_disconnected,
     )
+    visible(request, op_id, snap.operation.account)
     step: OperationStep = {**operation_record(snap.operation), "seq": snap.seq}
     return _json(step)
 
@@ -99,21 +121,24 @@ def _frame(event: events.Event | None) -> bytes:
     "/events",
     summary="Every recorded change and end, as Server-Sent Events",
     response_class=StreamingResponse,
-    responses={200: {"content": {EVENT_STREAM: {}}}},
+    responses={200: {"content": {EVENT_STREAM: {}}}, **FORBIDDEN},
 )
 async def get_events(
     request: Request,
     ids: Annotated[
         list[str], Query(description="Only these operations (comma-separated or repeated)")
     ] = [],  # noqa: B006  (FastAPI copies Query defaults)
+    account: AccountName = None,
     last_event_id: Annotated[
         str | None, Header(description="Resume after this event id (sent by EventSource)")
     ] = None,
 ) -> StreamingResponse:
     """``event: change`` (a history row: id, seq, status, counts, observed_at) and ``event:
     end`` (the final record, NOT_FOUND included), each with ``id: H-N``; a ``: heartbeat``
-    comment after 15 s of quiet. Without ``Last-Event-ID`` the stream starts now."""
+    comment after 15 s of quiet. Without ``Last-Event-ID`` the stream starts now. A token
+    scoped to accounts gets their operations' events only."""
     wanted = _ids(ids)
+    scope = await asyncio.to_thread(_account, request, account)
     try:
         resume = None if last_event_id is None else events.Cursor.parse(last_event_id)
     except events.BadEventId as exc:
@@ -125,7 +150,7 @@ async def get_events(
             return events.head(session)
 
     cursor = resume if resume is not None else await asyncio.to_thread(start)
-    feed = events.Feed(cursor, wanted)
+    feed = events.Feed(cursor, wanted, scope)
 
     async def frames() -> AsyncIterator[bytes]:
         yield f"retry: {RETRY_MS}\n: stream from {cursor.text()}\n\n".encode()

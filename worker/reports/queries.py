@@ -69,12 +69,24 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(float(value), 3)
 
 
+# Whose operations a query keeps: one account's, those of a set (a scoped HTTP token's), or
+# every one (None).
+AccountScope = str | frozenset[str] | None
+
+
+def of_accounts(scope: str | frozenset[str]) -> ColumnElement[bool]:
+    """The condition keeping the operations of ``scope``'s account(s)."""
+    if isinstance(scope, str):
+        return TrackedOperation.account == scope
+    return TrackedOperation.account.in_(sorted(scope))
+
+
 def _scope(
-    period: Period, statuses: Sequence[str], account: str | None = None
+    period: Period, statuses: Sequence[str], account: AccountScope = None
 ) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     if account is not None:
-        conditions.append(TrackedOperation.account == account)
+        conditions.append(of_accounts(account))
     if period.since is not None:
         conditions.append(TrackedOperation.tracked_at >= period.since)
     if period.until is not None:
@@ -165,7 +177,7 @@ def summarize(
     now: datetime,
     statuses: Sequence[str] = (),
     list_limit: int | None = None,
-    account: str | None = None,
+    account: AccountScope = None,
 ) -> Summary:
     """The figures of `optrack report` for operations tracked in ``period``.
 
@@ -343,7 +355,7 @@ def operations(
     period: Period,
     statuses: Sequence[str] = (),
     limit: int | None = None,
-    account: str | None = None,
+    account: AccountScope = None,
 ) -> tuple[OperationState, ...]:
     """Operations tracked in ``period`` (of ``account``), the most recently tracked first."""
     stmt = (
@@ -564,11 +576,14 @@ def count_operations(session: Session, account: str | None = None) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def active_ids(session: Session) -> tuple[str, ...]:
-    """IDs of the operations still PENDING or PROCESSING, the oldest tracked first."""
+def active_ids(session: Session, account: AccountScope = None) -> tuple[str, ...]:
+    """IDs of the operations (of ``account``) still PENDING or PROCESSING, the oldest tracked
+    first."""
     stmt = (
         select(TrackedOperation.id)
         .where(TrackedOperation.status.in_(ACTIVE_STATES))
         .order_by(TrackedOperation.tracked_at, TrackedOperation.id)
     )
+    if account is not None:
+        stmt = stmt.where(of_accounts(account))
     return tuple(session.scalars(stmt))

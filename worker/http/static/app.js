@@ -19,7 +19,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const state = {
   token: null, selected: null, listStatus: null, listNext: null, listPages: 1,
-  timer: null, stopped: false, stream: null, lastEventId: null, soon: null,
+  timer: null, stopped: false, stream: null, lastEventId: null, soon: null, account: "",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -68,12 +68,20 @@ function askToken(why) {
 }
 
 class Unauthorized extends Error {}
+class Forbidden extends Error {}
+
+// The path with ?account= (or &account=) when the filter names one account.
+function withAccount(path) {
+  if (!state.account) return path;
+  return path + (path.includes("?") ? "&" : "?") + "account=" + encodeURIComponent(state.account);
+}
 
 async function api(path) {
   const headers = { Accept: "application/json" };
   if (state.token) headers.Authorization = "Bearer " + state.token;
   const response = await fetch(path, { headers, cache: "no-store" });
   if (response.status === 401) throw new Unauthorized();
+  if (response.status === 403) throw new Forbidden("HTTP 403");
   if (!response.ok) {
     let reason = "HTTP " + response.status;
     try { reason += ": " + (await response.json()).errors.map((e) => e.reason).join("; "); }
@@ -124,6 +132,7 @@ function statusBadge(status) {
 
 function drawAccount(account, now) {
   const banner = $("account");
+  if (!account) { banner.hidden = true; return; } // a token of some accounts: not its to see
   let text = null;
   banner.classList.remove("paused");
   if (account.paused) {
@@ -136,6 +145,22 @@ function drawAccount(account, now) {
   }
   banner.hidden = text == null;
   banner.textContent = text || "";
+}
+
+// The account filter and the per-account table (GET /api/v1/accounts: the token's accounts).
+function drawAccounts(page) {
+  const filter = $("account-filter");
+  const names = page.accounts.map((a) => a.name);
+  if (state.account && !names.includes(state.account)) state.account = "";
+  filter.replaceChildren(el("option", { value: "", text: "every account" }),
+    ...names.map((name) => el("option", { value: name, text: name })));
+  filter.value = state.account;
+  const rows = page.accounts.map((a) => el("tr", { "data-account": a.name },
+    el("td", { text: a.name }),
+    el("td", { class: "num", text: number(a.active) }),
+    el("td", { text: a.paused ? `until ${time(a.paused_until)}` : "no" }),
+    el("td", { class: "num", text: a.failure_rate === null ? "–" : percent(a.failure_rate) })));
+  $("account-rows").replaceChildren(...rows);
 }
 
 function card(label, value, alert = false) {
@@ -235,7 +260,7 @@ async function refreshList(more = false) {
   if (!state.listStatus) return;
   const params = new URLSearchParams({ status: state.listStatus, limit: "50" });
   if (more && state.listNext) params.set("cursor", state.listNext);
-  const page = await api("/api/v1/operations?" + params);
+  const page = await api(withAccount("/api/v1/operations?" + params));
   const rows = page.operations.map((op) => {
     const row = el("tr", { class: "pick", "data-op": op.id },
       el("td", { class: "id", text: op.id }), el("td", {}, statusBadge(op.status)),
@@ -362,13 +387,17 @@ async function refresh() {
   if (state.stopped) return;
   clearTimeout(state.timer);
   try {
-    const [account, report, progress] = await Promise.all([
-      api("/api/v1/account"), api("/api/v1/report?limit=0"), api("/api/v1/progress?limit=50"),
+    const [account, accounts, report, progress] = await Promise.all([
+      api("/api/v1/account").catch((e) => { if (e instanceof Forbidden) return null; throw e; }),
+      api("/api/v1/accounts"),
+      api(withAccount("/api/v1/report?limit=0")),
+      api(withAccount("/api/v1/progress?limit=50")),
     ]);
     $("main").hidden = false;
     $("token-form").hidden = true;
     $("offline").hidden = true;
     drawAccount(account, progress.now);
+    drawAccounts(accounts);
     drawSummary(report);
     drawProgress(progress);
     if (state.listStatus && state.listPages === 1) await refreshList();
@@ -409,7 +438,7 @@ async function follow() {
   const headers = { Accept: "text/event-stream", Authorization: "Bearer " + state.token };
   if (state.lastEventId) headers["Last-Event-ID"] = state.lastEventId;
   try {
-    const response = await fetch("/api/v1/events", {
+    const response = await fetch(withAccount("/api/v1/events"), {
       headers, cache: "no-store", signal: controller.signal,
     });
     if (response.status === 401) throw new Unauthorized();
@@ -453,6 +482,12 @@ document.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem(TOKEN_KEY, state.token);
     state.stopped = false;
     $("token-form").hidden = true;
+    refresh();
+  });
+  $("account-filter").addEventListener("change", () => {
+    state.account = $("account-filter").value;
+    if (state.stream) state.stream.abort(); // follow again, for this account's events
+    state.stream = null;
     refresh();
   });
   $("status-more").addEventListener("click", () => {
