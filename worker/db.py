@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sqlite3
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -357,7 +362,16 @@ class Heartbeat(Base):
     schema_revision: Mapped[str | None] = mapped_column(String(32))
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    # Before its checkout: a fork must not come while a pragma holds a lock (ForkGuard).
+    FORK_GUARD.checked_out(record)
+    try:
+        _set_pragmas(dbapi_connection)
+    finally:
+        FORK_GUARD.checked_in(record)
+
+
+def _set_pragmas(dbapi_connection: Any) -> None:
     # WAL lets readers run beside the one writer; the busy timeout makes writers queue.
     # The driver's own transaction handling is turned off so that _sqlite_begin can take the
     # write lock up front: a deferred transaction that reads, then writes after another
@@ -375,6 +389,108 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# The longest a fork waits for this process's SQLite connections in use to be given back: a
+# statement waits up to its busy timeout (30 s) for the lock, and a transaction is short.
+FORK_WAIT = 60.0
+_log = logging.getLogger(__name__)
+
+
+class ForkGuard:
+    """Holds a fork of this process while another of its threads uses an SQLite connection.
+
+    SQLite keeps each process's locks on a database file in memory, shared by all its
+    connections to that file. A child forked while a thread of its parent is inside a
+    transaction (every one takes the write lock at BEGIN IMMEDIATE) inherits that bookkeeping,
+    not the lock: its own connections then see the write lock taken by a connection of their
+    own process that will never release it, and every write of the child waits out its busy
+    timeout and fails, for ever. Celery forks its pool processes and beat from a main process
+    whose threads (the metrics server, the heartbeat) use the database meanwhile.
+
+    A connection counts as in use from its checkout to its check-in (by then rolled back or
+    closed: no lock held). Before a fork the guard lets the connections in use by other
+    threads be given back (at most ``FORK_WAIT``) and holds new checkouts until the fork is
+    done; a thread that already uses a connection may take another, and the forking thread's
+    own are not waited for."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._in_use: dict[int, int] = {}  # id of the connection record → thread ident
+        self._forking = False
+
+    @property
+    def forking(self) -> bool:
+        """True while a fork waits for connections in use to be given back."""
+        return self._forking
+
+    def checked_out(self, record: object) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if me not in self._in_use.values():
+                self._cond.wait_for(lambda: not self._forking)
+            self._in_use[id(record)] = me
+
+    def checked_in(self, record: object) -> None:
+        with self._cond:
+            if self._in_use.pop(id(record), None) is not None:
+                self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        me = threading.get_ident()
+        deadline = time.monotonic() + FORK_WAIT
+        with self._cond:
+            self._forking = True
+            while any(owner != me for owner in self._in_use.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _log.warning(
+                        "forking while %d SQLite connection(s) are in use by other threads: "
+                        "the child may find the database locked",
+                        len(self._in_use),
+                    )
+                    return
+                self._cond.wait(left)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self._reset()  # the parent's connections are not this process's to give back
+
+
+FORK_GUARD = ForkGuard()
+os.register_at_fork(
+    before=FORK_GUARD.before_fork,
+    after_in_parent=FORK_GUARD.after_fork_in_parent,
+    after_in_child=FORK_GUARD.after_fork_in_child,
+)
+
+
+class _GuardedConnection(sqlite3.Connection):
+    """An SQLite connection whose close (the last one's checkpoints the WAL under an exclusive
+    lock) is not split by a fork either (ForkGuard)."""
+
+    def close(self) -> None:
+        closing = object()
+        FORK_GUARD.checked_out(closing)
+        try:
+            super().close()
+        finally:
+            FORK_GUARD.checked_in(closing)
+
+
+def _sqlite_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    FORK_GUARD.checked_out(record)
+
+
+def _sqlite_checkin(_dbapi_connection: Any, record: Any) -> None:
+    FORK_GUARD.checked_in(record)
+
+
 def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys. ``pooled``
     False: a connection per use, for a process that reads seldom (a metrics scrape)."""
@@ -383,10 +499,13 @@ def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        kwargs.setdefault("connect_args", {"timeout": 30})
+        connect_args = {"timeout": 30, **kwargs.get("connect_args", {})}
+        kwargs["connect_args"] = {"factory": _GuardedConnection, **connect_args}
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "checkout", _sqlite_checkout)
+        event.listen(engine, "checkin", _sqlite_checkin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
