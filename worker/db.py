@@ -362,16 +362,7 @@ class Heartbeat(Base):
     schema_revision: Mapped[str | None] = mapped_column(String(32))
 
 
-def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
-    # Before its checkout: a fork must not come while a pragma holds a lock (ForkGuard).
-    FORK_GUARD.checked_out(record)
-    try:
-        _set_pragmas(dbapi_connection)
-    finally:
-        FORK_GUARD.checked_in(record)
-
-
-def _set_pragmas(dbapi_connection: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the one writer; the busy timeout makes writers queue.
     # The driver's own transaction handling is turned off so that _sqlite_begin can take the
     # write lock up front: a deferred transaction that reads, then writes after another
@@ -406,18 +397,24 @@ class ForkGuard:
     timeout and fails, for ever. Celery forks its pool processes and beat from a main process
     whose threads (the metrics server, the heartbeat) use the database meanwhile.
 
-    A connection counts as in use from its checkout to its check-in (by then rolled back or
-    closed: no lock held). Before a fork the guard lets the connections in use by other
-    threads be given back (at most ``FORK_WAIT``) and holds new checkouts until the fork is
-    done; a thread that already uses a connection may take another, and the forking thread's
-    own are not waited for."""
+    An open connection, even idle, is no better: the child shares its record of the file
+    (and of the WAL index) with its own connections, and the parent's checkpoint at its close
+    can lose or corrupt what the child wrote ("database disk image is malformed").
+
+    So a connection opened by another thread counts from before it opens until it is closed
+    (``_GuardedConnection``, every SQLite engine's). Before a fork the guard waits for those to
+    close (at most ``FORK_WAIT``: a NullPool engine's, as the metrics server's and the
+    heartbeat's, closes after each use) and holds new ones until the fork is done; a thread
+    that already has one open may open another, and the forking thread's own are not waited
+    for (a pooled engine's idle connections: a process forks before it uses one, or disposes
+    of its engines)."""
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
         self._cond = threading.Condition()
-        self._in_use: dict[int, int] = {}  # id of the connection record → thread ident
+        self._in_use: dict[int, int] = {}  # id of an open connection → the opener's ident
         self._forking = False
 
     @property
@@ -425,16 +422,17 @@ class ForkGuard:
         """True while a fork waits for connections in use to be given back."""
         return self._forking
 
-    def checked_out(self, record: object) -> None:
+    def opening(self, connection: object) -> None:
+        """``connection`` is about to open, in this thread: after a fork under way."""
         me = threading.get_ident()
         with self._cond:
             if me not in self._in_use.values():
                 self._cond.wait_for(lambda: not self._forking)
-            self._in_use[id(record)] = me
+            self._in_use[id(connection)] = me
 
-    def checked_in(self, record: object) -> None:
+    def closed(self, connection: object) -> None:
         with self._cond:
-            if self._in_use.pop(id(record), None) is not None:
+            if self._in_use.pop(id(connection), None) is not None:
                 self._cond.notify_all()
 
     def before_fork(self) -> None:
@@ -471,24 +469,22 @@ os.register_at_fork(
 
 
 class _GuardedConnection(sqlite3.Connection):
-    """An SQLite connection whose close (the last one's checkpoints the WAL under an exclusive
-    lock) is not split by a fork either (ForkGuard)."""
+    """An SQLite connection counted open by ``FORK_GUARD`` from before it opens until it is
+    closed (the last one's close checkpoints the WAL under an exclusive lock)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        FORK_GUARD.opening(self)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            FORK_GUARD.closed(self)
+            raise
 
     def close(self) -> None:
-        closing = object()
-        FORK_GUARD.checked_out(closing)
         try:
             super().close()
         finally:
-            FORK_GUARD.checked_in(closing)
-
-
-def _sqlite_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    FORK_GUARD.checked_out(record)
-
-
-def _sqlite_checkin(_dbapi_connection: Any, record: Any) -> None:
-    FORK_GUARD.checked_in(record)
+            FORK_GUARD.closed(self)
 
 
 def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
@@ -504,8 +500,6 @@ def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
-        event.listen(engine, "checkout", _sqlite_checkout)
-        event.listen(engine, "checkin", _sqlite_checkin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)

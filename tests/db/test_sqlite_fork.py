@@ -5,7 +5,8 @@ server answering a scrape, the heartbeat) use the database meanwhile. SQLite kee
 process's locks on a file in memory, shared by all its connections to that file: a child
 forked in the middle of such a transaction inherited the bookkeeping of a write lock it did
 not hold, and every write it tried after waited out the busy timeout and failed ("database is
-locked"), for ever: a worker whose pool never ticked nor polled (worker.db.ForkGuard).
+locked"), for ever: a worker whose pool never ticked nor polled; or, the parent's connection
+still open at the fork, a checkpoint at its close lost what the child wrote (worker.db.ForkGuard).
 """
 
 from __future__ import annotations
