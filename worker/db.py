@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sqlite3
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -394,6 +399,113 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# The longest a fork waits for this process's SQLite connections in use to be given back: a
+# statement waits up to its busy timeout (30 s) for the lock, and a transaction is short.
+FORK_WAIT = 60.0
+_log = logging.getLogger(__name__)
+
+
+class ForkGuard:
+    """Holds a fork of this process while another of its threads uses an SQLite connection.
+
+    SQLite keeps each process's locks on a database file in memory, shared by all its
+    connections to that file. A child forked while a thread of its parent is inside a
+    transaction (every one takes the write lock at BEGIN IMMEDIATE) inherits that bookkeeping,
+    not the lock: its own connections then see the write lock taken by a connection of their
+    own process that will never release it, and every write of the child waits out its busy
+    timeout and fails, for ever. Celery forks its pool processes and beat from a main process
+    whose threads (the metrics server, the heartbeat) use the database meanwhile.
+
+    An open connection, even idle, is no better: the child shares its record of the file
+    (and of the WAL index) with its own connections, and the parent's checkpoint at its close
+    can lose or corrupt what the child wrote ("database disk image is malformed").
+
+    So a connection opened by another thread counts from before it opens until it is closed
+    (``_GuardedConnection``, every SQLite engine's). Before a fork the guard waits for those to
+    close (at most ``FORK_WAIT``: a NullPool engine's, as the metrics server's and the
+    heartbeat's, closes after each use) and holds new ones until the fork is done; a thread
+    that already has one open may open another, and the forking thread's own are not waited
+    for (a pooled engine's idle connections: a process forks before it uses one, or disposes
+    of its engines)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._in_use: dict[int, int] = {}  # id of an open connection → the opener's ident
+        self._forking = False
+
+    @property
+    def forking(self) -> bool:
+        """True while a fork waits for connections in use to be given back."""
+        return self._forking
+
+    def opening(self, connection: object) -> None:
+        """``connection`` is about to open, in this thread: after a fork under way."""
+        me = threading.get_ident()
+        with self._cond:
+            if me not in self._in_use.values():
+                self._cond.wait_for(lambda: not self._forking)
+            self._in_use[id(connection)] = me
+
+    def closed(self, connection: object) -> None:
+        with self._cond:
+            if self._in_use.pop(id(connection), None) is not None:
+                self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        me = threading.get_ident()
+        deadline = time.monotonic() + FORK_WAIT
+        with self._cond:
+            self._forking = True
+            while any(owner != me for owner in self._in_use.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _log.warning(
+                        "forking while %d SQLite connection(s) are in use by other threads: "
+                        "the child may find the database locked",
+                        len(self._in_use),
+                    )
+                    return
+                self._cond.wait(left)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self._reset()  # the parent's connections are not this process's to give back
+
+
+FORK_GUARD = ForkGuard()
+os.register_at_fork(
+    before=FORK_GUARD.before_fork,
+    after_in_parent=FORK_GUARD.after_fork_in_parent,
+    after_in_child=FORK_GUARD.after_fork_in_child,
+)
+
+
+class _GuardedConnection(sqlite3.Connection):
+    """An SQLite connection counted open by ``FORK_GUARD`` from before it opens until it is
+    closed (the last one's close checkpoints the WAL under an exclusive lock)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        FORK_GUARD.opening(self)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            FORK_GUARD.closed(self)
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            FORK_GUARD.closed(self)
+
+
 def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys. ``pooled``
     False: a connection per use, for a process that reads seldom (a metrics scrape)."""
@@ -402,7 +514,8 @@ def make_engine(url: str, *, pooled: bool = True, **kwargs: Any) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        kwargs.setdefault("connect_args", {"timeout": 30})
+        connect_args = {"timeout": 30, **kwargs.get("connect_args", {})}
+        kwargs["connect_args"] = {"factory": _GuardedConnection, **connect_args}
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
