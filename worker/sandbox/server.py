@@ -499,7 +499,30 @@ def _malformed(variant: str, reply: _Reply, path: str, now: float) -> _Reply:
     return _Reply(200, payload)
 
 
-class SandboxServer:
+class _AccountState:
+    """What a test does with one account's state (``simulation``): its operations, faults and
+    request log; the sandbox's first account and each ``SandboxAccount`` alike."""
+
+    simulation: Simulation
+
+    def add_operation(self, **kwargs: Any) -> SimulatedOperation:
+        """Keywords of ``Simulation.add_operations`` (total, duration, fail_ratio, ...)."""
+        return self.simulation.add_operation(**kwargs)
+
+    def add_fault(self, fault: Fault) -> None:
+        self.simulation.add_fault(fault)
+
+    def clear_faults(self) -> None:
+        self.simulation.clear_faults()
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        return self.simulation.requests_log()
+
+    def clear_requests(self) -> None:
+        self.simulation.clear_requests()
+
+
+class SandboxServer(_AccountState):
     """The sandbox served from a daemon thread; ``with SandboxServer() as sb: ...``."""
 
     def __init__(
@@ -613,45 +636,13 @@ class SandboxServer:
     def base_url(self) -> str:
         return f"{self.root_url}/v1"
 
-    def add_operation(self, **kwargs: Any) -> SimulatedOperation:
-        """Keywords of ``Simulation.add_operations`` (total, duration, fail_ratio, ...)."""
-        return self.simulation.add_operation(**kwargs)
-
-    def add_fault(self, fault: Fault) -> None:
-        self.simulation.add_fault(fault)
-
-    def clear_faults(self) -> None:
-        self.simulation.clear_faults()
-
-    def requests_log(self) -> list[dict[str, Any]]:
-        return self.simulation.requests_log()
-
-    def clear_requests(self) -> None:
-        self.simulation.clear_requests()
-
 
 @dataclass(frozen=True)
-class SandboxAccount:
+class SandboxAccount(_AccountState):
     """One account of a sandbox: its operations, faults and request log."""
 
     account_sid: str
     simulation: Simulation
-
-    def add_operation(self, **kwargs: Any) -> SimulatedOperation:
-        """Keywords of ``Simulation.add_operations`` (total, duration, fail_ratio, ...)."""
-        return self.simulation.add_operation(**kwargs)
-
-    def add_fault(self, fault: Fault) -> None:
-        self.simulation.add_fault(fault)
-
-    def clear_faults(self) -> None:
-        self.simulation.clear_faults()
-
-    def requests_log(self) -> list[dict[str, Any]]:
-        return self.simulation.requests_log()
-
-    def clear_requests(self) -> None:
-        self.simulation.clear_requests()
 
 
 def parse_account(text: str) -> tuple[str, str, tuple[str, str] | None]:
