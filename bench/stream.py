@@ -28,12 +28,10 @@ import bisect
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +50,7 @@ from bench.sweep import (
     SID,
     TOKEN,
     fresh_pg,
+    listening,
     pct,
     peak_rss_mb,
     sandbox,
@@ -99,29 +98,6 @@ def parse_mix(text_: str) -> tuple[list[float], list[float]]:
     return lifetimes, weights
 
 
-@contextmanager
-def serve(env: dict[str, str], log: Path) -> Iterator[str]:
-    """`optrack serve --port 0`; yields its URL."""
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "serve", "--port", "0", "--loglevel", "WARNING"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"optrack serve did not start: {line!r}")
-    try:
-        yield line.split("listening on", 1)[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def utc_seconds(value: Any) -> float:
     if isinstance(value, str):  # SQLite gives text
         value = datetime.fromisoformat(value)
@@ -162,7 +138,9 @@ def run(args: argparse.Namespace, tmp: Path) -> Result:
         base_url = stack.enter_context(sandbox(env, home / "sandbox.log", "--log-ids"))
         root = base_url.removesuffix("/v1")
         env["OPTRACK_API_BASE_URL"] = base_url
-        served = stack.enter_context(serve(env, home / "serve.log"))
+        served = stack.enter_context(
+            listening(["serve", "--port", "0", "--loglevel", "WARNING"], env, home / "serve.log")
+        )
         workers = workers_and_beat(stack, env, home)
         wait_until(
             lambda: all("ready." in (home / f"w{i}.log").read_text() for i in (1, 2)),

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,11 +103,12 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 
 @contextmanager
-def sandbox(env: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
-    """`optrack sandbox --port 0 EXTRA`; yields its base URL."""
+def listening(args: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
+    """`optrack ARGS` (a server given --port 0), its stderr in ``log``; yields the address it
+    prints in its first line ("… listening on URL")."""
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--seed", "0", *extra],
+            [sys.executable, "-m", "worker", *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -117,12 +118,17 @@ def sandbox(env: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
     line = proc.stdout.readline()
     if "listening on" not in line:
         proc.kill()
-        raise RuntimeError(f"sandbox did not start: {line!r}")
+        raise RuntimeError(f"optrack {args[0]} did not start: {line!r}")
     try:
         yield line.split("listening on", 1)[1].strip()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def sandbox(env: dict[str, str], log: Path, *extra: str) -> AbstractContextManager[str]:
+    """`optrack sandbox --port 0 EXTRA`; yields its base URL."""
+    return listening(["sandbox", "--port", "0", "--seed", "0", *extra], env, log)
 
 
 def workers_and_beat(
