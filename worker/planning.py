@@ -7,7 +7,8 @@ operation created inside it, tracked or not; a GET group costs one request per m
 * an operation whose createdAt falls inside a List window joins it;
 * a run of operations close together in createdAt (gaps small for the account's density)
   becomes a new List window, or extends the neighbouring one, when the window would cost
-  fewer requests than GETs; the rest joins GET groups;
+  fewer requests than GETs; the rest joins GET groups: a just-seen operation only one that
+  falls due within a tick after its own time (one due sooner would ask it again at once);
 * never-seen operations (createdAt unknown) join the newest List window if it reaches within
   ``intake_lookback`` of their tracking (its next poll lists on to them), else are one List
   window when they are many, GETs when few. A window's poll lists the ``intake_lookback``
@@ -71,6 +72,8 @@ class GroupView:
     request_seconds: float | None = None
     # A poll round cut short goes on where it stopped: no member joins behind its place.
     resuming: bool = False
+    # When it is next due (None: not read, as in a plan made by hand).
+    due_at: datetime | None = None
 
     @property
     def span(self) -> float:
@@ -355,21 +358,39 @@ def _fetch(
     sizes: dict[int, int],
     policy: PollPolicy,
 ) -> None:
-    """Fill GET groups that have room, then new ones."""
-    left = list(ops)
+    """Fill GET groups that have room and are asked when the operations should be, then new
+    ones. A GET group asks each member once a poll, so a just-seen operation joins only a group
+    that falls due within a tick after its own due time (a group due sooner would ask it again
+    at once: one request more); a never-seen one joins any."""
+    unseen = [op for op in ops if op.seen_at is None]
+    seen = sorted((op for op in ops if op.seen_at is not None), key=_seen)
+    dues = [_seen(op) + policy.interval for op in seen]
     for group in groups:
-        if not left:
+        if not (unseen or seen):
             return
         room = _fetch_limit(group, policy) - sizes[group.id]
         if group.kind != FETCH or room <= 0 or group.resuming:
             continue
-        taken, left = left[:room], left[room:]
+        taken, unseen = unseen[:room], unseen[room:]
+        if len(taken) < room and group.due_at is not None and not group.claimed:
+            # Due between a tick before the group and the group: the group asks them on time.
+            low = bisect.bisect_left(dues, group.due_at - policy.claim_ahead)
+            high = min(bisect.bisect_right(dues, group.due_at), low + room - len(taken))
+            taken += seen[low:high]
+            del seen[low:high], dues[low:high]
         for op in taken:
             plan.join(group.id, op.id)
         sizes[group.id] += len(taken)
-    for start in range(0, len(left), policy.fetch_group):
-        part = left[start : start + policy.fetch_group]
-        plan.new.append(NewGroup(FETCH, tuple(op.id for op in part), due_at=_due(part, policy)))
+    for left in (unseen, seen):  # apart: a group of both would be due at once
+        for start in range(0, len(left), policy.fetch_group):
+            part = left[start : start + policy.fetch_group]
+            new = NewGroup(FETCH, tuple(op.id for op in part), due_at=_due(part, policy))
+            plan.new.append(new)
+
+
+def _seen(op: Waiting) -> datetime:
+    assert op.seen_at is not None
+    return op.seen_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +447,12 @@ def mergeable(a: GroupView, b: GroupView, gap: timedelta, policy: PollPolicy) ->
         return False
     seconds = max(a.request_seconds or 0.0, b.request_seconds or 0.0)
     if a.kind == FETCH:
+        # The merged group is due when the earlier was: the other's members would be asked
+        # early, one request more each, unless the two fall due within one tick.
+        if a.due_at is None or b.due_at is None:
+            return False
+        if abs(a.due_at - b.due_at) > policy.claim_ahead:
+            return False
         members = a.members + b.members
         return members <= policy.fetch_group and members * seconds <= _half_lease(policy)
     if a.end_at is None or b.start_at is None or b.start_at - a.end_at > gap:

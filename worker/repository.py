@@ -302,6 +302,7 @@ class Repository:
             claimed.label("claimed"),
             g.request_seconds,
             resuming.label("resuming"),
+            g.next_due_at.label("due_at"),
         )
         stmt = stmt.where(g.account == account).order_by(g.id)
         return [GroupView(**row._asdict()) for row in self.session.execute(stmt)]

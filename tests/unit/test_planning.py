@@ -1,0 +1,57 @@
+"""The planner's rules that keep a GET group's members on their own cadence (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from worker.planning import FETCH, GroupView, Waiting, mergeable, place
+from worker.tracking import PollPolicy
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+TICK = timedelta(seconds=2)
+POLICY = PollPolicy(interval=timedelta(seconds=10), strategy="fetch", claim_ahead=TICK)
+
+
+def get_group(group_id: int, due_in: float, members: int = 1, **kw: bool) -> GroupView:
+    due = NOW + timedelta(seconds=due_in)
+    return GroupView(group_id, FETCH, None, None, members, due_at=due, **kw)
+
+
+def seen(op_id: str, ago: float = 0.0) -> Waiting:
+    at = NOW - timedelta(seconds=ago)
+    return Waiting(op_id, at - timedelta(hours=1), at - timedelta(minutes=1), seen_at=at)
+
+
+def test_a_just_seen_operation_joins_only_a_group_due_within_a_tick_after_its_own_time() -> None:
+    groups = [
+        get_group(1, due_in=0.5),  # would ask it again at once
+        get_group(2, due_in=4.0, claimed=True),  # a poll holds it: asked now
+        get_group(3, due_in=11.5),  # due 1.5 s after it: the same tick asks it on time
+        get_group(4, due_in=13.0),  # would hold it 3 s past its interval
+    ]
+    plan = place([seen("a")], groups, POLICY)
+    assert plan.joins == {3: ["a"]} and not plan.new
+
+    plan = place([seen("b")], [groups[0], groups[1], groups[3]], POLICY)
+    assert not plan.joins
+    [new] = plan.new
+    assert new.members == ("b",) and new.due_at == NOW + POLICY.interval
+
+
+def test_a_never_seen_operation_joins_any_get_group_and_never_one_with_seen_ones() -> None:
+    never = Waiting("n", None, NOW)
+    plan = place([never], [get_group(1, due_in=0.5, claimed=True)], POLICY)
+    assert plan.joins == {1: ["n"]}
+
+    plan = place([never, seen("s", ago=1.0)], [], POLICY)
+    assert sorted((g.members, g.due_at) for g in plan.new) == [
+        (("n",), None),  # at once
+        (("s",), NOW + timedelta(seconds=9)),  # an interval after its sight
+    ]
+
+
+def test_get_groups_merge_only_when_they_fall_due_within_a_tick() -> None:
+    a = get_group(1, due_in=5.0)
+    assert mergeable(a, get_group(2, due_in=6.5), timedelta(0), POLICY)
+    assert not mergeable(a, get_group(2, due_in=8.0), timedelta(0), POLICY)
+    assert not mergeable(a, get_group(2, due_in=2.0), timedelta(0), POLICY)
