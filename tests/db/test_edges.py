@@ -202,6 +202,11 @@ def test_every_cli_option_takes_any_value_without_a_traceback(
         (["sandbox", "--port", "70000"], "70000 is not in the range 0<=x<=65535"),
         (["sandbox", "--duration", "nan"], "'nan' is not a finite number"),
         (["sandbox", "--seed", str(10**12)], "--seed"),
+        (
+            ["sandbox", "--account", "AC" + "1" * 32 + ":a", "--account", "AC" + "1" * 32 + ":b"],
+            "given twice",
+        ),
+        (["sandbox", "--account", "AC1"], "SID:TOKEN"),
         (["demo", "--timeout", "inf"], "--timeout"),
         (["run", "--concurrency", "0"], "--concurrency"),
         (["serve", "--loglevel", "loud"], "'loud' is not one of"),

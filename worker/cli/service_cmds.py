@@ -200,10 +200,15 @@ def sandbox(
     except ValueError as exc:
         raise usage_error(f"--account: {exc}") from None
     rt = get_runtime(click.get_current_context())
+    first = rt.settings.account_sid or "AC" + "a" * 32
+    sids = [first, *(sid for sid, _, _ in extra)]
+    twice = sorted({sid for sid in sids if sids.count(sid) > 1})
+    if twice:
+        raise usage_error(f"--account: {', '.join(twice)} given twice (one account per SID)")
     serve_forever(
         host=host,
         port=port,
-        account_sid=rt.settings.account_sid or "AC" + "a" * 32,
+        account_sid=first,
         auth_token=rt.settings.auth_token or "sandbox-token",
         seed=seed,
         duration=duration,
