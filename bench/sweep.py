@@ -118,7 +118,9 @@ def listening(args: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
     line = proc.stdout.readline()
     if "listening on" not in line:
         proc.kill()
-        raise RuntimeError(f"optrack {args[0]} did not start: {line!r}")
+        proc.wait()
+        said = log.read_text()[-2000:]
+        raise RuntimeError(f"optrack {args[0]} did not start: {line!r}\n{said}")
     try:
         yield line.split("listening on", 1)[1].strip()
     finally:
@@ -132,10 +134,10 @@ def sandbox(env: dict[str, str], log: Path, *extra: str) -> AbstractContextManag
 
 
 def workers_and_beat(
-    stack: ExitStack, env: dict[str, str], home: Path
+    stack: ExitStack, env: dict[str, str], home: Path, concurrency: int = 1
 ) -> list[subprocess.Popen[bytes]]:
-    """Two Celery workers (concurrency 1, logs ``w1.log``/``w2.log``) and beat, in ``home``,
-    stopped with ``stack``; returns the workers."""
+    """Two Celery workers (``concurrency`` pool processes each, logs ``w1.log``/``w2.log``) and
+    beat, in ``home``, stopped with ``stack``; returns the workers."""
     celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
     workers = [
         stack.enter_context(
@@ -144,7 +146,7 @@ def workers_and_beat(
                     *celery,
                     "worker",
                     f"--hostname=w{i}@%h",
-                    "--concurrency=1",
+                    f"--concurrency={concurrency}",
                     "--loglevel=INFO",
                     "--without-gossip",
                     "--without-mingle",
