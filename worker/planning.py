@@ -20,9 +20,10 @@ operation created inside it, tracked or not; a GET group costs one request per m
 * a group one poll cannot finish within half its claim's lease, at the seconds per request
   its last poll measured, is split (``too_slow``), and no placement or merge makes it so.
 
-The account's density (operations per second of createdAt, untracked ones included) is
-learned from what the last listings held; until one is known a gap of ``DEFAULT_GAP``
-seconds separates windows.
+The account's density (operations per second of createdAt, untracked ones included: what a
+window costs) and its untracked density (what a gap inside a window costs: about
+``GAP_OPERATIONS`` of them at most) are learned from what the last listings held; until one is
+known, or while they held no untracked one, a gap of ``DEFAULT_GAP`` seconds separates windows.
 """
 
 from __future__ import annotations
@@ -126,8 +127,22 @@ def density(groups: Sequence[GroupView]) -> float | None:
     return sum(g.listed or 0 for g in listed) / sum(g.span for g in listed)
 
 
+def untracked_density(groups: Sequence[GroupView]) -> float | None:
+    """Untracked operations per second of createdAt in the windows listed lately (what their
+    pages held beyond their members), or None.
+
+    A gap between two tracked operations costs a window only the untracked ones created in it:
+    a burst whose every operation is tracked has none, however dense the account."""
+    listed = [g for g in groups if g.listed is not None and g.span > 0]
+    if not listed:
+        return None
+    extra = sum(max(0, (g.listed or 0) - g.members) for g in listed)
+    return extra / sum(g.span for g in listed)
+
+
 def gap_limit(rate: float | None) -> timedelta:
-    """The largest createdAt gap inside one window, for an account of density ``rate``."""
+    """The largest createdAt gap inside one window, ``rate`` being the account's untracked
+    operations per second (``untracked_density``): about ``GAP_OPERATIONS`` of them a gap."""
     if rate is None or rate <= 0:
         return DEFAULT_GAP
     return min(MAX_GAP, max(MIN_GAP, timedelta(seconds=GAP_OPERATIONS / rate)))
@@ -147,7 +162,7 @@ def place(waiting: Sequence[Waiting], groups: Sequence[GroupView], policy: PollP
     """Decide the group of every waiting operation (see the module docstring)."""
     plan = Placement()
     rate = density(groups)
-    gap = gap_limit(rate)
+    gap = gap_limit(untracked_density(groups))
     windows = sorted(
         (g for g in groups if g.kind == LIST and g.start_at is not None and g.end_at is not None),
         key=lambda g: g.start_at or datetime.min,

@@ -126,7 +126,7 @@ def _upkeep(
                 len(new_ids) + 1,
             )
             budget -= 1
-    gap = planning.gap_limit(planning.density(groups))
+    gap = planning.gap_limit(planning.untracked_density(groups))
     for kind in (LIST, FETCH):
         same = sorted(
             (g for g in groups if g.kind == kind and g.members > 0),

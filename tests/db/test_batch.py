@@ -420,3 +420,33 @@ def test_a_listing_cut_by_its_deadline_goes_on_at_the_page_it_did_not_read(
     tokens = [parse_qs(str(r["query"])).get("pageToken", [""])[0] for r in sandbox.requests_log()]
     # The recent window (empty), then the day's five pages, each read once.
     assert tokens[0] == "" and len(tokens[1:]) == 5 and len(set(tokens[1:])) == 5
+
+
+def test_a_burst_placed_after_its_first_window_was_listed_is_not_cut_at_every_gap(
+    sessions, sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:  # type: ignore[no-untyped-def]
+    # Six batches of 100 operations, each batch in one second, 4 s apart, every one tracked
+    # (bench.sweep's burst). The first listing of the first three measures 300 operations
+    # over 9 s (33 a second, 100 of them in 3 s), but no untracked one: the 4 s gaps between
+    # the batches cost a window nothing, so the last three, seen later, join that window
+    # instead of becoming a window each (one List request a sweep, not four).
+    start = clock.now().timestamp()
+    batches = [
+        sandbox.simulation.add_operations(
+            100, total=10, duration=100_000, created_at=start - 40 + 4 * i
+        )
+        for i in range(6)
+    ]
+    intake.track(sessions, [o.id for b in batches[:3] for o in b], clock.now())
+    settle(sessions, poller, clock)
+    sweep_and_poll(sessions, poller, clock)  # the window of 300 is listed: density known
+    [window] = groups(sessions)
+    assert window.listed == 300 and window.members == 300
+    clock.advance(30)
+    intake.track(sessions, [o.id for b in batches[3:] for o in b], clock.now())
+    settle(sessions, poller, clock)  # seen by their own first listing, then placed
+    assert [(g.kind, g.members) for g in groups(sessions)] == [("list", 600)]
+    sandbox.clear_requests()
+    clock.advance(10)
+    sweep_and_poll(sessions, poller, clock)
+    assert api_calls(sandbox) == ["list"]

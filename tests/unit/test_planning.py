@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from worker.planning import FETCH, GroupView, Waiting, mergeable, place
+from worker.planning import FETCH, LIST, GroupView, Waiting, mergeable, place
 from worker.tracking import PollPolicy
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -55,3 +55,24 @@ def test_get_groups_merge_only_when_they_fall_due_within_a_tick() -> None:
     assert mergeable(a, get_group(2, due_in=6.5), timedelta(0), POLICY)
     assert not mergeable(a, get_group(2, due_in=8.0), timedelta(0), POLICY)
     assert not mergeable(a, get_group(2, due_in=2.0), timedelta(0), POLICY)
+
+
+def test_a_gap_in_created_at_is_weighed_by_the_untracked_operations_listings_held() -> None:
+    policy = PollPolicy(interval=timedelta(seconds=10), claim_ahead=TICK)
+    start = NOW - timedelta(minutes=10)
+    # Three batches of 100 operations, each in one second, 4 s apart, after a window listed.
+    later = [
+        Waiting(f"{batch}-{i}", start + timedelta(seconds=12 + 4 * batch), NOW, seen_at=NOW)
+        for batch in range(3)
+        for i in range(100)
+    ]
+    # Its listing held its 300 members over 9 s and nothing else: the gaps cost nothing, the
+    # batches grow it (however dense: 33 operations a second, 130 in 4 s).
+    window = GroupView(1, LIST, start, start + timedelta(seconds=8), 300, listed=300, pages=1)
+    plan = place(later, [window], policy)
+    assert plan.joins == {1: [w.id for w in later]} and not plan.new
+    # 300 untracked operations beside them (33 a second): a 4 s gap holds more than 100 of
+    # them, each batch is a window of its own.
+    window = GroupView(1, LIST, start, start + timedelta(seconds=8), 300, listed=600, pages=1)
+    plan = place(later, [window], policy)
+    assert not plan.joins and [len(g.members) for g in plan.new] == [100, 100, 100]
