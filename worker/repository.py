@@ -270,10 +270,6 @@ class Repository:
         stmt = select(t.account).where(t.group_id.is_(None), t.status.in_(ACTIVE_STATES))
         return sorted(set(self.session.scalars(stmt.distinct())))
 
-    def group_accounts(self) -> list[str]:
-        """The accounts with poll groups, by name."""
-        return sorted(set(self.session.scalars(select(PollGroup.account).distinct())))
-
     def waiting(self, limit: int, account: str = DEFAULT_ACCOUNT) -> list[Waiting]:
         """Active operations of ``account`` no group polls yet, to be placed by the sweep."""
         t = TrackedOperation
@@ -285,13 +281,14 @@ class Repository:
         )
         return [Waiting(*row) for row in self.session.execute(stmt)]
 
-    def groups(self, now: datetime, account: str = DEFAULT_ACCOUNT) -> list[GroupView]:
-        """Every poll group of ``account``, as the planner reads them (claimed: a poll holds it
-        at ``now``): groups never mix accounts."""
+    def groups(self, now: datetime) -> dict[str, list[GroupView]]:
+        """Every poll group, by account, as the planner reads them (claimed: a poll holds it at
+        ``now``): groups never mix accounts. One query, however many accounts."""
         g = PollGroup
         claimed = and_(g.claim_token.is_not(None), g.claim_expires_at > now)
         resuming = g.round_started_at.is_not(None)
         stmt = select(
+            g.account,
             g.id,
             g.kind,
             g.start_at,
@@ -303,9 +300,12 @@ class Repository:
             g.request_seconds,
             resuming.label("resuming"),
             g.next_due_at.label("due_at"),
-        )
-        stmt = stmt.where(g.account == account).order_by(g.id)
-        return [GroupView(**row._asdict()) for row in self.session.execute(stmt)]
+        ).order_by(g.id)
+        by_account: dict[str, list[GroupView]] = {}
+        for row in self.session.execute(stmt):
+            values = row._asdict()
+            by_account.setdefault(values.pop("account"), []).append(GroupView(**values))
+        return by_account
 
     def place(self, plan: Placement, now: datetime, account: str = DEFAULT_ACCOUNT) -> None:
         """Write a placement: new groups (due at once), grown windows, members joining."""

@@ -76,8 +76,9 @@ def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) ->
             return 0
         waiting_accounts = repo.waiting_accounts()
         left = MAX_PLACED_PER_TICK
-        for account in sorted({*waiting_accounts, *repo.group_accounts()}):
-            groups = repo.groups(now, account)
+        by_account = repo.groups(now)
+        for account in sorted({*waiting_accounts, *by_account}):
+            groups = by_account.get(account, [])
             waiting = repo.waiting(left, account) if account in waiting_accounts and left else []
             plan = planning.place(waiting, groups, policy) if waiting else planning.Placement()
             repo.place(plan, now, account)
