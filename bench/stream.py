@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import math
 import os
 import random
@@ -188,6 +189,8 @@ def run(args: argparse.Namespace, tmp: Path) -> Result:
             print(f"  {exc}", file=sys.stderr)
         result.peak_rss_mb = max(peak_rss_mb(w) for w in workers)
         log = api.get(f"{root}/_sandbox/requests", timeout=120).json()["requests"]
+        if args.keep_log is not None:
+            args.keep_log.write_text(json.dumps(log))
         with engine.connect() as conn:
             finals = conn.execute(
                 text(
@@ -264,6 +267,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=5.0, help="OPTRACK_POLL_INTERVAL")
     parser.add_argument("--mix", default=DEFAULT_MIX, help="lifetime seconds:share, ...")
+    parser.add_argument(
+        "--keep-log", type=Path, help="write the sandbox's request log (JSON) to this file"
+    )
     args = parser.parse_args()
     with TemporaryDirectory() as tmp_name:
         result = run(args, Path(tmp_name))
