@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import re
 import statistics
 import sys
@@ -41,8 +40,7 @@ from cryptography.fernet import Fernet
 from bench.databases import drop, recreate
 from bench.sweep import (
     ADMIN_URL,
-    CREATED_PER_SECOND,
-    SENDERS,
+    create_operations,
     end_delays,
     pct,
     peak_rss_mb,
@@ -102,33 +100,6 @@ def customers(count: int) -> list[Customer]:
     ]
 
 
-def create(
-    http: requests.Session, root: str, n: int, ends_from: float, ends_to: float, seed: int
-) -> dict[str, float]:
-    """N operations of the account ``http`` authenticates as, created over the last N/28 s in
-    batches of ten sharing a createdAt and an end; returns each one's true end."""
-    rng = random.Random(seed)
-    now = time.time()
-    span = n / CREATED_PER_SECOND
-    ends: dict[str, float] = {}
-    for i in range(0, n, BATCH):
-        created = now - span + span * i / n
-        end = rng.uniform(ends_from, ends_to)
-        response = http.post(
-            f"{root}/_sandbox/operations/bulk",
-            json={
-                "count": min(BATCH, n - i),
-                "total": SENDERS,
-                "duration": end - created,
-                "created_at": created,
-            },
-            timeout=60,
-        )
-        response.raise_for_status()
-        ends.update(dict.fromkeys(response.json()["ids"], end))
-    return ends
-
-
 def run(count: int, per_account: int, interval: float, concurrency: int, tmp: Path) -> Result:
     result = Result(count, per_account, interval, concurrency)
     home = tmp / "accounts"
@@ -165,8 +136,14 @@ def run(count: int, per_account: int, interval: float, concurrency: int, tmp: Pa
         ends: dict[str, float] = {}
         owner: dict[str, str] = {}
         for i, c in enumerate(everyone):
-            mine = create(
-                sessions[c.name], root, per_account, first_end, first_end + 8 * interval, i
+            mine = create_operations(
+                sessions[c.name],
+                root,
+                per_account,
+                first_end,
+                first_end + 8 * interval,
+                batch=BATCH,
+                seed=i,
             )
             ends.update(mine)
             owner.update(dict.fromkeys(mine, c.name))

@@ -186,15 +186,22 @@ def fresh_pg() -> None:
 
 
 def create_operations(
-    http: requests.Session, root: str, n: int, ends_from: float, ends_to: float
+    http: requests.Session,
+    root: str,
+    n: int,
+    ends_from: float,
+    ends_to: float,
+    *,
+    batch: int = 100,
+    seed: int | None = None,
 ) -> dict[str, float]:
-    """N operations created over the last N/28 s, in batches of 100 sharing a createdAt and an
-    end; returns each one's true end (epoch seconds)."""
-    rng = random.Random(n)
+    """N operations of the account ``http`` authenticates as, created over the last N/28 s,
+    in batches sharing a createdAt and an end (drawn from ``seed``, default N); returns each
+    one's true end (epoch seconds)."""
+    rng = random.Random(n if seed is None else seed)
     now = time.time()
     span = n / CREATED_PER_SECOND
     ends: dict[str, float] = {}
-    batch = 100
     for i in range(0, n, batch):
         created = now - span + span * i / n
         end = rng.uniform(ends_from, ends_to)
