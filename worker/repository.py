@@ -60,6 +60,8 @@ class GroupClaim:
     group_id: int
     token: str
     expires_at: datetime
+    # When the group fell due, or falls due: a tick claims up to one tick ahead.
+    due_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,8 +518,8 @@ class Repository:
         )
         # Sent in the order they fell due: a worker with a backlog polls the longest waiting
         # first (by id, a group whose polls were cut by their deadline could wait for ever).
-        claimed = [row[0] for row in sorted(rows, key=lambda row: (row[1], row[0]))]
-        return [GroupClaim(group_id, token, expires) for group_id in claimed]
+        ordered = sorted(rows, key=lambda row: (row[1], row[0]))
+        return [GroupClaim(group_id, token, expires, due_at) for group_id, due_at in ordered]
 
     def start_claim(self, group_id: int, token: str, now: datetime) -> None:
         """Note that a worker started the message of this claim (see ``claim_due``)."""

@@ -1,5 +1,6 @@
 """The sweep, run by beat's tick: place waiting operations into poll groups, then claim the
-due groups and dispatch one poll message each.
+due groups and dispatch one poll message each. A group that falls due before the next tick
+is claimed now and its message starts just before its due time (``start_at``).
 
 The claim lives here, whole: minted by ``Repository.claim_due`` (a token and a lease per
 group), dispatched after the claim committed, given back at once if the broker refuses a
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import pairwise
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 MAX_PLACED_PER_TICK = 200_000
 # Splits, conversions and merges per tick: the sweep's own upkeep stays small.
 MAX_UPKEEP_PER_TICK = 20
+
+# A poll claimed ahead of its due time starts this long before it (``start_at``): what the
+# broker and the worker add then brings its requests to the interval, not past it.
+START_EARLY = timedelta(milliseconds=250)
 
 Send = Callable[[GroupClaim], None]
 
@@ -192,6 +197,17 @@ def sweep(
         )
     sent = dispatch(sessions, claims, send, now)
     return SweepResult(placed=placed, claimed=len(claims), sent=sent)
+
+
+def start_at(claim: GroupClaim, now: datetime) -> datetime | None:
+    """When the poll of ``claim`` should start: None (at once) if its group is due by ``now``,
+    else just before its due time. A tick claims what falls due before the next tick; sent
+    to start at the tick, such a poll would ask up to a tick early, one request more per
+    member every few intervals. The message waits in the worker that took it for less than
+    a tick; lost with that worker, it comes back from the broker, or its claim runs out, as
+    any poll message's."""
+    start = claim.due_at - START_EARLY
+    return start if start > now else None
 
 
 def give_back(

@@ -40,7 +40,7 @@ def tick(self: GuardedTask) -> dict[str, int]:
 
     def send(claim: GroupClaim) -> None:
         try:
-            poll.delay(claim.group_id, claim.token)
+            poll.apply_async((claim.group_id, claim.token), eta=sweep.start_at(claim, now))
         except (KombuError, OSError) as exc:  # the broker went away mid-tick
             raise sweep.SendFailed(str(exc)) from exc
 

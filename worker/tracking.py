@@ -187,8 +187,8 @@ class PollPolicy:
     bad_request_first: timedelta = timedelta(minutes=5)
     bad_request_max: timedelta = timedelta(hours=6)
     # A tick claims what falls due before the next tick (OPTRACK_TICK_INTERVAL), so a tick
-    # never adds its own period to the interval: a group is polled up to one tick early, never
-    # late. A group backing off after an error waits its whole backoff.
+    # never adds its own period to the interval; such a poll starts just before its due time
+    # (``sweep.start_at``), not a tick early. A group backing off waits its whole backoff.
     claim_ahead: timedelta = timedelta(seconds=2)
 
     def error_wait(self, error: ApiError, errors: int) -> float:

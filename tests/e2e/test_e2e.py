@@ -4,6 +4,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import itertools
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from worker.db import (
     make_engine,
     make_sessionmaker,
 )
+from worker.sweep import START_EARLY
 
 pytestmark = pytest.mark.slow
 IN_FLIGHT = 0.1  # a request sent before the pause was recorded cannot be called back
@@ -91,7 +93,8 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterat
     """Sandbox + beat + two worker processes, polling every second.
 
     The param: the strategy, then options: ``+2beats`` (a second beat), ``+budget`` (a
-    request budget of BUDGET a second), ``@rabbitmq`` (RabbitMQ as the broker, not Redis).
+    request budget of BUDGET a second), ``+coarse`` (interval 3 s and ticks every 2 s: the
+    interval no multiple of the tick), ``@rabbitmq`` (RabbitMQ as the broker, not Redis).
     """
     param = getattr(request, "param", "auto")
     broker = "rabbitmq_url" if "@rabbitmq" in param else "redis_url"
@@ -104,6 +107,8 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterat
         OPTRACK_TICK_INTERVAL="0.5",
         OPTRACK_BATCH_SIZE="5",
     )
+    if "+coarse" in param:
+        env.update(OPTRACK_POLL_INTERVAL="3", OPTRACK_TICK_INTERVAL="2")
     if "+budget" in param:
         env["OPTRACK_MAX_REQUESTS_PER_SECOND"] = str(BUDGET)
     with ExitStack() as stack, sandbox_process(env, tmp_path / "sandbox.log") as api:
@@ -228,6 +233,26 @@ def test_two_workers_and_two_beats_never_poll_one_operation_twice_in_a_sweep(
         assert not gaps or min(gaps) >= SAME_SWEEP, f"{op_id} polled twice in {min(gaps):.2f}s"
     beat_logs = [(stack.logs / f"beat{n}.log").read_text() for n in (1, 2)]
     assert all("Sending due task optrack-tick" in text for text in beat_logs)
+
+
+@pytest.mark.parametrize("stack", ["fetch+coarse"], indirect=True)
+def test_a_poll_claimed_ahead_starts_at_its_due_time_not_at_the_tick(stack: Stack) -> None:
+    # Interval 3 s, ticks every 2 s: a group polled at a tick is due 3 s later, and the tick
+    # 2 s later claims it (it falls due before the next tick). Sent at once, its poll would
+    # ask a second early, every 2 s; it starts just before its due time instead.
+    api = stack.sandbox
+    ids = [api.create(total=40, duration=20) for _ in range(4)]
+    stack.track(ids)
+    wait_for(stack.all_ended, 120, "every operation to end")
+    log = api.requests()
+    gaps = []
+    for op_id in ids:
+        times = [r["t"] for r in log if r["path"].endswith(op_id)]
+        gaps += [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) >= 16, f"only {len(gaps)} gaps"
+    early = 3.0 - START_EARLY.total_seconds() - 0.1  # less a request's own jitter
+    assert min(gaps) >= early, f"asked {min(gaps):.2f} s after the last look (interval 3 s)"
+    assert statistics.median(gaps) <= 3.0, f"median gap {statistics.median(gaps):.2f} s"
 
 
 @pytest.mark.parametrize("stack", ["list+2beats"], indirect=True)
