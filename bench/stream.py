@@ -17,7 +17,8 @@ every end is recorded, and prints:
 * the gap between two answers that carried the same PROCESSING operation (handing-over
   to the first answer included): p50/p99/max, against the interval;
 * requests per interval against ⌈active/1000⌉ (the fewest List pages that cover every active
-  operation), and their ratio over the run;
+  operation), and their ratio over the run; of them, List first pages, List pages after the
+  first, and GETs;
 * the workers' peak RSS.
 """
 
@@ -84,6 +85,7 @@ class Result:
     intake_lag: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     requests: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)  # List first / next pages, GETs
     minimum: int = 0
     per_interval: list[tuple[int, int]] = field(default_factory=list)  # (requests, minimum)
     peak_rss_mb: float = 0.0
@@ -252,6 +254,18 @@ def measure(
         t += interval
     result.requests = sum(a for a, _ in result.per_interval)
     result.minimum = sum(m for _, m in result.per_interval)
+    kinds: dict[str, int] = defaultdict(int)
+    for entry in log:
+        if start <= entry["t"] < t:  # the intervals counted above
+            kinds[request_kind(entry)] += 1
+    result.kinds = dict(kinds)
+
+
+def request_kind(entry: dict[str, Any]) -> str:
+    """A logged request as the cost breakdown names it."""
+    if not entry["path"].rstrip("/").endswith("/Operations"):
+        return "GET"
+    return "List next page" if "pageToken" in entry["query"] else "List first page"
 
 
 def trio(values: list[float], high: float = 0.95) -> str:
@@ -307,6 +321,10 @@ def main() -> None:
         f"| requests while the stream ran / ⌈active/1000⌉ summed per interval "
         f"| {r.requests:,} / {r.minimum:,} = {ratio:.1f} times (busiest interval {busiest}) |"
     )
+    kinds = ", ".join(
+        f"{r.kinds.get(k, 0):,} {k}" for k in ("List first page", "List next page", "GET")
+    )
+    print(f"| of them | {kinds} |")
     print(f"| ends never recorded | {r.unrecorded} |")
     print(f"| worker peak RSS | {r.peak_rss_mb:.0f} MiB |")
 
