@@ -204,9 +204,10 @@ def start_at(claim: GroupClaim, now: datetime) -> datetime | None:
     else just before its due time. A tick claims what falls due before the next tick; sent
     to start at the tick, such a poll would ask up to a tick early, one request more per
     member every few intervals. The message waits in the worker that took it for less than
-    a tick; lost with that worker, it comes back from the broker, or its claim runs out, as
-    any poll message's."""
-    start = claim.due_at - START_EARLY
+    a tick, and never more than a quarter of the claim's lease (a tick longer than that
+    starts it sooner), so the poll has its time; lost with that worker, it comes back from
+    the broker, or its claim runs out, as any poll message's."""
+    start = min(claim.due_at - START_EARLY, now + (claim.expires_at - now) / 4)
     return start if start > now else None
 
 
