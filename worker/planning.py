@@ -220,7 +220,11 @@ def _join_edge(
     """Never-seen operations join the account's newest List window if its createdAt range
     reaches within ``intake_lookback`` of their tracking and it has room: its next poll (at
     most an interval away) lists on to their tracking, so operations handed over one by one
-    cost no request of their own. Returns those left to place ([] if they joined)."""
+    cost no request of their own. A claimed window takes them too: a poll that has not
+    started yet reads them with its members, one under way leaves them to the next, within
+    the interval (a listing of their own would cost a request). A window going on with a cut
+    round does not: its kept page token would miss them. Returns those left to place ([] if
+    they joined)."""
     if not never_seen:
         return []
     first = min(op.tracked_at for op in never_seen)
@@ -230,7 +234,7 @@ def _join_edge(
         if g.kind == LIST
         and g.end_at is not None
         and g.end_at >= second(first) - policy.intake_lookback
-        and not (g.claimed or g.resuming)
+        and not g.resuming
         and sizes[g.id] + len(never_seen) <= policy.list_group
     ]
     if not edge or policy.strategy == FETCH:

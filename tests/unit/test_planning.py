@@ -76,3 +76,18 @@ def test_a_gap_in_created_at_is_weighed_by_the_untracked_operations_listings_hel
     window = GroupView(1, LIST, start, start + timedelta(seconds=8), 300, listed=600, pages=1)
     plan = place(later, [window], policy)
     assert not plan.joins and [len(g.members) for g in plan.new] == [100, 100, 100]
+
+
+def test_a_never_seen_operation_joins_the_newest_window_even_while_a_poll_holds_it() -> None:
+    # Claimed ahead of its due time, the newest window is held for up to a tick before its
+    # poll starts; a listing of their own would cost new operations a request each tick.
+    policy = PollPolicy(interval=timedelta(seconds=5), claim_ahead=TICK)
+    start, end = NOW - timedelta(minutes=5), NOW - timedelta(seconds=3)
+    window = GroupView(1, LIST, start, end, 400, listed=2400, pages=3, claimed=True)
+    never = [Waiting(f"n{i}", None, NOW) for i in range(16)]
+    plan = place(never, [window], policy)
+    assert plan.joins == {1: [op.id for op in never]} and not plan.new
+
+    going_on = GroupView(1, LIST, start, end, 400, listed=2400, pages=3, resuming=True)
+    plan = place(never, [going_on], policy)
+    assert not plan.joins and [g.kind for g in plan.new] == [LIST]
