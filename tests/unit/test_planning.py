@@ -76,3 +76,20 @@ def test_a_gap_in_created_at_is_weighed_by_the_untracked_operations_listings_hel
     window = GroupView(1, LIST, start, start + timedelta(seconds=8), 300, listed=600, pages=1)
     plan = place(later, [window], policy)
     assert not plan.joins and [len(g.members) for g in plan.new] == [100, 100, 100]
+
+
+def test_a_never_seen_operation_joins_the_window_its_id_time_falls_in() -> None:
+    policy = PollPolicy(interval=timedelta(seconds=10), claim_ahead=TICK)
+    start, end = NOW - timedelta(minutes=70), NOW - timedelta(minutes=50)
+    window = GroupView(1, LIST, start, end, 20, listed=20, pages=1)
+    inside = Waiting("in", None, NOW, id_created_at=NOW - timedelta(minutes=60, seconds=-0.5))
+    at_end = Waiting("end", None, NOW, id_created_at=end + timedelta(milliseconds=999))
+    outside = Waiting("out", None, NOW, id_created_at=end + timedelta(seconds=1))
+    unproven = Waiting("none", None, NOW)  # no ID time: placed as never-seen ones always were
+    plan = place([inside, at_end, outside, unproven], [window], policy)
+    assert plan.joins == {1: ["in", "end"]} and not plan.ranges
+    assert [g.members for g in plan.new] == [("out", "none")]
+    # A window whose round goes on from a page token is left alone.
+    resuming = GroupView(1, LIST, start, end, 20, listed=20, pages=1, resuming=True)
+    plan = place([inside], [resuming], policy)
+    assert not plan.joins and [g.members for g in plan.new] == [("in",)]
