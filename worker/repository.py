@@ -73,6 +73,9 @@ class PollTarget:
     remote_created_at: datetime | None
     tracked_at: datetime
     not_before: datetime | None
+    # Never seen, in a window covering the time its ID carries (the account's IDs proven to
+    # carry it): that time, to the second. A poll lists the window's own range for it.
+    id_created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
