@@ -9,7 +9,12 @@ operation created inside it, tracked or not; a GET group costs one request per m
   becomes a new List window, or extends the neighbouring one, when the window would cost
   fewer requests than GETs; the rest joins GET groups: a just-seen operation only one that
   falls due within a tick after its own time (one due sooner would ask it again at once);
-* never-seen operations (createdAt unknown) join the newest List window if it reaches within
+* a never-seen operation (createdAt unknown) whose ID carries its creation time (``ulid``;
+  the account's IDs proven to, against the createdAt of its operations seen) joins the List
+  window that covers that time (unless a round of it goes on), as if seen: its poll lists
+  the window's own range, and if the guess was wrong the page does not show it and it falls
+  back as below;
+* other never-seen operations join the newest List window if it reaches within
   ``intake_lookback`` of their tracking (its next poll lists on to them), else are one List
   window when they are many, GETs when few. A window's poll lists the ``intake_lookback``
   before their tracking, then, for those it did not show, the day before
@@ -54,6 +59,8 @@ class Waiting:
     created_at: datetime | None  # the API's createdAt, None while never seen
     tracked_at: datetime
     seen_at: datetime | None = None  # when its state was last recorded
+    # Never seen, of an account whose IDs are proven to carry their creation time: the ID's.
+    id_created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +181,22 @@ def place(waiting: Sequence[Waiting], groups: Sequence[GroupView], policy: PollP
     seen = sorted((w for w in waiting if w.created_at is not None), key=_created)
     leftover: list[Waiting] = []
     for op in seen:
-        created = second(_created(op))
-        index = bisect.bisect_right(starts, created) - 1
-        if index >= 0:
-            window = windows[index]
-            low, high = ranges[window.id]
-            if low is not None and high is not None and low <= created <= high:
-                plan.join(window.id, op.id)
-                sizes[window.id] += 1
-                continue
-        leftover.append(op)
+        window = _covering(windows, starts, second(_created(op)))
+        if window is not None:
+            plan.join(window.id, op.id)
+            sizes[window.id] += 1
+        else:
+            leftover.append(op)
+    never_seen: list[Waiting] = []
+    for op in (w for w in waiting if w.created_at is None):
+        guessed = None if op.id_created_at is None else second(op.id_created_at)
+        window = None if guessed is None else _covering(windows, starts, guessed)
+        # A round going on reads on from its place: a member joining it would cost a GET.
+        if window is not None and not window.resuming:
+            plan.join(window.id, op.id)
+            sizes[window.id] += 1
+        else:
+            never_seen.append(op)
 
     for run in _runs(leftover, gap, starts):
         # Fill the windows on either side first (a run that arrives bit by bit, as pages of
@@ -201,13 +214,25 @@ def place(waiting: Sequence[Waiting], groups: Sequence[GroupView], policy: PollP
         else:
             _fetch(plan, run, groups, sizes, policy)
 
-    never_seen = [w for w in waiting if w.created_at is None]
     never_seen = _join_edge(plan, never_seen, groups, sizes, policy)
     if never_seen and list_pays(len(never_seen), _intake_span(never_seen, policy), rate, policy):
         plan.new.append(NewGroup(LIST, tuple(op.id for op in never_seen)))
     elif never_seen:
         _fetch(plan, never_seen, groups, sizes, policy)
     return plan
+
+
+def _covering(
+    windows: Sequence[GroupView], starts: Sequence[datetime], created: datetime
+) -> GroupView | None:
+    """The List window whose [start_at, end_at] holds ``created`` (a second), if any."""
+    index = bisect.bisect_right(starts, created) - 1
+    if index < 0:
+        return None
+    window = windows[index]
+    if window.end_at is None or created > window.end_at:
+        return None
+    return window
 
 
 def _join_edge(

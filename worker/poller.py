@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.client import ApiClient, next_page_token
 from worker.clock import Clock
-from worker.db import DB_UNREACHABLE
+from worker.db import DB_UNREACHABLE, PollGroup
 from worker.errors import (
     ApiError,
     AuthError,
@@ -49,11 +49,12 @@ from worker.errors import (
     WrongBaseUrl,
 )
 from worker.operation import Operation
-from worker.planning import LIST, list_pays
+from worker.planning import LIST, list_pays, second
 from worker.recorder import Recorder, Result
 from worker.repository import NO_ROUND, PollTarget, Repository
 from worker.shutdown import ShutdownRequested, Stop
 from worker.tracking import Outcome, PollCounts, PollPolicy, is_due
+from worker.ulid import created_from_id
 
 log = logging.getLogger(__name__)
 PAGE_SIZE = 1000
@@ -136,6 +137,8 @@ class Poller:
             repo.start_claim(group_id, token, self.clock.now())
             group = repo.claimed_group(group_id, token)
             members = repo.members(group_id) if group is not None else []
+            if group is not None and group.kind == LIST:
+                members = _id_times(repo, group, members, self.clock.now())
         if group is None or group.claim_expires_at is None:
             log.info("group %d: claimed by another sweep meanwhile; nothing to do", group_id)
             return PollCounts.empty()
@@ -268,7 +271,8 @@ class Poller:
         the operations that just ended), recording each page.
 
         Never-seen members (createdAt unknown) are looked for first over the recent window,
-        ``intake_lookback`` before their tracking: one page learns many createdAt at once.
+        ``intake_lookback`` before their tracking, or at the time their IDs carry where the
+        window's range holds it (``_id_times``): one page learns many createdAt at once.
         Those it did not show are listed over ``pending_lookback`` if that costs fewer pages
         than their GETs at the density the first listing measured, else asked by GET.
         """
@@ -292,7 +296,8 @@ class Poller:
                 self.policy.intake_lookback,
                 self.policy.pending_lookback,
             )
-            self._read(unshown, run, _window(unshown, self.policy.pending_lookback), more=True)
+            day = _window(unshown, self.policy.pending_lookback, by_id=False)  # not the guess
+            self._read(unshown, run, day, more=True)
 
     def _read(
         self,
@@ -517,11 +522,36 @@ class Poller:
         self._write(write, run, "the group's schedule")
 
 
-def _window(members: Sequence[PollTarget], lookback: timedelta) -> tuple[datetime, datetime]:
-    """The List bounds covering the members: their createdAt, or for one never seen, from
-    ``lookback`` before its tracking to its tracking; padded by a second each side."""
-    starts = [m.remote_created_at or m.tracked_at - lookback for m in members]
-    ends = [m.remote_created_at or m.tracked_at for m in members]
+def _id_times(
+    repo: Repository, group: PollGroup, members: list[PollTarget], now: datetime
+) -> list[PollTarget]:
+    """A window's never-seen members with the time their IDs carry, where the account's IDs
+    are proven to carry it and the window's own range holds that time: its listing then
+    covers them without reaching on to their tracking. A wrong guess costs what any member
+    the pages did not show costs: the fallback (``_list``, ``_unlisted``)."""
+    low, high = group.start_at, group.end_at
+    if low is None or high is None or all(m.remote_created_at is not None for m in members):
+        return members
+    if not repo.ids_carry_time(group.account, now):
+        return members
+    timed = []
+    for member in members:
+        at = None if member.remote_created_at else created_from_id(member.id, now)
+        if at is not None and low <= second(at) <= high:
+            member = replace(member, id_created_at=second(at))
+        timed.append(member)
+    return timed
+
+
+def _window(
+    members: Sequence[PollTarget], lookback: timedelta, *, by_id: bool = True
+) -> tuple[datetime, datetime]:
+    """The List bounds covering the members: their createdAt, for one never seen the time its
+    ID carries (``by_id``, where ``_id_times`` kept one), else from ``lookback`` before its
+    tracking to its tracking; padded by a second each side."""
+    known = [m.remote_created_at or (m.id_created_at if by_id else None) for m in members]
+    starts = [at or m.tracked_at - lookback for at, m in zip(known, members, strict=True)]
+    ends = [at or m.tracked_at for at, m in zip(known, members, strict=True)]
     return (min(starts) - WINDOW_PAD, max(ends) + WINDOW_PAD)
 
 

@@ -43,6 +43,7 @@ from worker.tracking import (
     Observed,
     first_sight_key,
 )
+from worker.ulid import agrees
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class PollTarget:
     remote_created_at: datetime | None
     tracked_at: datetime
     not_before: datetime | None
+    # Never seen, in a window covering the time its ID carries (the account's IDs proven to
+    # carry it): that time, to the second. A poll lists the window's own range for it.
+    id_created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,10 @@ INSERT_BATCH = 1000
 NO_ROUND: dict[str, Any] = dict.fromkeys(
     ("round_started_at", "resume_token", "resume_start_at", "resume_end_at", "resume_after")
 )
+# An account's IDs carry their creation time once this many of its latest seen operations
+# agree, and all of the latest ID_PROOF_SAMPLE do (``ids_carry_time``).
+ID_PROOF_MIN = 10
+ID_PROOF_SAMPLE = 50
 PLACEMENT_LOCK = 0x6F70747261636B  # "optrack": one sweep places operations at a time
 _OPERATIONS = TrackedOperation.__table__
 log = logging.getLogger(__name__)
@@ -282,6 +290,23 @@ class Repository:
             .limit(limit)
         )
         return [Waiting(*row) for row in self.session.execute(stmt)]
+
+    def ids_carry_time(self, account: str, now: datetime) -> bool:
+        """True if ``account``'s IDs are proven to carry their creation time: its latest
+        tracked operations that were seen (``ID_PROOF_SAMPLE`` at most) are at least
+        ``ID_PROOF_MIN``, and every one's ID time agrees with its createdAt. One bounded
+        query; a single disagreement among them withdraws the proof."""
+        t = TrackedOperation
+        stmt = (
+            select(t.id, t.remote_created_at)
+            .where(t.account == account, t.remote_created_at.is_not(None))
+            .order_by(t.tracked_at.desc())
+            .limit(ID_PROOF_SAMPLE)
+        )
+        sample = self.session.execute(stmt).all()
+        return len(sample) >= ID_PROOF_MIN and all(
+            created is not None and agrees(op_id, created, now) for op_id, created in sample
+        )
 
     def groups(self, now: datetime) -> dict[str, list[GroupView]]:
         """Every poll group, by account, as the planner reads them (claimed: a poll holds it at

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 
@@ -32,6 +32,7 @@ from worker import planning
 from worker.planning import FETCH, LIST, GroupView
 from worker.repository import GroupClaim, Repository
 from worker.tracking import PollPolicy
+from worker.ulid import created_from_id
 
 log = logging.getLogger(__name__)
 # Operations placed by one tick at most: a burst of new ones is placed over a few ticks.
@@ -85,6 +86,7 @@ def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) ->
         for account in sorted({*waiting_accounts, *by_account}):
             groups = by_account.get(account, [])
             waiting = repo.waiting(left, account) if account in waiting_accounts and left else []
+            waiting = _id_times(repo, account, waiting, now)
             plan = planning.place(waiting, groups, policy) if waiting else planning.Placement()
             repo.place(plan, now, account)
             _upkeep(repo, groups, policy, now)
@@ -92,6 +94,19 @@ def place(sessions: sessionmaker[Session], now: datetime, policy: PollPolicy) ->
     if placed:
         log.info("sweep: %d operation(s) placed (%d new group(s))", placed, new)
     return placed
+
+
+def _id_times(
+    repo: Repository, account: str, waiting: list[planning.Waiting], now: datetime
+) -> list[planning.Waiting]:
+    """The never-seen operations with the creation time their IDs carry, if the account's IDs
+    are proven to carry it (asked only of an account with some never seen)."""
+    if not any(w.created_at is None for w in waiting) or not repo.ids_carry_time(account, now):
+        return waiting
+    return [
+        w if w.created_at is not None else replace(w, id_created_at=created_from_id(w.id, now))
+        for w in waiting
+    ]
 
 
 def _upkeep(

@@ -91,3 +91,20 @@ def test_a_never_seen_operation_joins_the_newest_window_even_while_a_poll_holds_
     going_on = GroupView(1, LIST, start, end, 400, listed=2400, pages=3, resuming=True)
     plan = place(never, [going_on], policy)
     assert not plan.joins and [g.kind for g in plan.new] == [LIST]
+
+
+def test_a_never_seen_operation_joins_the_window_its_id_time_falls_in() -> None:
+    policy = PollPolicy(interval=timedelta(seconds=10), claim_ahead=TICK)
+    start, end = NOW - timedelta(minutes=70), NOW - timedelta(minutes=50)
+    window = GroupView(1, LIST, start, end, 20, listed=20, pages=1)
+    inside = Waiting("in", None, NOW, id_created_at=NOW - timedelta(minutes=60, seconds=-0.5))
+    at_end = Waiting("end", None, NOW, id_created_at=end + timedelta(milliseconds=999))
+    outside = Waiting("out", None, NOW, id_created_at=end + timedelta(seconds=1))
+    unproven = Waiting("none", None, NOW)  # no ID time: placed as never-seen ones always were
+    plan = place([inside, at_end, outside, unproven], [window], policy)
+    assert plan.joins == {1: ["in", "end"]} and not plan.ranges
+    assert [g.members for g in plan.new] == [("out", "none")]
+    # A window whose round goes on from a page token is left alone.
+    resuming = GroupView(1, LIST, start, end, 20, listed=20, pages=1, resuming=True)
+    plan = place([inside], [resuming], policy)
+    assert not plan.joins and [g.members for g in plan.new] == [("in",)]

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from tests.support.services import InventedApi
 from worker.sandbox import Fault, SandboxServer, SimulatedOperation
 from worker.sandbox.simulation import OPERATION_ID_RE, Outcome, Simulation, format_instant
+from worker.ulid import agrees, created_from_id
 
 SID = "AC" + "b" * 32
 TOKEN = "s3cret-token-value"
@@ -247,6 +249,19 @@ def test_seeded_operations_are_deterministic() -> None:
     statuses = {op.to_api(T0)["status"] for op in ops}
     assert "PROCESSING" in statuses and len(statuses) >= 2
     assert Simulation(seed=0).operations() == []
+
+
+def test_ulid_ids_carry_their_createdat_and_random_ones_do_not() -> None:
+    sim = Simulation(clock=lambda: T0)
+    plain = sim.add_operations(50, created_at=T0 - 3600.25)
+    sim.ulid_ids = True
+    timed = sim.add_operations(50, created_at=T0 - 3600.25)
+    now = datetime.fromtimestamp(T0, UTC)
+    created = datetime.fromtimestamp(T0 - 3600.25, UTC)
+    assert all(OPERATION_ID_RE.fullmatch(op.id) for op in plain + timed)
+    assert len({op.id for op in timed}) == 50  # the tail stays random
+    assert {created_from_id(op.id, now) for op in timed} == {created}
+    assert not any(agrees(op.id, created, now) for op in plain)
 
 
 def walk(http: requests.Session, sandbox: SandboxServer, first: str) -> list[dict[str, Any]]:

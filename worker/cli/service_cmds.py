@@ -188,8 +188,19 @@ def run(concurrency: int, loglevel: str, serve: bool, no_auth: bool) -> None:
     is_flag=True,
     help="Log the operation IDs each answer carried (GET /_sandbox/requests), for benchmarks.",
 )
+@click.option(
+    "--ulid-ids",
+    is_flag=True,
+    help="New operations' IDs carry their createdAt (ms) as ULIDs do; random IDs otherwise.",
+)
 def sandbox(
-    host: str, port: int, seed: int, duration: float, accounts: tuple[str, ...], log_ids: bool
+    host: str,
+    port: int,
+    seed: int,
+    duration: float,
+    accounts: tuple[str, ...],
+    log_ids: bool,
+    ulid_ids: bool,
 ) -> None:
     """Serve a faithful sandbox of the SenderPool Operations API (for demos and tests); the
     environment's account, and each --account beside it."""
@@ -214,6 +225,7 @@ def sandbox(
         duration=duration,
         accounts=extra,
         log_ids=log_ids,
+        ulid_ids=ulid_ids,
     )
 
 

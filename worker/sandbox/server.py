@@ -537,8 +537,10 @@ class SandboxServer(_AccountState):
         log_requests: bool = False,
         sleep: Sleep | None = None,
         log_ids: bool = False,
+        ulid_ids: bool = False,
     ) -> None:
         """``log_ids``: each logged request carries the operation IDs its answer carried.
+        ``ulid_ids``: new operations' IDs carry their createdAt (in ms) as ULIDs do.
         ``sleep``: how a ``slow`` fault waits (None: for real); with a fake ``clock``, its
         sleep makes slow answers take time on that clock without a test waiting.
 
@@ -556,8 +558,8 @@ class SandboxServer(_AccountState):
         self.accounts: dict[str, SandboxAccount] = {
             account_sid: SandboxAccount(account_sid, self.simulation)
         }
-        self._log_ids = log_ids
-        self.simulation.log_ids = log_ids
+        self._log_ids, self._ulid_ids = log_ids, ulid_ids
+        self.simulation.log_ids, self.simulation.ulid_ids = log_ids, ulid_ids
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -570,7 +572,7 @@ class SandboxServer(_AccountState):
         if account_sid in self.accounts:
             raise ValueError(f"account {account_sid} exists already")
         sim = Simulation(seed=seed, duration=self._duration, clock=self._clock, name=account_sid)
-        sim.log_ids = self._log_ids
+        sim.log_ids, sim.ulid_ids = self._log_ids, self._ulid_ids
         self._logins[account_sid] = (auth_token, sim)
         self.accounts[account_sid] = SandboxAccount(account_sid, sim)
         return self.accounts[account_sid]
@@ -664,6 +666,7 @@ def serve_forever(
     *,
     log_requests: bool = False,
     log_ids: bool = False,
+    ulid_ids: bool = False,
     accounts: tuple[tuple[str, str, tuple[str, str] | None], ...] = (),
 ) -> None:
     """Serve until SIGINT/SIGTERM, after printing ``sandbox listening on <base_url>``."""
@@ -681,6 +684,7 @@ def serve_forever(
         duration,
         log_requests=log_requests,
         log_ids=log_ids,
+        ulid_ids=ulid_ids,
     )
     for sid, token, key in accounts:
         sandbox.add_account(sid, token, seed=seed)

@@ -91,9 +91,12 @@ def parse_instant(text: str) -> float:
     return parsed.astimezone(UTC).timestamp()
 
 
-def new_operation_id(rng: random.Random) -> str:
-    """128 random bits as 26 Crockford chars; the top 3 bits give the leading 0-7."""
+def new_operation_id(rng: random.Random, created_at: float | None = None) -> str:
+    """128 random bits as 26 Crockford chars; the top 3 bits give the leading 0-7. With
+    ``created_at`` (epoch seconds), a ULID's: its first 10 chars are that time in ms."""
     bits = rng.getrandbits(128)
+    if created_at is not None:
+        bits = (math.floor(created_at * 1000) << 80) | (bits & ((1 << 80) - 1))
     chars = [CROCKFORD[(bits >> (5 * i)) & 31] for i in range(25, -1, -1)]
     return "comms_operation_" + "".join(chars)
 
@@ -344,6 +347,9 @@ class Simulation:
         # Log the operation IDs each answer carried: which operations a request covered, for
         # the stream benchmark's gaps between two looks (off by default: lists are big).
         self.log_ids = False
+        # Mint IDs that carry their createdAt as ULIDs do (off by default: random IDs, as
+        # nothing in the reference promises the time).
+        self.ulid_ids = False
         now = clock()
         seeded = [
             SimulatedOperation(
@@ -358,9 +364,9 @@ class Simulation:
         ]
         self._insert(seeded)
 
-    def _fresh_id(self) -> str:
+    def _fresh_id(self, created_at: float | None = None) -> str:
         while True:
-            op_id = new_operation_id(self._rng)
+            op_id = new_operation_id(self._rng, created_at if self.ulid_ids else None)
             if op_id not in self._by_id:
                 return op_id
 
@@ -402,7 +408,7 @@ class Simulation:
                 _check(op_id not in self._by_id, "id", "an operation with this id exists")
             ops = [
                 SimulatedOperation(
-                    op_id or self._fresh_id(),
+                    op_id or self._fresh_id(at),
                     at,
                     total,
                     dur,
