@@ -245,11 +245,11 @@ def _join_edge(
     """Never-seen operations join the account's newest List window if its createdAt range
     reaches within ``intake_lookback`` of their tracking and it has room: its next poll (at
     most an interval away) lists on to their tracking, so operations handed over one by one
-    cost no request of their own. A claimed window takes them too: a poll that has not
-    started yet reads them with its members, one under way leaves them to the next, within
-    the interval (a listing of their own would cost a request). A window going on with a cut
-    round does not: its kept page token would miss them. Returns those left to place ([] if
-    they joined)."""
+    cost no request of their own; it has room up to ``most_members``. A claimed window takes
+    them too: a poll that has not started yet reads them with its members, one under way
+    leaves them to the next, within the interval (a listing of their own would cost a
+    request). A window going on with a cut round does not: its kept page token would miss
+    them. Returns those left to place ([] if they joined)."""
     if not never_seen:
         return []
     first = min(op.tracked_at for op in never_seen)
@@ -260,7 +260,7 @@ def _join_edge(
         and g.end_at is not None
         and g.end_at >= second(first) - policy.intake_lookback
         and not g.resuming
-        and sizes[g.id] + len(never_seen) <= policy.list_group
+        and sizes[g.id] + len(never_seen) <= most_members(policy)
     ]
     if not edge or policy.strategy == FETCH:
         return list(never_seen)
@@ -481,7 +481,15 @@ def too_big(group: GroupView, policy: PollPolicy) -> bool:
     second (a window is never cut inside a second)."""
     if group.kind != LIST or group.claimed or group.start_at is None or group.end_at is None:
         return False
-    return group.start_at < group.end_at and group.members > policy.list_group * 6 // 5
+    return group.start_at < group.end_at and group.members > most_members(policy)
+
+
+def most_members(policy: PollPolicy) -> int:
+    """The most members a window holds before it is split (``too_big``): a fifth above
+    ``list_group``. New operations join the newest window up to it, not up to ``list_group``:
+    a window merged back to ``list_group`` would otherwise turn every tick's new operations
+    away, each tick's then costing a listing of their own."""
+    return policy.list_group * 6 // 5
 
 
 def mergeable(a: GroupView, b: GroupView, gap: timedelta, policy: PollPolicy) -> bool:

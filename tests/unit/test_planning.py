@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from worker.planning import FETCH, LIST, GroupView, Waiting, mergeable, place
+from worker.planning import (
+    FETCH,
+    LIST,
+    GroupView,
+    Waiting,
+    mergeable,
+    most_members,
+    place,
+)
 from worker.tracking import PollPolicy
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -108,3 +116,17 @@ def test_a_never_seen_operation_joins_the_window_its_id_time_falls_in() -> None:
     resuming = GroupView(1, LIST, start, end, 20, listed=20, pages=1, resuming=True)
     plan = place([inside], [resuming], policy)
     assert not plan.joins and [g.members for g in plan.new] == [("in",)]
+
+
+def test_new_operations_join_the_newest_window_up_to_the_size_it_is_split_at() -> None:
+    # A window merged back up to list_group (900) must still take each tick's new operations,
+    # or every tick's would cost a listing of their own; it is split past a fifth more.
+    policy = PollPolicy(interval=timedelta(seconds=5), claim_ahead=TICK)
+    start, end = NOW - timedelta(minutes=7), NOW - timedelta(seconds=3)
+    never = [Waiting(f"n{i}", None, NOW) for i in range(16)]
+    full = GroupView(1, LIST, start, end, policy.list_group, listed=3400, pages=4)
+    assert place(never, [full], policy).joins == {1: [op.id for op in never]}
+
+    at_split = GroupView(1, LIST, start, end, most_members(policy) - 15, listed=3400, pages=4)
+    plan = place(never, [at_split], policy)
+    assert not plan.joins and [g.kind for g in plan.new] == [LIST]
