@@ -128,12 +128,10 @@ def an_hour_ago_window(
     return window
 
 
-def test_operations_handed_over_an_hour_late_join_the_window_of_their_id_time(
-    sessions: sessionmaker[Session], sandbox: SandboxServer, poller: Poller, clock: FakeClock
-) -> None:
-    sandbox.simulation.ulid_ids = True
-    window = an_hour_ago_window(sessions, sandbox, poller, clock)
-    assert proven(sessions, clock)
+def hand_over_late(
+    sessions: sessionmaker[Session], sandbox: SandboxServer, clock: FakeClock
+) -> list[SimulatedOperation]:
+    """Six operations created over the minute an hour ago, handed over a second from now."""
     hour_ago = clock.now() - timedelta(hours=1)
     late = [
         sandbox.add_operation(
@@ -143,6 +141,16 @@ def test_operations_handed_over_an_hour_late_join_the_window_of_their_id_time(
     ]
     clock.advance(1)
     intake.track(sessions, [o.id for o in late], clock.now())
+    return late
+
+
+def test_operations_handed_over_an_hour_late_join_the_window_of_their_id_time(
+    sessions: sessionmaker[Session], sandbox: SandboxServer, poller: Poller, clock: FakeClock
+) -> None:
+    sandbox.simulation.ulid_ids = True
+    window = an_hour_ago_window(sessions, sandbox, poller, clock)
+    assert proven(sessions, clock)
+    late = hand_over_late(sessions, sandbox, clock)
 
     tick_and_poll(sessions, poller, clock)  # placed into the window, not yet due: no request
     assert calls(sandbox.requests_log()) == []
@@ -165,15 +173,7 @@ def test_an_account_whose_ids_carry_no_time_is_placed_as_before(
 ) -> None:
     window = an_hour_ago_window(sessions, sandbox, poller, clock)  # random IDs
     assert not proven(sessions, clock)
-    hour_ago = clock.now() - timedelta(hours=1)
-    late = [
-        sandbox.add_operation(
-            total=10, duration=100_000, created_at=(hour_ago + timedelta(seconds=7 * i)).timestamp()
-        )
-        for i in range(6)
-    ]
-    clock.advance(1)
-    intake.track(sessions, [o.id for o in late], clock.now())
+    late = hand_over_late(sessions, sandbox, clock)
 
     tick_and_poll(sessions, poller, clock)
 
